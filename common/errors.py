@@ -1,0 +1,31 @@
+"""Typed errors that carry the gRPC status a client should see; raised anywhere, mapped only in services."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EdgeLoraError(Exception):
+    """Base error: `str(err)` is a message a person can act on."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(EdgeLoraError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(EdgeLoraError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(EdgeLoraError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(EdgeLoraError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unimplemented(EdgeLoraError):
+    code = grpc.StatusCode.UNIMPLEMENTED

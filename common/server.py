@@ -1,0 +1,34 @@
+"""Builds a grpc.aio server with standard health checking and reflection; knows no service logic."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+
+def create_server(register: list[Callable[[grpc.aio.Server], None]], service_names: list[str],
+                  host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """-> (server, bound port, health servicer); the caller starts the server."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    for add in register:
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}: is the port in use?")
+    return server, bound, health_servicer
+
+
+async def mark_serving(health_servicer: health.aio.HealthServicer, service_names: list[str]) -> None:
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

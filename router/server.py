@@ -1,0 +1,40 @@
+"""Starts the router's gRPC server (public API, health, reflection) from its config."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from common.server import create_server, mark_serving
+from edgelora.v1 import router_pb2, router_pb2_grpc
+from router.config import RouterConfig
+from router.service import RouterService
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+@dataclass
+class RouterRuntime:
+    server: grpc.aio.Server
+    port: int
+    pool: WorkerPool
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.server.stop(grace_s)
+        await self.pool.close()
+
+
+async def start_router(config: RouterConfig) -> RouterRuntime:
+    pool = WorkerPool(config.worker_addresses)
+    service = RouterService(pool)
+    server, port, health = create_server(
+        [lambda s: router_pb2_grpc.add_RouterServicer_to_server(service, s)], [ROUTER_SERVICE],
+        config.host, config.port)
+    await server.start()
+    await mark_serving(health, [ROUTER_SERVICE])
+    log.info("router serving on %s:%d -> workers %s", config.host, port, config.workers)
+    return RouterRuntime(server, port, pool)

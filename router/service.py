@@ -1,0 +1,91 @@
+"""The public Router servicer: resolves the adapter, forwards to a worker and relays its stream.
+
+Never tokenizes or runs a model; worker errors reach the client with their status and message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+AUTO = "auto"
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        # Adapter registry arrives with multi-LoRA support; until then only the base model serves.
+        self.adapters: dict[str, types_pb2.AdapterInfo] = {}
+
+    async def _resolve_adapter(self, request: types_pb2.GenerateRequest,
+                               context: grpc.aio.ServicerContext) -> types_pb2.GenerateRequest:
+        if request.adapter_id == AUTO:
+            forwarded = types_pb2.GenerateRequest()
+            forwarded.CopyFrom(request)
+            forwarded.adapter_id = ""  # no adapter registered: the base model is the only choice
+            return forwarded
+        if request.adapter_id and request.adapter_id not in self.adapters:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"adapter {request.adapter_id!r} is not registered "
+                                "(ListAdapters shows the registered ones)")
+        return request
+
+    async def GenerateStream(self, request: types_pb2.GenerateRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[types_pb2.GenerateResponse]:
+        forwarded = await self._resolve_adapter(request, context)
+        with self.pool.lease() as worker:
+            call = worker.stub.Generate(forwarded)
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), self._describe(exc, worker.address))
+            finally:
+                call.cancel()  # no-op when done; frees the worker's sequence when our client left
+
+    async def Generate(self, request: types_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> types_pb2.GenerateResponse:
+        whole = types_pb2.GenerateResponse()
+        texts = []
+        async for chunk in self.GenerateStream(request, context):
+            texts.append(chunk.text)
+            whole.token_ids.extend(chunk.token_ids)
+            whole.adapter_id, whole.finish_reason = chunk.adapter_id, chunk.finish_reason
+            whole.usage.CopyFrom(chunk.usage)
+        whole.text = "".join(texts)
+        return whole
+
+    @staticmethod
+    def _describe(exc: grpc.aio.AioRpcError, address: str) -> str:
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            return f"worker {address} is unavailable: {exc.details()}"
+        return exc.details() or exc.code().name
+
+    async def ListAdapters(self, request: router_pb2.ListAdaptersRequest,
+                           context: grpc.aio.ServicerContext) -> router_pb2.ListAdaptersResponse:
+        return router_pb2.ListAdaptersResponse(adapters=list(self.adapters.values()))
+
+    async def RegisterAdapter(self, request: router_pb2.RegisterAdapterRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> router_pb2.RegisterAdapterResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "this build serves the base model only: adapter registration is not "
+                            "available yet")
+
+    async def UnregisterAdapter(self, request: router_pb2.UnregisterAdapterRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> router_pb2.UnregisterAdapterResponse:
+        await context.abort(grpc.StatusCode.NOT_FOUND,
+                            f"adapter {request.adapter_id!r} is not registered")
+
+    async def SelectAdapter(self, request: router_pb2.SelectAdapterRequest,
+                            context: grpc.aio.ServicerContext) -> router_pb2.SelectAdapterResponse:
+        return router_pb2.SelectAdapterResponse(
+            selected_adapter_id="", reason="no adapters are registered: the base model serves")

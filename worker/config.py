@@ -1,0 +1,64 @@
+"""WorkerConfig: every setting of a worker process, filled from flags and EDGELORA_* env; validation only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata=_help(
+        "'default' (embedded SmolLM2-135M-Instruct) or an HF Llama-family checkpoint directory"))
+    cache_dir: str = field(default="", metadata=_help(
+        "where the default model is dequantized once (empty = ~/.cache/edgelora)"))
+    host: str = field(default="127.0.0.1", metadata=_help("address the worker gRPC server binds"))
+    port: int = field(default=50052, metadata=_help("worker gRPC port (0 = pick a free one)"))
+    device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda' or 'cuda:N'"))
+    dtype: str = field(default="auto", metadata=_help(
+        "'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16' or 'float16'"))
+    num_threads: int = field(default=0, metadata=_help(
+        "torch CPU threads (0 = torch default); 1 keeps its speed when other processes share cores"))
+    max_batch_size: int = field(default=16, metadata=_help("most sequences in one forward pass"))
+    max_num_batched_tokens: int = field(default=512, metadata=_help(
+        "token budget of one step: decodes take one each, prompt chunks fill the rest"))
+    max_model_len: int = field(default=2048, metadata=_help(
+        "longest prompt + completion in tokens (capped by the model's own limit)"))
+    kv_block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    kv_cache_mb: int = field(default=512, metadata=_help("memory reserved for the KV cache, MiB"))
+    max_queue: int = field(default=256, metadata=_help(
+        "requests waiting for admission before new ones get RESOURCE_EXHAUSTED"))
+    default_max_tokens: int = field(default=128, metadata=_help(
+        "max_tokens for requests that do not set it"))
+    log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+            (self.max_num_batched_tokens >= self.max_batch_size,
+             "--max-num-batched-tokens must be >= --max-batch-size (each decode takes one token)"),
+            (self.kv_block_size >= 1, "--kv-block-size must be at least 1"),
+            (self.kv_cache_mb >= 1, "--kv-cache-mb must be at least 1"),
+            (self.max_model_len >= 2, "--max-model-len must be at least 2"),
+            (self.max_queue >= 1, "--max-queue must be at least 1"),
+            (self.num_threads >= 0, "--num-threads must be >= 0 (0 = torch default)"),
+            (0 <= self.port < 65536, "--port must be in [0, 65535]"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             "--device must be auto, cpu, cuda or cuda:N"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or os.path.join(Path.home(), ".cache", "edgelora"))

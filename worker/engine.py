@@ -1,0 +1,90 @@
+"""The decode loop: one thread owns the device and runs schedule -> run -> postprocess -> emit.
+
+Talks to the service only through plain messages (AddRequest/Abort in, TokenEvent out);
+never touches protobuf, asyncio or gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from common.errors import EdgeLoraError
+from worker.runner import ModelRunner
+from worker.scheduler import Scheduler
+from worker.sequence import Abort, AddRequest, Detokenizer, Sequence, SequenceStatus, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner,
+                 make_detokenizer: Callable[[tuple[str, ...]], Detokenizer],
+                 emit: Callable[[TokenEvent], None]) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.make_detokenizer = make_detokenizer
+        self.emit = emit
+        self._inbox: queue.SimpleQueue[AddRequest | Abort | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, message: AddRequest | Abort) -> None:
+        """Thread-safe: the engine thread picks it up before its next step."""
+        self._inbox.put(message)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        tokens = self.runner.run(batch)
+        for event in self.scheduler.postprocess(batch, tokens):
+            self.emit(event)
+
+    def _loop(self) -> None:
+        while self._drain_inbox(block=not self.scheduler.has_work()):
+            try:
+                self.step()
+            except Exception as exc:  # a failed step must end its streams, never hang them
+                log.exception("engine step failed")
+                for event in self.scheduler.fail_all(f"the worker failed a step: {exc}"):
+                    self.emit(event)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Applies queued messages; False once stop() was called."""
+        try:
+            message = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if message is None:
+                return False
+            self._apply(message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, message: AddRequest | Abort) -> None:
+        if isinstance(message, Abort):
+            self.scheduler.abort(message.request_id)
+            return
+        seq = Sequence(message.request_id, message.prompt_ids, message.options,
+                       message.adapter_id, detok=self.make_detokenizer(message.options.stop))
+        try:
+            self.scheduler.add(seq)
+        except EdgeLoraError as exc:
+            seq.status = SequenceStatus.FINISHED
+            self.emit(TokenEvent(seq.request_id, [], "", seq.num_prompt_tokens, 0,
+                                 finish_reason="error", error=str(exc), error_code=exc.code.name))

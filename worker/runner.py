@@ -1,0 +1,93 @@
+"""Turns a scheduled Batch into tensors, runs the model and the sampler, returns one token per row.
+
+The only place that moves batch data between host and device; one host sync per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.kv_cache import KVCache
+from worker.model import AttentionGroup, ForwardBatch, LlamaModel
+from worker.sampler import make_sampling_tensors, sample
+from worker.scheduler import Batch, ScheduledSeq
+
+
+def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: int,
+                     device: torch.device) -> AttentionGroup:
+    """Pads the rows of `items` to one query length and one context length."""
+    q_len = max(it.num_new_tokens for it in items)
+    max_blocks = max(len(it.seq.block_table) for it in items)
+    token_idx, query_pos, tables, src, dst = [], [], [], [], []
+    for row, (it, offset) in enumerate(zip(items, offsets, strict=True)):
+        start, n = it.seq.num_computed_tokens, it.num_new_tokens
+        # Padding queries repeat the row's first token at position 0: finite, then dropped.
+        token_idx.append([offset + q for q in range(n)] + [offset] * (q_len - n))
+        query_pos.append(list(range(start, start + n)) + [0] * (q_len - n))
+        tables.append(it.seq.block_table + [0] * (max_blocks - len(it.seq.block_table)))
+        src.extend(row * q_len + q for q in range(n))
+        dst.extend(offset + q for q in range(n))
+    ctx_len = max(it.seq.num_computed_tokens + it.num_new_tokens for it in items)
+
+    def as_tensor(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    positions = torch.arange(ctx_len, device=device)                  # [Lk]
+    block_tables = as_tensor(tables)                                  # [rows, max_blocks]
+    kv_slots = block_tables[:, positions // block_size] * block_size + positions % block_size
+    qpos = as_tensor(query_pos)                                       # [rows, Lq]
+    mask = (positions[None, None, :] <= qpos[:, :, None])[:, None]    # [rows, 1, Lq, Lk]
+    return AttentionGroup(as_tensor(token_idx), kv_slots, mask, as_tensor(src), as_tensor(dst))
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
+        """-> input_ids [T], the ForwardBatch, and each row's last-token index [rows]."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        offsets: list[int] = []
+        bs = self.block_size
+        for it in batch.items:
+            seq, start, n = it.seq, it.seq.num_computed_tokens, it.num_new_tokens
+            offsets.append(len(input_ids))
+            input_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        last_idx = [off + it.num_new_tokens - 1 for off, it in zip(offsets, batch.items, strict=True)]
+        # Decode rows (one query) and prompt chunks attend in separate groups so that a long
+        # chunk never pads every decode row to its length.
+        groups = []
+        for is_decode in (True, False):
+            rows = [i for i, it in enumerate(batch.items) if (it.num_new_tokens == 1) == is_decode]
+            if rows:
+                groups.append(_attention_group([batch.items[i] for i in rows],
+                                               [offsets[i] for i in rows], bs, self.device))
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        fb = ForwardBatch(positions=as_tensor(positions), slot_mapping=as_tensor(slots),
+                          groups=groups)
+        return as_tensor(input_ids), fb, as_tensor(last_idx)
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[int]:
+        input_ids, fb, last_idx = self.prepare(batch)
+        hidden = self.model(input_ids, fb, self.kv_cache.layers)       # [T, hidden]
+        logits = self.model.compute_logits(hidden.index_select(0, last_idx))  # [rows, vocab]
+        opts = [it.seq.options for it in batch.items]
+        tensors = make_sampling_tensors(
+            temperature=[o.temperature for o in opts], top_p=[o.top_p for o in opts],
+            top_k=[o.top_k for o in opts], seed=[o.seed for o in opts],
+            step=[it.seq.num_output_tokens for it in batch.items], device=self.device)
+        # The step's one host sync.
+        return sample(logits, tensors).tolist()

@@ -1,0 +1,150 @@
+"""Continuous batching: which sequences run in the next step, and what their sampled tokens mean.
+
+New sequences join at any step; prompt chunks and decodes share a step under one token budget;
+finished, aborted and preempted sequences free their KV blocks at once. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from common.errors import ResourceExhausted
+from worker.kv_cache import BlockManager
+from worker.sequence import Sequence, SequenceStatus, TokenEvent
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
+
+
+@dataclass
+class Batch:
+    items: list[ScheduledSeq]
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
+                 max_queue: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_queue = max_queue
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise ResourceExhausted(
+                f"the worker queue is full ({self.max_queue} waiting requests); retry later")
+        self.waiting.append(seq)
+
+    def abort(self, request_id: int) -> bool:
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, "cancelled")
+                    return True
+        return False
+
+    def schedule(self) -> Batch | None:
+        budget = self.max_num_batched_tokens
+        items: list[ScheduledSeq] = []
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve(seq, num_new, scheduled):
+                continue
+            items.append(ScheduledSeq(seq, num_new))
+            scheduled.add(seq.request_id)
+            budget -= num_new
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            needed = self.blocks.blocks_needed(seq.block_table, seq.num_computed_tokens + num_new)
+            if not self.blocks.can_allocate(needed):
+                break  # FIFO: later arrivals never overtake the head, so nobody starves
+            self.waiting.popleft()
+            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            items.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return Batch(items) if items else None
+
+    def _reserve(self, seq: Sequence, num_new: int, scheduled: set[int]) -> bool:
+        """Blocks for seq's next tokens, preempting the newest unscheduled sequences if needed."""
+        target = seq.num_computed_tokens + num_new
+        while not self.blocks.can_allocate(self.blocks.blocks_needed(seq.block_table, target)):
+            victims = [s for s in self.running if s.request_id not in scheduled]
+            victim = victims[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq.block_table, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute later from scratch (prompt + outputs so far): frees every block now.
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, batch: Batch, next_tokens: list[int]) -> list[TokenEvent]:
+        """Applies one step's sampled tokens; returns the events to stream."""
+        events = []
+        for item, token in zip(batch.items, next_tokens, strict=True):
+            seq = item.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += item.num_new_tokens
+            if seq.num_uncomputed_tokens > 0:
+                continue  # mid-prompt chunk: its sample means nothing
+            seq.token_ids.append(token)
+            text = seq.detok.add_token(token) if seq.detok else ""
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                text += seq.detok.flush() if seq.detok else ""
+            events.append(TokenEvent(seq.request_id, [token], text, seq.num_prompt_tokens,
+                                     seq.num_output_tokens, finish_reason=reason))
+        return events
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str:
+        if token in self.eos_token_ids and not seq.options.ignore_eos:
+            return "stop"
+        if seq.detok is not None and seq.detok.stopped:
+            return "stop"
+        if seq.num_output_tokens >= seq.options.max_tokens:
+            return "length"
+        return ""
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.blocks.free(seq.block_table)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def fail_all(self, message: str) -> list[TokenEvent]:
+        """After an engine error: end every sequence with an error event, freeing all KV."""
+        events = []
+        for seq in [*self.running, *self.waiting]:
+            self._finish(seq, "error")
+            events.append(TokenEvent(seq.request_id, [], "", seq.num_prompt_tokens,
+                                     seq.num_output_tokens, finish_reason="error", error=message))
+        self.running.clear()
+        self.waiting.clear()
+        return events

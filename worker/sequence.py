@@ -1,0 +1,106 @@
+"""One request's state inside the worker (tokens, KV blocks, progress) and the engine's plain messages.
+
+Torch-free and protobuf-free: the service converts to and from these.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass
+class AddRequest:
+    """Service -> engine: start generating for this request."""
+
+    request_id: int
+    prompt_ids: list[int]
+    options: SamplingOptions
+    adapter_id: str = ""
+
+
+@dataclass
+class Abort:
+    """Service -> engine: the client went away; free the sequence and its KV now."""
+
+    request_id: int
+
+
+@dataclass
+class TokenEvent:
+    """Engine -> service: new tokens/text of one request; finish_reason set on the last one."""
+
+    request_id: int
+    token_ids: list[int]
+    text: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reason: str = ""  # "", "stop", "length" or "error"
+    error: str = ""
+    error_code: str = "INTERNAL"  # grpc.StatusCode name the client sees when finish_reason == "error"
+
+
+class Detokenizer(Protocol):
+    """Turns sampled token ids into text that is safe to stream (see worker.detokenizer)."""
+
+    stopped: bool
+
+    def add_token(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+@dataclass
+class Sequence:
+    request_id: int
+    prompt_ids: list[int]
+    options: SamplingOptions
+    adapter_id: str = ""
+    detok: Detokenizer | None = None
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose k/v are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens

@@ -1,0 +1,84 @@
+"""Assembles a worker from its config (model, KV cache, scheduler, runner, engine, gRPC) and runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from common.server import create_server, mark_serving
+from edgelora.v1 import worker_pb2, worker_pb2_grpc
+from worker.config import WorkerConfig
+from worker.engine import Engine
+from worker.gguf_import import resolve_model_path
+from worker.kv_cache import BlockManager, KVCache
+from worker.loader import load_model
+from worker.runner import ModelRunner
+from worker.scheduler import Scheduler
+from worker.service import WorkerInfo, WorkerService
+from worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+def pick_device(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, config.dtype)
+
+
+@dataclass
+class WorkerRuntime:
+    """A running worker: its gRPC server on `port` and the engine thread behind it."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    service: WorkerService
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        await self.server.stop(grace_s)
+        self.engine.stop()
+
+
+async def start_worker(config: WorkerConfig) -> WorkerRuntime:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device, dtype = pick_device(config)
+    path = resolve_model_path(config.model, config.cache_path)
+    model = load_model(path, device, dtype)
+    tokenizer = Tokenizer(path)
+    cfg = model.config
+    num_blocks = KVCache.num_blocks_for(config.kv_cache_mb, cfg, config.kv_block_size, dtype)
+    kv_cache = KVCache(cfg, num_blocks, config.kv_block_size, device, dtype)
+    max_model_len = min(config.max_model_len, cfg.max_position_embeddings,
+                        num_blocks * config.kv_block_size)
+    log.info("KV cache: %d blocks of %d tokens (%d MiB); max_model_len %d", num_blocks,
+             config.kv_block_size, config.kv_cache_mb, max_model_len)
+    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
+    scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
+                          config.max_num_batched_tokens, config.max_queue, eos)
+    runner = ModelRunner(model, kv_cache, config.kv_block_size, device)
+    info = WorkerInfo(model=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
+                      max_model_len=max_model_len)
+    service = WorkerService(config, tokenizer, info)
+    engine = Engine(scheduler, runner, tokenizer.detokenizer, service.emit)
+    service.attach(engine, asyncio.get_running_loop())
+    server, port, health = create_server(
+        [lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(service, s)], [WORKER_SERVICE],
+        config.host, config.port)
+    engine.start()
+    await server.start()
+    await mark_serving(health, [WORKER_SERVICE])
+    log.info("worker serving %s on %s:%d (%s, %s)", path.name, config.host, port, device, info.dtype)
+    return WorkerRuntime(server, port, engine, service)

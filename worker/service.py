@@ -1,0 +1,150 @@
+"""The Worker gRPC servicer: validates and converts pb <-> engine messages, relays TokenEvents.
+
+The only worker module that touches protobuf; never touches tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from common.errors import EdgeLoraError, InvalidArgument, NotFound
+from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from worker.config import WorkerConfig
+from worker.engine import Engine
+from worker.sequence import Abort, AddRequest, SamplingOptions, TokenEvent
+from worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    model: str
+    device: str
+    dtype: str
+    max_model_len: int  # tokens, already capped by the KV cache and the model
+
+
+def sampling_from_pb(params: types_pb2.SamplingParams, default_max_tokens: int) -> SamplingOptions:
+    """Validates ranges; max_tokens against the context is checked once the prompt is tokenized."""
+    temperature = params.temperature if params.HasField("temperature") else 0.0
+    top_p = params.top_p if params.HasField("top_p") else 1.0
+    if params.HasField("max_tokens") and params.max_tokens == 0:
+        raise InvalidArgument("params.max_tokens must be at least 1 (leave it unset for the default)")
+    if not temperature >= 0.0:  # also rejects NaN
+        raise InvalidArgument(f"params.temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"params.top_p must be in (0, 1], got {top_p}")
+    seed = params.seed if params.HasField("seed") else random.getrandbits(31)
+    return SamplingOptions(
+        max_tokens=params.max_tokens if params.HasField("max_tokens") else default_max_tokens,
+        temperature=temperature, top_p=top_p, top_k=params.top_k,
+        # the sampler's hash takes 31-bit seeds: fold larger ones in rather than reject them
+        seed=seed % (2**31 - 1), stop=tuple(params.stop), ignore_eos=params.ignore_eos)
+
+
+def event_to_pb(event: TokenEvent, adapter_id: str) -> types_pb2.GenerateResponse:
+    return types_pb2.GenerateResponse(
+        text=event.text, token_ids=event.token_ids, adapter_id=adapter_id,
+        finish_reason=event.finish_reason,
+        usage=types_pb2.Usage(prompt_tokens=event.num_prompt_tokens,
+                              completion_tokens=event.num_output_tokens))
+
+
+def _merge(events: list[TokenEvent]) -> TokenEvent:
+    """Events that queued up while the client was slow go out as one chunk."""
+    last = events[-1]
+    return TokenEvent(last.request_id, [t for e in events for t in e.token_ids],
+                      "".join(e.text for e in events), last.num_prompt_tokens,
+                      last.num_output_tokens, last.finish_reason, last.error, last.error_code)
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig, tokenizer: Tokenizer, info: WorkerInfo) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.info = info
+        self.engine: Engine | None = None
+        self._streams: dict[int, asyncio.Queue[TokenEvent]] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine, self._loop = engine, loop
+
+    def emit(self, event: TokenEvent) -> None:
+        """Called on the engine thread; hands the event to the request's asyncio queue."""
+        self._loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: TokenEvent) -> None:
+        stream = self._streams.get(event.request_id)
+        if stream is not None:  # None: the client already left
+            stream.put_nowait(event)
+
+    def _to_add_request(self, request: types_pb2.GenerateRequest) -> AddRequest:
+        if request.prompt and request.messages:
+            raise InvalidArgument("set either prompt or messages, not both")
+        if request.adapter_id:
+            raise NotFound(f"adapter {request.adapter_id!r} is not registered on this worker")
+        options = sampling_from_pb(request.params, self.config.default_max_tokens)
+        if request.messages:
+            prompt_ids = self.tokenizer.encode_chat([(m.role, m.content) for m in request.messages])
+        elif request.prompt:
+            prompt_ids = self.tokenizer.encode_prompt(request.prompt)
+        else:
+            raise InvalidArgument("the prompt is empty: set prompt or messages")
+        limit = self.info.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidArgument(f"the prompt has {len(prompt_ids)} tokens; this worker's context "
+                                  f"holds {limit} (prompt + max_tokens): shorten the prompt")
+        room = limit - len(prompt_ids)
+        if not request.params.HasField("max_tokens"):
+            options = SamplingOptions(**{**options.__dict__, "max_tokens": min(options.max_tokens,
+                                                                               room)})
+        elif options.max_tokens > room:
+            raise InvalidArgument(f"max_tokens {options.max_tokens} + prompt {len(prompt_ids)} "
+                                  f"tokens exceed the context of {limit} tokens: ask for at most "
+                                  f"{room}")
+        return AddRequest(next(self._ids), prompt_ids, options, request.adapter_id)
+
+    async def Generate(self, request: types_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[types_pb2.GenerateResponse]:
+        try:
+            add = self._to_add_request(request)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        stream: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._streams[add.request_id] = stream
+        self.engine.submit(add)
+        finished = False
+        try:
+            while not finished:
+                events = [await stream.get()]
+                while not stream.empty():
+                    events.append(stream.get_nowait())
+                event = _merge(events)
+                if event.finish_reason == "error":
+                    finished = True
+                    await context.abort(grpc.StatusCode[event.error_code], event.error)
+                finished = bool(event.finish_reason)
+                yield event_to_pb(event, request.adapter_id)
+        finally:
+            del self._streams[add.request_id]
+            if not finished:  # cancelled or disconnected: free its KV now
+                self.engine.submit(Abort(add.request_id))
+
+    async def Info(self, request: worker_pb2.InfoRequest,
+                   context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
+        scheduler = self.engine.scheduler
+        return worker_pb2.InfoResponse(
+            model=self.info.model, max_model_len=self.info.max_model_len, device=self.info.device,
+            dtype=self.info.dtype, num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting), num_free_kv_blocks=scheduler.blocks.num_free_blocks,
+            num_kv_blocks=scheduler.blocks.num_blocks)
