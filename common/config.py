@@ -32,7 +32,7 @@ def _parse_bool(text: str) -> bool:
 
 def _base_type(annotation: Any) -> type:
     if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing))  # noqa: S307 - field annotations of our own dataclasses
+        annotation = eval(annotation, vars(typing))  # our own dataclass annotations
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]

@@ -69,7 +69,8 @@ def _to_our_names(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             layer_ids = {k.split(".")[1] for k in ours if k.endswith(f"{parts[0]}.{suffix}")}
             for i in layer_ids:
                 names = [f"layers.{i}.{p}.{suffix}" for p in parts]
-                ours[f"layers.{i}.{fused}.{suffix}"] = torch.cat([ours.pop(n) for n in names])
+                if all(n in ours for n in names):  # else left as is: load_model names the gap
+                    ours[f"layers.{i}.{fused}.{suffix}"] = torch.cat([ours.pop(n) for n in names])
     return ours
 
 

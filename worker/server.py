@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -18,6 +20,7 @@ from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
+from worker.sequence import TokenEvent
 from worker.service import WorkerInfo, WorkerService
 from worker.tokenizer import Tokenizer
 
@@ -51,7 +54,9 @@ class WorkerRuntime:
         self.engine.stop()
 
 
-async def start_worker(config: WorkerConfig) -> WorkerRuntime:
+def build_engine(config: WorkerConfig,
+                 emit: Callable[[TokenEvent], None]) -> tuple[Engine, Tokenizer, WorkerInfo]:
+    """Model, KV cache, scheduler and runner behind an Engine (not started); no gRPC."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     device, dtype = pick_device(config)
@@ -71,8 +76,13 @@ async def start_worker(config: WorkerConfig) -> WorkerRuntime:
     runner = ModelRunner(model, kv_cache, config.kv_block_size, device)
     info = WorkerInfo(model=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
                       max_model_len=max_model_len)
+    return Engine(scheduler, runner, tokenizer.detokenizer, emit), tokenizer, info
+
+
+async def start_worker(config: WorkerConfig) -> WorkerRuntime:
+    engine, tokenizer, info = build_engine(config, emit=lambda event: None)
     service = WorkerService(config, tokenizer, info)
-    engine = Engine(scheduler, runner, tokenizer.detokenizer, service.emit)
+    engine.emit = service.emit
     service.attach(engine, asyncio.get_running_loop())
     server, port, health = create_server(
         [lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(service, s)], [WORKER_SERVICE],
@@ -80,5 +90,6 @@ async def start_worker(config: WorkerConfig) -> WorkerRuntime:
     engine.start()
     await server.start()
     await mark_serving(health, [WORKER_SERVICE])
-    log.info("worker serving %s on %s:%d (%s, %s)", path.name, config.host, port, device, info.dtype)
+    log.info("worker serving %s on %s:%d (%s, %s)", Path(info.model).name, config.host, port,
+             info.device, info.dtype)
     return WorkerRuntime(server, port, engine, service)

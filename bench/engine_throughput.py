@@ -1,0 +1,207 @@
+"""Decode throughput of our engine vs transformers `generate`, same model, same prompts, one run.
+
+Measures, on one checkpoint (default: the embedded SmolLM2-135M-Instruct, float32):
+  * transformers AutoModelForCausalLM.generate at batch 1 (greedy, exactly N new tokens);
+  * our Engine (Scheduler + ModelRunner, driven synchronously with engine.step(), no threads)
+    at batch 1 and at --batch, greedy, SamplingOptions(max_tokens=N, ignore_eos=True).
+Prefill = time until every sequence has its first token; decode tokens/s = the remaining
+generated tokens / the time of the remaining steps (both systems count N - 1 decode tokens per
+sequence). Every system gets one warm-up run first; --repeats measured runs, best one reported.
+Prints a table with ratios vs transformers batch 1 and PASS/MISS against the targets
+(ours batch 1 >= 1.0x, ours batch --batch aggregate >= 6x).
+
+    .venv/bin/python bench/engine_throughput.py [--model default|DIR] [--threads 2]
+        [--new-tokens 64] [--batch 16] [--prompt-tokens 32] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from worker.config import WorkerConfig  # noqa: E402
+from worker.engine import Engine  # noqa: E402
+from worker.gguf_import import resolve_model_path  # noqa: E402
+from worker.kv_cache import BlockManager, KVCache  # noqa: E402
+from worker.loader import load_model  # noqa: E402
+from worker.runner import ModelRunner  # noqa: E402
+from worker.scheduler import Scheduler  # noqa: E402
+from worker.sequence import SamplingOptions, Sequence, TokenEvent  # noqa: E402
+from worker.tokenizer import Tokenizer  # noqa: E402
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "Explain in simple words why the sky looks blue during the day and red at sunset.",
+    "Write a short story about a robot who learns to paint landscapes in the mountains.",
+    "List three good reasons to drink water every day, and explain each one briefly.",
+    "What is the capital of France, and what is it famous for among tourists?",
+    "Describe how a bicycle works, starting with the pedals and ending with the wheels.",
+    "Give me a recipe for a simple tomato soup that a beginner can cook at home.",
+    "Summarize the plot of a detective novel set in a small seaside town in winter.",
+]
+TARGET_B1, TARGET_BN = 1.0, 6.0
+
+
+@dataclass
+class Result:
+    name: str
+    batch: int
+    prefill_s: float
+    decode_tokens: int
+    decode_s: float
+    outputs: list[list[int]]
+
+    @property
+    def tps(self) -> float:
+        return self.decode_tokens / self.decode_s
+
+
+def make_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of exactly `length` tokens, cycling PROMPTS and repeating short ones."""
+    prompts = []
+    for i in range(count):
+        ids = tokenizer.encode_prompt(PROMPTS[i % len(PROMPTS)])
+        prompts.append((ids * (length // len(ids) + 1))[:length])
+    return prompts
+
+
+class _FirstTokenClock:
+    """A generate() streamer that notes when the first new token arrives (put #2; #1 = prompt)."""
+
+    def __init__(self) -> None:
+        self.calls, self.first_token_at = 0, 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf(hf_model: torch.nn.Module, prompt: list[int], new_tokens: int, pad_id: int) -> Result:
+    ids = torch.tensor([prompt])
+    clock = _FirstTokenClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                pad_token_id=pad_id, streamer=clock)
+    end = time.perf_counter()
+    gen = out[0, len(prompt):].tolist()
+    assert len(gen) == new_tokens, f"transformers generated {len(gen)} tokens, not {new_tokens}"
+    return Result("transformers", 1, clock.first_token_at - start, new_tokens - 1,
+                  end - clock.first_token_at, [gen])
+
+
+def build_engine(path: Path, tokenizer: Tokenizer, batch: int,
+                 prompt_tokens: int) -> tuple[Engine, list[TokenEvent]]:
+    """Assembled like worker.server.start_worker, minus gRPC and the engine thread."""
+    config = WorkerConfig()
+    model = load_model(path, torch.device("cpu"), torch.float32)
+    cfg = model.config
+    num_blocks = KVCache.num_blocks_for(config.kv_cache_mb, cfg, config.kv_block_size,
+                                        torch.float32)
+    kv_cache = KVCache(cfg, num_blocks, config.kv_block_size, torch.device("cpu"), torch.float32)
+    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
+    # Room for the whole batch, and for all its prompts in one prefill step.
+    scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size),
+                          max(config.max_batch_size, batch),
+                          max(config.max_num_batched_tokens, batch * prompt_tokens),
+                          config.max_queue, eos)
+    runner = ModelRunner(model, kv_cache, config.kv_block_size, torch.device("cpu"))
+    events: list[TokenEvent] = []
+    return Engine(scheduler, runner, tokenizer.detokenizer, events.append), events
+
+
+def run_ours(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]],
+             new_tokens: int) -> Result:
+    options = SamplingOptions(max_tokens=new_tokens, ignore_eos=True)
+    seqs = [Sequence(i, p, options, detok=tokenizer.detokenizer(())) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    start = time.perf_counter()
+    while any(s.num_output_tokens == 0 for s in seqs):  # prefill: every sequence's first token
+        engine.step()
+    prefill_end = time.perf_counter()
+    while engine.scheduler.has_work():
+        engine.step()
+    end = time.perf_counter()
+    outputs = [s.output_ids for s in seqs]
+    assert all(len(o) == new_tokens for o in outputs), "a sequence stopped early"
+    return Result("ours", len(prompts), prefill_end - start, sum(len(o) - 1 for o in outputs),
+                  end - prefill_end, outputs)
+
+
+def best(runs: list[Result]) -> Result:
+    return max(runs, key=lambda r: r.tps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="default", help="'default' or a checkpoint directory")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both systems")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="measured runs each (best kept)")
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (one prefill token + decode tokens)")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    path = resolve_model_path(args.model, WorkerConfig().cache_path)
+    tokenizer = Tokenizer(path)
+    prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens)
+    print(f"model {path.name} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"prompt {args.prompt_tokens} tok | new {args.new_tokens} tok | batch {args.batch}")
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pad_id = tokenizer.hf.pad_token_id if tokenizer.hf.pad_token_id is not None else 0
+    run_hf(hf_model, prompts[0], args.new_tokens, pad_id)  # warm-up
+    hf = best([run_hf(hf_model, prompts[0], args.new_tokens, pad_id)
+               for _ in range(args.repeats)])
+    del hf_model
+
+    engine, _ = build_engine(path, tokenizer, args.batch, args.prompt_tokens)
+    results = [hf]
+    for batch in dict.fromkeys([1, args.batch]):
+        run_ours(engine, tokenizer, prompts[:batch], args.new_tokens)  # warm-up
+        results.append(best([run_ours(engine, tokenizer, prompts[:batch], args.new_tokens)
+                             for _ in range(args.repeats)]))
+
+    print(f"\n{'system':<14}{'batch':>6}{'prefill ms':>12}{'decode tok':>12}{'decode s':>10}"
+          f"{'tok/s':>10}{'ms/step':>9}{'vs HF b1':>10}")
+    for r in results:
+        steps = r.decode_tokens / r.batch
+        print(f"{r.name:<14}{r.batch:>6}{r.prefill_s * 1e3:>12.1f}{r.decode_tokens:>12}"
+              f"{r.decode_s:>10.2f}{r.tps:>10.1f}{r.decode_s / steps * 1e3:>9.1f}"
+              f"{r.tps / hf.tps:>9.2f}x")
+
+    ours_b1 = results[1]
+    same = sum(a == b for a, b in zip(ours_b1.outputs[0], hf.outputs[0]))
+    print(f"\ngreedy tokens, ours batch 1 vs transformers: {same}/{args.new_tokens} identical"
+          + ("" if same == args.new_tokens else " (fp32 reductions differ; near-ties may flip)"))
+    checks = [(f"ours batch 1 >= {TARGET_B1:.1f}x transformers batch 1", ours_b1, TARGET_B1),
+              (f"ours batch {args.batch} >= {TARGET_BN:.1f}x transformers batch 1", results[-1],
+               TARGET_BN)]
+    for label, r, target in checks:
+        ratio = r.tps / hf.tps
+        print(f"{'PASS' if ratio >= target else 'MISS'}  {label}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, the real default model, and
+in-process worker/router servers on ephemeral ports."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.config import WorkerConfig
+from worker.gguf_import import ensure_default_checkpoint
+
+# Tests run several processes at once on 2 cores: torch with 2 threads collapses then.
+torch.set_num_threads(1)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct checkpoint (imported once by `make setup`)."""
+    return ensure_default_checkpoint(WorkerConfig().cache_path)
+
+
+def write_tiny_llama(target: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A 2-layer random Llama (~3 M parameters) with the SmolLM2 tokenizer, saved as an HF dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    with torch.no_grad():  # random init is near-uniform; sharpen it so greedy choices are clear
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(target, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+
+
+class ServeThread:
+    """Worker + router running in-process on ephemeral ports, on an asyncio loop in a thread."""
+
+    def __init__(self, worker_config: WorkerConfig) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.worker, self.router = self._call(self._start(worker_config))
+        self.address = f"127.0.0.1:{self.router.port}"
+        self.worker_address = f"127.0.0.1:{self.worker.port}"
+
+    def _call(self, coro):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+
+    @staticmethod
+    async def _start(worker_config: WorkerConfig):
+        from router.config import RouterConfig
+        from router.server import start_router
+        from worker.server import start_worker
+
+        worker = await start_worker(worker_config)
+        router = await start_router(RouterConfig(port=0, workers=f"127.0.0.1:{worker.port}"))
+        return worker, router
+
+    def stop(self) -> None:
+        self._call(self.router.stop(0))
+        self._call(self.worker.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_dir: Path):
+    """Router + worker on the tiny model: small context so limits are quick to reach."""
+    server = ServeThread(WorkerConfig(model=str(tiny_model_dir), port=0, num_threads=1,
+                                      max_model_len=512, kv_cache_mb=16, max_batch_size=8))
+    yield server
+    server.stop()
+
+
+def run_engine(engine, requests: list[tuple[list[int], object]]) -> list[list[int]]:
+    """Adds every (prompt_ids, SamplingOptions) at once, steps the engine synchronously until all
+    finish; -> generated token ids per request, in order."""
+    from worker.sequence import Sequence
+
+    outputs: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+    done: set[int] = set()
+
+    def collect(event) -> None:
+        assert event.finish_reason != "error", event.error
+        outputs[event.request_id].extend(event.token_ids)
+        if event.finish_reason:
+            done.add(event.request_id)
+
+    engine.emit = collect
+    for i, (ids, options) in enumerate(requests):
+        engine.scheduler.add(Sequence(i, list(ids), options,
+                                      detok=engine.make_detokenizer(options.stop)))
+    while len(done) < len(requests):
+        engine.step()
+    return [outputs[i] for i in range(len(requests))]
