@@ -11,6 +11,8 @@ class RouterConfig:
     port: int = field(default=50051, metadata={"help": "public gRPC port (0 = pick a free one)"})
     workers: str = field(default="127.0.0.1:50052", metadata={
         "help": "comma-separated worker addresses host:port"})
+    adapters_dir: str = field(default="", metadata={
+        "help": "register every PEFT adapter directory under this folder at start"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     def __post_init__(self) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from common.server import create_server, mark_serving
 from edgelora.v1 import router_pb2, router_pb2_grpc
 from router.config import RouterConfig
+from router.registry import AdapterRegistry
 from router.service import RouterService
 from router.workers import WorkerPool
 
@@ -30,10 +32,14 @@ class RouterRuntime:
 
 async def start_router(config: RouterConfig) -> RouterRuntime:
     pool = WorkerPool(config.worker_addresses)
-    service = RouterService(pool)
+    registry = AdapterRegistry(pool)
+    service = RouterService(pool, registry)
     server, port, health = create_server(
         [lambda s: router_pb2_grpc.add_RouterServicer_to_server(service, s)], [ROUTER_SERVICE],
         config.host, config.port)
+    if config.adapters_dir:
+        count = await registry.register_dir(Path(config.adapters_dir))
+        log.info("registered %d adapters from %s", count, config.adapters_dir)
     await server.start()
     await mark_serving(health, [ROUTER_SERVICE])
     log.info("router serving on %s:%d -> workers %s", config.host, port, config.workers)

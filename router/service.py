@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from common.errors import EdgeLoraError
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
+from router.registry import AdapterRegistry
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -18,19 +20,18 @@ AUTO = "auto"
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, registry: AdapterRegistry) -> None:
         self.pool = pool
-        # Adapter registry arrives with multi-LoRA support; until then only the base model serves.
-        self.adapters: dict[str, types_pb2.AdapterInfo] = {}
+        self.registry = registry
 
     async def _resolve_adapter(self, request: types_pb2.GenerateRequest,
                                context: grpc.aio.ServicerContext) -> types_pb2.GenerateRequest:
         if request.adapter_id == AUTO:
             forwarded = types_pb2.GenerateRequest()
             forwarded.CopyFrom(request)
-            forwarded.adapter_id = ""  # no adapter registered: the base model is the only choice
+            forwarded.adapter_id = ""  # the selector arrives with the router issue: base model
             return forwarded
-        if request.adapter_id and request.adapter_id not in self.adapters:
+        if request.adapter_id and request.adapter_id not in self.registry.adapters:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"adapter {request.adapter_id!r} is not registered "
                                 "(ListAdapters shows the registered ones)")
@@ -68,24 +69,32 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return f"worker {address} is unavailable: {exc.details()}"
         return exc.details() or exc.code().name
 
-    async def ListAdapters(self, request: router_pb2.ListAdaptersRequest,
-                           context: grpc.aio.ServicerContext) -> router_pb2.ListAdaptersResponse:
-        return router_pb2.ListAdaptersResponse(adapters=list(self.adapters.values()))
+    async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
+                           context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
+        return types_pb2.ListAdaptersResponse(adapters=await self.registry.list())
 
-    async def RegisterAdapter(self, request: router_pb2.RegisterAdapterRequest,
+    async def RegisterAdapter(self, request: types_pb2.RegisterAdapterRequest,
                               context: grpc.aio.ServicerContext
-                              ) -> router_pb2.RegisterAdapterResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "this build serves the base model only: adapter registration is not "
-                            "available yet")
+                              ) -> types_pb2.RegisterAdapterResponse:
+        try:
+            record = await self.registry.register(request)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
+            adapter_id=record.adapter_id, rank=record.rank, path=record.path,
+            description=record.description, tier=types_pb2.ADAPTER_TIER_DISK))
 
-    async def UnregisterAdapter(self, request: router_pb2.UnregisterAdapterRequest,
+    async def UnregisterAdapter(self, request: types_pb2.UnregisterAdapterRequest,
                                 context: grpc.aio.ServicerContext
-                                ) -> router_pb2.UnregisterAdapterResponse:
-        await context.abort(grpc.StatusCode.NOT_FOUND,
-                            f"adapter {request.adapter_id!r} is not registered")
+                                ) -> types_pb2.UnregisterAdapterResponse:
+        try:
+            await self.registry.unregister(request.adapter_id)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        return types_pb2.UnregisterAdapterResponse()
 
     async def SelectAdapter(self, request: router_pb2.SelectAdapterRequest,
                             context: grpc.aio.ServicerContext) -> router_pb2.SelectAdapterResponse:
         return router_pb2.SelectAdapterResponse(
-            selected_adapter_id="", reason="no adapters are registered: the base model serves")
+            selected_adapter_id="", reason="the adaptive selector is not available yet: 'auto' "
+            "uses the base model")

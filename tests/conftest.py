@@ -96,7 +96,8 @@ def tiny_server(tiny_model_dir: Path):
     server.stop()
 
 
-def run_engine(engine, requests: list[tuple[list[int], object]]) -> list[list[int]]:
+def run_engine(engine, requests: list[tuple[list[int], object]],
+               adapter_ids: list[str] | None = None) -> list[list[int]]:
     """Adds every (prompt_ids, SamplingOptions) at once, steps the engine synchronously until all
     finish; -> generated token ids per request, in order."""
     from worker.sequence import Sequence
@@ -113,7 +114,47 @@ def run_engine(engine, requests: list[tuple[list[int], object]]) -> list[list[in
     engine.emit = collect
     for i, (ids, options) in enumerate(requests):
         engine.scheduler.add(Sequence(i, list(ids), options,
+                                      adapter_ids[i] if adapter_ids else "",
                                       detok=engine.make_detokenizer(options.stop)))
     while len(done) < len(requests):
         engine.step()
     return [outputs[i] for i in range(len(requests))]
+
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def write_random_adapter(target: Path, base_dir: Path, rank: int = 8, alpha: float = 16.0,
+                         modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                     "gate_proj", "up_proj", "down_proj"),
+                         seed: int = 0, dtype: torch.dtype = torch.float32,
+                         use_rslora: bool = False, std: float = 0.2) -> Path:
+    """A PEFT-format LoRA adapter with random A and B (B is zero in a fresh PEFT adapter, which
+    would test nothing) for the checkpoint in base_dir."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from worker.loader import read_model_config
+    from worker.lora import module_shapes
+
+    cfg = read_model_config(base_dir)
+    shapes = module_shapes(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for module in modules:
+            fan_in, fan_out = shapes[module]
+            kind = "self_attn" if module in ATTN_MODULES else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{kind}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen)
+                                                  * std).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen)
+                                                  * std).to(dtype)
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    (target / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(modules),
+        "lora_dropout": 0.0, "bias": "none", "use_rslora": use_rslora,
+        "base_model_name_or_path": str(base_dir), "task_type": "CAUSAL_LM"}))
+    return target

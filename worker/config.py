@@ -35,6 +35,12 @@ class WorkerConfig:
     kv_cache_mb: int = field(default=512, metadata=_help("memory reserved for the KV cache, MiB"))
     max_queue: int = field(default=256, metadata=_help(
         "requests waiting for admission before new ones get RESOURCE_EXHAUSTED"))
+    max_lora_rank: int = field(default=16, metadata=_help(
+        "largest LoRA rank served; device slots are sized for it"))
+    device_adapter_slots: int = field(default=8, metadata=_help(
+        "adapters held on the device at once (pre-allocated at start)"))
+    host_adapter_cache: int = field(default=64, metadata=_help(
+        "adapters kept loaded in host memory (LRU); pinned on CUDA"))
     default_max_tokens: int = field(default=128, metadata=_help(
         "max_tokens for requests that do not set it"))
     log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
@@ -48,6 +54,9 @@ class WorkerConfig:
             (self.kv_cache_mb >= 1, "--kv-cache-mb must be at least 1"),
             (self.max_model_len >= 2, "--max-model-len must be at least 2"),
             (self.max_queue >= 1, "--max-queue must be at least 1"),
+            (self.max_lora_rank >= 1, "--max-lora-rank must be at least 1"),
+            (self.device_adapter_slots >= 1, "--device-adapter-slots must be at least 1"),
+            (self.host_adapter_cache >= 1, "--host-adapter-cache must be at least 1"),
             (self.num_threads >= 0, "--num-threads must be >= 0 (0 = torch default)"),
             (0 <= self.port < 65536, "--port must be in [0, 65535]"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),

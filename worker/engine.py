@@ -44,27 +44,33 @@ class Engine:
             self._thread.join()
             self._thread = None
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One scheduling round and forward pass; False when nothing could run."""
         batch = self.scheduler.schedule()
         if batch is None:
-            return
-        tokens = self.runner.run(batch)
-        for event in self.scheduler.postprocess(batch, tokens):
+            return False
+        tokens = self.runner.run(batch) if batch.items else []
+        for event in [*batch.events, *self.scheduler.postprocess(batch, tokens)]:
             self.emit(event)
+        return True
 
     def _loop(self) -> None:
-        while self._drain_inbox(block=not self.scheduler.has_work()):
+        # Idle: block on the inbox. Work that cannot run yet (an adapter loading): poll briefly.
+        timeout_s: float | None = None
+        while self._drain_inbox(timeout_s):
             try:
-                self.step()
+                progressed = self.step()
             except Exception as exc:  # a failed step must end its streams, never hang them
                 log.exception("engine step failed")
                 for event in self.scheduler.fail_all(f"the worker failed a step: {exc}"):
                     self.emit(event)
+                progressed = True
+            timeout_s = None if not self.scheduler.has_work() else (0 if progressed else 0.002)
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Applies queued messages; False once stop() was called."""
+    def _drain_inbox(self, timeout_s: float | None) -> bool:
+        """Applies queued messages (waiting up to timeout_s, None = forever); False once stopped."""
         try:
-            message = self._inbox.get(block=block)
+            message = self._inbox.get(timeout=timeout_s)
         except queue.Empty:
             return True
         while True:

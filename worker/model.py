@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,12 @@ class AttentionGroup:
     dst: torch.Tensor        # [tokens_in_group] ... and where each lands among the flat tokens
 
 
+class LoraDelta(Protocol):
+    """Adds each token's adapter delta to a projection's output (worker.lora.LoraBatch)."""
+
+    def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class ForwardBatch:
     """Per-step metadata the runner builds once; every layer reads it."""
@@ -79,6 +85,12 @@ class ForwardBatch:
     positions: torch.Tensor     # [num_tokens] absolute position of each token
     slot_mapping: torch.Tensor  # [num_tokens] KV-cache slot each token's k/v is written to
     groups: list[AttentionGroup]
+    lora: LoraDelta | None = None  # None: no token in this step uses an adapter
+
+    def project(self, layer: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """linear(x) plus the LoRA delta of each token's adapter."""
+        y = linear(x)
+        return y if self.lora is None else self.lora.apply(layer, name, x, y)
 
 
 class RMSNorm(nn.Module):
@@ -122,8 +134,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
@@ -134,7 +147,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        qkv = fb.project(self.layer, "qkv_proj", self.qkv_proj, x)
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)     # [T, nh, hd]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kvh, hd]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -151,33 +165,35 @@ class Attention(nn.Module):
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
             og = og.transpose(1, 2).reshape(rows * q_len, -1)  # [rows * Lq, nh * hd]
             out.index_copy_(0, g.dst, og.index_select(0, g.src))
-        return self.o_proj(out)
+        return fb.project(self.layer, "o_proj", self.o_proj, out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        gate_up = fb.project(self.layer, "gate_up_proj", self.gate_up_proj, x)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return fb.project(self.layer, "down_proj", self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, fb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), fb)
 
 
 class LlamaModel(nn.Module):
@@ -185,7 +201,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)

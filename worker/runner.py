@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from worker.kv_cache import KVCache
+from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
 from worker.sampler import make_sampling_tensors, sample
 from worker.scheduler import Batch, ScheduledSeq
@@ -42,9 +43,10 @@ def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: 
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, lora_slots: LoraSlots | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.lora_slots = lora_slots
         self.block_size = block_size
         self.device = device
 
@@ -75,12 +77,18 @@ class ModelRunner:
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
+        lora = None if self.lora_slots is None else LoraBatch.build(
+            self.lora_slots, [it.seq.slot for it in batch.items],
+            [it.num_new_tokens for it in batch.items], self.device)
         fb = ForwardBatch(positions=as_tensor(positions), slot_mapping=as_tensor(slots),
-                          groups=groups)
+                          groups=groups, lora=lora)
         return as_tensor(input_ids), fb, as_tensor(last_idx)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[int]:
+        # Rows of one adapter side by side: their tokens form one segment for the LoRA matmuls.
+        # postprocess pairs tokens with batch.items, so sorting in place keeps them matched.
+        batch.items.sort(key=lambda it: it.seq.slot)
         input_ids, fb, last_idx = self.prepare(batch)
         hidden = self.model(input_ids, fb, self.kv_cache.layers)       # [T, hidden]
         logits = self.model.compute_logits(hidden.index_select(0, last_idx))  # [rows, vocab]

@@ -7,9 +7,10 @@ finished, aborted and preempted sequences free their KV blocks at once. Torch-fr
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from common.errors import ResourceExhausted
+from common.errors import NotFound, ResourceExhausted
+from worker.adapter_memory import AdapterMemory
 from worker.kv_cache import BlockManager
 from worker.sequence import Sequence, SequenceStatus, TokenEvent
 
@@ -23,12 +24,16 @@ class ScheduledSeq:
 @dataclass
 class Batch:
     items: list[ScheduledSeq]
+    # requests that ended while scheduling (their adapter failed to load): emitted as is
+    events: list[TokenEvent] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
-                 max_queue: int, eos_token_ids: tuple[int, ...]) -> None:
+                 max_queue: int, eos_token_ids: tuple[int, ...],
+                 adapters: AdapterMemory | None = None) -> None:
         self.blocks = blocks
+        self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_queue = max_queue
@@ -43,6 +48,13 @@ class Scheduler:
         if len(self.waiting) >= self.max_queue:
             raise ResourceExhausted(
                 f"the worker queue is full ({self.max_queue} waiting requests); retry later")
+        if seq.adapter_id:
+            if self.adapters is None:
+                raise NotFound(f"adapter {seq.adapter_id!r}: this worker serves no adapters")
+            error = self.adapters.error(seq.adapter_id)
+            if error:
+                raise error
+            self.adapters.prefetch(seq.adapter_id)  # disk -> host while it queues
         self.waiting.append(seq)
 
     def abort(self, request_id: int) -> bool:
@@ -69,19 +81,44 @@ class Scheduler:
             items.append(ScheduledSeq(seq, num_new))
             scheduled.add(seq.request_id)
             budget -= num_new
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
+        events = self._admit(items, budget)
+        return Batch(items, events) if items or events else None
+
+    def _admit(self, items: list[ScheduledSeq], budget: int) -> list[TokenEvent]:
+        """Moves waiting sequences to running in FIFO order while KV blocks and slots allow.
+
+        A sequence whose adapter is still loading is passed over; once one waits for a device
+        slot, later ones needing a new slot wait behind it, so nobody starves.
+        """
+        events: list[TokenEvent] = []
+        waiting_for_slot = False
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[index]
+            if seq.adapter_id and not self.adapters.is_resident(seq.adapter_id):
+                error = self.adapters.error(seq.adapter_id)
+                if error:
+                    del self.waiting[index]
+                    self._finish(seq, "error")
+                    events.append(self._error_event(seq, str(error), error.code.name))
+                    continue
+                if waiting_for_slot or not self.adapters.can_acquire(seq.adapter_id):
+                    waiting_for_slot = waiting_for_slot or self.adapters.has_no_idle_slot()
+                    index += 1
+                    continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             needed = self.blocks.blocks_needed(seq.block_table, seq.num_computed_tokens + num_new)
             if not self.blocks.can_allocate(needed):
-                break  # FIFO: later arrivals never overtake the head, so nobody starves
-            self.waiting.popleft()
+                break  # FIFO on KV: later arrivals never overtake, so nobody starves
+            del self.waiting[index]
+            if seq.adapter_id:
+                seq.slot = self.adapters.acquire(seq.adapter_id)
             self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             items.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        return Batch(items) if items else None
+        return events
 
     def _reserve(self, seq: Sequence, num_new: int, scheduled: set[int]) -> bool:
         """Blocks for seq's next tokens, preempting the newest unscheduled sequences if needed."""
@@ -98,7 +135,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         # Recompute later from scratch (prompt + outputs so far): frees every block now.
         self.running.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -133,8 +170,14 @@ class Scheduler:
             return "length"
         return ""
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
+        if seq.slot:
+            self.adapters.release(seq.slot)
+            seq.slot = 0
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -143,8 +186,12 @@ class Scheduler:
         events = []
         for seq in [*self.running, *self.waiting]:
             self._finish(seq, "error")
-            events.append(TokenEvent(seq.request_id, [], "", seq.num_prompt_tokens,
-                                     seq.num_output_tokens, finish_reason="error", error=message))
+            events.append(self._error_event(seq, message, "INTERNAL"))
         self.running.clear()
         self.waiting.clear()
         return events
+
+    @staticmethod
+    def _error_event(seq: Sequence, message: str, code: str) -> TokenEvent:
+        return TokenEvent(seq.request_id, [], "", seq.num_prompt_tokens, seq.num_output_tokens,
+                          finish_reason="error", error=message, error_code=code)

@@ -78,6 +78,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache
     block_table: list[int] = field(default_factory=list)
+    slot: int = 0  # device adapter slot while admitted (0 = base model)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str = ""
 

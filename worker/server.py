@@ -17,7 +17,9 @@ from worker.config import WorkerConfig
 from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
 from worker.kv_cache import BlockManager, KVCache
+from worker.adapter_memory import AdapterMemory
 from worker.loader import load_model
+from worker.lora import LoraSlots, module_shapes
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
 from worker.sequence import TokenEvent
@@ -52,6 +54,8 @@ class WorkerRuntime:
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.server.stop(grace_s)
         self.engine.stop()
+        if self.engine.scheduler.adapters is not None:
+            self.engine.scheduler.adapters.close()
 
 
 def build_engine(config: WorkerConfig,
@@ -71,9 +75,15 @@ def build_engine(config: WorkerConfig,
     log.info("KV cache: %d blocks of %d tokens (%d MiB); max_model_len %d", num_blocks,
              config.kv_block_size, config.kv_cache_mb, max_model_len)
     eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
+    lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype)
+    adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),
+                             cfg.num_layers, pin_memory=device.type == "cuda")
+    log.info("adapter memory: %d device slots up to rank %d (%d MiB), host cache %d adapters",
+             config.device_adapter_slots, config.max_lora_rank, lora_slots.nbytes >> 20,
+             config.host_adapter_cache)
     scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
-                          config.max_num_batched_tokens, config.max_queue, eos)
-    runner = ModelRunner(model, kv_cache, config.kv_block_size, device)
+                          config.max_num_batched_tokens, config.max_queue, eos, adapters)
+    runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots)
     info = WorkerInfo(model=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
                       max_model_len=max_model_len)
     return Engine(scheduler, runner, tokenizer.detokenizer, emit), tokenizer, info

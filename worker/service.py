@@ -9,13 +9,16 @@ import asyncio
 import itertools
 import logging
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
-from common.errors import EdgeLoraError, InvalidArgument, NotFound
+from common.adapter_format import read_adapter_spec
+from common.errors import EdgeLoraError, InvalidArgument
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
+from worker.adapter_memory import AdapterMemory, TierStats
 from worker.config import WorkerConfig
 from worker.engine import Engine
 from worker.sequence import Abort, AddRequest, SamplingOptions, TokenEvent
@@ -91,8 +94,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _to_add_request(self, request: types_pb2.GenerateRequest) -> AddRequest:
         if request.prompt and request.messages:
             raise InvalidArgument("set either prompt or messages, not both")
-        if request.adapter_id:
-            raise NotFound(f"adapter {request.adapter_id!r} is not registered on this worker")
         options = sampling_from_pb(request.params, self.config.default_max_tokens)
         if request.messages:
             prompt_ids = self.tokenizer.encode_chat([(m.role, m.content) for m in request.messages])
@@ -143,8 +144,60 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Info(self, request: worker_pb2.InfoRequest,
                    context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
         scheduler = self.engine.scheduler
+        memory = scheduler.adapters
         return worker_pb2.InfoResponse(
             model=self.info.model, max_model_len=self.info.max_model_len, device=self.info.device,
             dtype=self.info.dtype, num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting), num_free_kv_blocks=scheduler.blocks.num_free_blocks,
-            num_kv_blocks=scheduler.blocks.num_blocks)
+            num_kv_blocks=scheduler.blocks.num_blocks,
+            adapters=[a for a in adapters_to_pb(memory) if a.tier != types_pb2.ADAPTER_TIER_DISK],
+            adapter_stats=stats_to_pb(memory))
+
+    async def RegisterAdapter(self, request: types_pb2.RegisterAdapterRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> types_pb2.RegisterAdapterResponse:
+        try:
+            if not ADAPTER_ID.fullmatch(request.adapter_id) or request.adapter_id == "auto":
+                raise InvalidArgument(f"adapter_id {request.adapter_id!r}: use 1-128 letters, "
+                                      "digits, '-', '_', '.', '/' (and not 'auto')")
+            spec = read_adapter_spec(request.adapter_id, request.path)
+            # reads the safetensors header: a few ms, off the event loop
+            await asyncio.to_thread(self.engine.scheduler.adapters.register, spec)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
+            adapter_id=spec.adapter_id, rank=spec.rank, path=spec.path,
+            description=request.description, tier=types_pb2.ADAPTER_TIER_DISK))
+
+    async def UnregisterAdapter(self, request: types_pb2.UnregisterAdapterRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> types_pb2.UnregisterAdapterResponse:
+        if not self.engine.scheduler.adapters.unregister(request.adapter_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"adapter {request.adapter_id!r} is not registered")
+        return types_pb2.UnregisterAdapterResponse()
+
+    async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
+                           context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
+        return types_pb2.ListAdaptersResponse(adapters=adapters_to_pb(self.engine.scheduler.adapters))
+
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+_TIERS = {"disk": types_pb2.ADAPTER_TIER_DISK, "host": types_pb2.ADAPTER_TIER_HOST,
+          "device": types_pb2.ADAPTER_TIER_DEVICE}
+
+
+def adapters_to_pb(memory: AdapterMemory) -> list[types_pb2.AdapterInfo]:
+    return [types_pb2.AdapterInfo(adapter_id=spec.adapter_id, rank=spec.rank, path=spec.path,
+                                  tier=_TIERS[tier])
+            for spec, tier in memory.snapshot()]
+
+
+def stats_to_pb(memory: AdapterMemory) -> worker_pb2.AdapterMemoryStats:
+    def tier(t: TierStats) -> worker_pb2.TierStats:
+        return worker_pb2.TierStats(hits=t.hits, misses=t.misses, evictions=t.evictions,
+                                    loads=t.loads, mean_load_ms=t.mean_load_ms)
+
+    s = memory.summary()
+    return worker_pb2.AdapterMemoryStats(
+        host=tier(memory.stats.host), device=tier(memory.stats.device), **s)

@@ -11,11 +11,10 @@ from worker.kv_cache import BlockManager, KVCache
 from worker.model import ModelConfig
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=4)
-    fields.update(overrides)
-    return ModelConfig(**fields)
+def tiny_config(**overrides: int) -> ModelConfig:
+    fields = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2,
+              "num_heads": 4, "num_kv_heads": 2, "head_dim": 4}
+    return ModelConfig(**{**fields, **overrides})
 
 
 def assert_partition(bm: BlockManager, tables: list[list[int]]) -> None:

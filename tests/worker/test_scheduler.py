@@ -1,4 +1,4 @@
-"""Tests for worker.scheduler: continuous batching, chunked prefill, finishing, abort, preemption."""
+"""Tests for worker.scheduler: continuous batching, chunked prefill, finish, abort, preemption."""
 
 from __future__ import annotations
 

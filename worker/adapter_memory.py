@@ -1,0 +1,221 @@
+"""Adapter memory across three tiers: disk (registered specs) -> host LRU cache -> device slots.
+
+The facade is two verbs, acquire(adapter_id) -> slot and release(slot): a slot referenced by a
+running sequence is never evicted. Disk -> host loads run on a background thread (prefetch) so
+they overlap compute; host -> device copies happen on acquire. Thread-safe behind one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from common.adapter_format import AdapterSpec, check_adapter_shapes, read_adapter_weights
+from common.errors import EdgeLoraError, InvalidArgument, NotFound
+from worker.lora import LoraSlots
+
+log = logging.getLogger(__name__)
+HostWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    loads: int = 0
+    load_ms_total: float = 0.0
+
+    @property
+    def mean_load_ms(self) -> float:
+        return self.load_ms_total / self.loads if self.loads else 0.0
+
+
+@dataclass
+class AdapterStats:
+    host: TierStats = field(default_factory=TierStats)    # disk -> host
+    device: TierStats = field(default_factory=TierStats)  # host -> device slot
+
+
+class AdapterMemory:
+    def __init__(self, slots: LoraSlots, host_capacity: int, shapes: dict[str, tuple[int, int]],
+                 num_layers: int, pin_memory: bool = False) -> None:
+        self.slots = slots
+        self.host_capacity = host_capacity
+        self.shapes, self.num_layers, self.pin_memory = shapes, num_layers, pin_memory
+        self.registry: dict[str, AdapterSpec] = {}
+        self.host: OrderedDict[str, HostWeights] = OrderedDict()  # least recently used first
+        self.slot_to_adapter: list[str | None] = [None] * (slots.num_slots + 1)
+        self.adapter_to_slot: dict[str, int] = {}
+        self.refcount = [0] * (slots.num_slots + 1)
+        self.stats = AdapterStats()
+        self._idle_slots: OrderedDict[int, None] = OrderedDict(
+            (s, None) for s in range(1, slots.num_slots + 1))  # refcount 0, LRU first
+        self._loading: dict[str, Future[HostWeights]] = {}
+        self._errors: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+
+    # -- registry (disk tier) --
+    def register(self, spec: AdapterSpec) -> None:
+        """Validates the spec against this base model (header only) and makes it servable."""
+        if spec.rank > self.slots.max_rank:
+            raise InvalidArgument(f"adapter {spec.adapter_id!r} has rank {spec.rank}; this worker "
+                                  f"serves ranks up to {self.slots.max_rank} (--max-lora-rank)")
+        check_adapter_shapes(spec, self.shapes, self.num_layers)
+        with self._lock:
+            self._forget(spec.adapter_id)
+            self.registry[spec.adapter_id] = spec
+
+    def unregister(self, adapter_id: str) -> bool:
+        with self._lock:
+            if adapter_id not in self.registry:
+                return False
+            self._forget(adapter_id)
+            del self.registry[adapter_id]
+            return True
+
+    def _forget(self, adapter_id: str) -> None:
+        """Drops cached copies; a slot still in use keeps serving its sequences, then frees."""
+        self.host.pop(adapter_id, None)
+        self._errors.pop(adapter_id, None)
+        self._loading.pop(adapter_id, None)
+        slot = self.adapter_to_slot.pop(adapter_id, None)
+        if slot is not None:
+            self.slot_to_adapter[slot] = None
+
+    # -- host tier --
+    def prefetch(self, adapter_id: str) -> None:
+        """Starts the disk -> host load in the background unless it is cached or under way."""
+        with self._lock:
+            if (adapter_id in self.host or adapter_id in self._loading
+                    or adapter_id in self._errors or adapter_id not in self.registry):
+                return
+            self._loading[adapter_id] = self._loader.submit(self._read, self.registry[adapter_id])
+
+    def _read(self, spec: AdapterSpec) -> HostWeights:
+        started = time.perf_counter()
+        weights = read_adapter_weights(spec, self.shapes, self.num_layers)
+        if self.pin_memory:  # pinned pages let host -> device copies run asynchronously
+            weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
+        with self._lock:
+            self.stats.host.loads += 1
+            self.stats.host.load_ms_total += (time.perf_counter() - started) * 1e3
+        return weights
+
+    def _collect(self, adapter_id: str) -> HostWeights | None:
+        """The host copy if ready (moving a finished load into the LRU), else None."""
+        if adapter_id in self.host:
+            self.host.move_to_end(adapter_id)
+            return self.host[adapter_id]
+        future = self._loading.get(adapter_id)
+        if future is None or not future.done():
+            return None
+        del self._loading[adapter_id]
+        try:
+            weights = future.result()
+        except EdgeLoraError as exc:
+            self._errors[adapter_id] = str(exc)
+            return None
+        except Exception as exc:  # unreadable file, out of memory: this adapter only
+            self._errors[adapter_id] = f"adapter {adapter_id!r} failed to load: {exc}"
+            return None
+        self.host[adapter_id] = weights
+        while len(self.host) > self.host_capacity:
+            self.host.popitem(last=False)
+            self.stats.host.evictions += 1
+        return weights
+
+    # -- device tier --
+    def error(self, adapter_id: str) -> EdgeLoraError | None:
+        """Why this adapter cannot serve (not registered, failed to load), else None."""
+        with self._lock:
+            if adapter_id not in self.registry:
+                return NotFound(f"adapter {adapter_id!r} is not registered on this worker")
+            message = self._errors.get(adapter_id)
+            return InvalidArgument(message) if message else None
+
+    def is_resident(self, adapter_id: str) -> bool:
+        return adapter_id in self.adapter_to_slot
+
+    def has_no_idle_slot(self) -> bool:
+        return not self._idle_slots
+
+    def can_acquire(self, adapter_id: str) -> bool:
+        """True when acquire() would succeed now without waiting."""
+        with self._lock:
+            if adapter_id in self.adapter_to_slot:
+                return True
+            if not self._idle_slots:
+                return False
+            if adapter_id not in self.host:
+                self.prefetch(adapter_id)
+            return self._collect(adapter_id) is not None
+
+    def acquire(self, adapter_id: str) -> int:
+        """Pins the adapter in a device slot (loading it there if needed); -> slot."""
+        with self._lock:
+            slot = self.adapter_to_slot.get(adapter_id)
+            if slot is not None:
+                self.stats.device.hits += 1
+            else:
+                self.stats.device.misses += 1
+                self.stats.host.hits += adapter_id in self.host
+                self.stats.host.misses += adapter_id not in self.host
+                weights = self._collect(adapter_id)
+                if weights is None or not self._idle_slots:
+                    raise RuntimeError(f"acquire({adapter_id!r}) before can_acquire() was true")
+                slot = self._evict_idle()
+                started = time.perf_counter()
+                self.slots.write(slot, weights, self.registry[adapter_id].rank)
+                self.stats.device.loads += 1
+                self.stats.device.load_ms_total += (time.perf_counter() - started) * 1e3
+                self.slot_to_adapter[slot] = adapter_id
+                self.adapter_to_slot[adapter_id] = slot
+            if self.refcount[slot] == 0:
+                self._idle_slots.pop(slot, None)
+            self.refcount[slot] += 1
+            return slot
+
+    def _evict_idle(self) -> int:
+        slot, _ = self._idle_slots.popitem(last=False)
+        old = self.slot_to_adapter[slot]
+        if old is not None:
+            del self.adapter_to_slot[old]
+            self.slot_to_adapter[slot] = None
+            self.stats.device.evictions += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self.refcount[slot] -= 1
+            assert self.refcount[slot] >= 0, f"slot {slot} released more often than acquired"
+            if self.refcount[slot] == 0:
+                self._idle_slots[slot] = None  # most recently used: evicted last
+
+    def tier(self, adapter_id: str) -> str:
+        with self._lock:
+            if adapter_id in self.adapter_to_slot:
+                return "device"
+            return "host" if adapter_id in self.host else "disk"
+
+    def snapshot(self) -> list[tuple[AdapterSpec, str]]:
+        """Every registered adapter with its tier ("device", "host" or "disk")."""
+        with self._lock:
+            return [(spec, self.tier(spec.adapter_id)) for spec in self.registry.values()]
+
+    def summary(self) -> dict[str, int]:
+        with self._lock:
+            return {"num_device_slots": self.slots.num_slots,
+                    "num_device_slots_in_use": sum(1 for r in self.refcount if r),
+                    "host_capacity": self.host_capacity, "num_host_cached": len(self.host),
+                    "num_registered": len(self.registry)}
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
