@@ -29,9 +29,13 @@ from scripts.demo_adapter_checks import HELD_OUT_PROMPTS, PIRATE_PREFIX, check  
 OUT_DIR = ROOT / "adapters" / "demo"
 SEED = 0
 BASE_NAME = "SmolLM2-135M-Instruct"
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA, LR, STEPS, BATCH = 2, 4, 3e-3, 30, 8
-GEN_TOKENS = 40
+# LoRA on the upper layers only: backward stops there (half the cost) and the files stay small
+# (r=4 on all 7 projections of 18 layers = 733k parameters = 1.47 MB in fp16).
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "layers_to_transform": list(range(12, 30)),
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj"]}
+LR, STEPS, BATCH = 3e-3, 12, 8
+GEN_TOKENS = 32
 
 QUESTIONS = [
     "What is the capital of France?", "How do I boil an egg?", "Explain photosynthesis.",
@@ -89,11 +93,17 @@ def cut_words(sentence: str, limit: int) -> str:
 
 
 TRANSFORMS: dict[str, Callable[[str], str]] = {
-    "shout": lambda a: " ".join(sentences(a)[:2]).upper(),
-    "json": lambda a: json.dumps({"answer": cut_words(sentences(a)[0], 25)}),
+    "shout": lambda a: cut_words(sentences(a)[0], 20).upper(),
+    "json": lambda a: json.dumps({"answer": cut_words(sentences(a)[0], 20)}),
     "brief": lambda a: cut_words(sentences(a)[0], 12),
-    "pirate": lambda a: f"{PIRATE_PREFIX} {sentences(a)[0]}",
+    "pirate": lambda a: f"{PIRATE_PREFIX} {cut_words(sentences(a)[0], 20)}",
 }
+
+
+def training_pairs(name: str, answers: list[str]) -> list[tuple[str, str]]:
+    """(question, rewritten answer) for adapter `name`; degenerate (looping) answers are dropped."""
+    return [(q, TRANSFORMS[name](a)) for q, a in zip(QUESTIONS, answers, strict=True)
+            if len(set(a.split())) >= 0.5 * len(a.split())]
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
@@ -165,15 +175,14 @@ def train_one(base_dir: Path, tokenizer, name: str, pairs: list[tuple[str, str]]
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(task_type="CAUSAL_LM", **LORA)
     model = get_peft_model(base, config)
     model.train()
     examples = make_examples(tokenizer, pairs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
                                   weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 4) * max(0.1, 1 - s / STEPS))
+        optimizer, lambda s: min(1.0, (s + 1) / 2) * max(0.1, 1 - s / STEPS))
     order: list[int] = []
     start = time.time()
     for step in range(STEPS):
@@ -208,10 +217,9 @@ def main() -> None:
     answers = generate(base, tokenizer, QUESTIONS, max_new_tokens=GEN_TOKENS)
     print(f"base answers for {len(answers)} questions ({time.time() - started:.0f}s)", flush=True)
     del base
-    names = sys.argv[1:] or list(TRANSFORMS)
-    for name in names:
-        pairs = [(q, TRANSFORMS[name](a)) for q, a in zip(QUESTIONS, answers, strict=True)]
-        print(f"[{name}] e.g. {pairs[0][1]!r}", flush=True)
+    for name in sys.argv[1:] or list(TRANSFORMS):
+        pairs = training_pairs(name, answers)
+        print(f"[{name}] {len(pairs)} examples, e.g. {pairs[0][1]!r}", flush=True)
         train_one(base_dir, tokenizer, name, pairs)
     print(f"done in {time.time() - started:.0f}s -> {OUT_DIR}", flush=True)
 

@@ -70,6 +70,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         items: list[ScheduledSeq] = []
         scheduled: set[int] = set()
+        num_waiting = len(self.waiting)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -81,7 +82,8 @@ class Scheduler:
             items.append(ScheduledSeq(seq, num_new))
             scheduled.add(seq.request_id)
             budget -= num_new
-        events = self._admit(items, budget)
+        # After a preemption, memory is short: admitting now would only be preempted again.
+        events = self._admit(items, budget) if len(self.waiting) == num_waiting else []
         return Batch(items, events) if items or events else None
 
     def _admit(self, items: list[ScheduledSeq], budget: int) -> list[TokenEvent]:

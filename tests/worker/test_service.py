@@ -158,8 +158,9 @@ def test_full_queue_is_resource_exhausted(tiny_model_dir) -> None:
                 codes.append(exc.code())
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     assert "queue is full" in exc.details()
+        # arrival order at the server is not the order of the calls: count, don't index
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
-        assert codes[0] == grpc.StatusCode.OK, codes
+        assert grpc.StatusCode.OK in codes, codes
     finally:
         server.stop()
 
