@@ -19,6 +19,7 @@ from common.errors import InvalidArgument
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MAX_LAYERS = 256  # layer indices tried when matching a target_modules regex
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -38,9 +39,29 @@ class AdapterSpec:
         return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def _regex_targets(pattern: str, where: Path) -> list[str]:
+    """PEFT full-matches a regex against full module names ("model.layers.3.self_attn.q_proj");
+    a bare search of the short name ("q_proj|v_proj") is accepted too."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise InvalidArgument(f"{where}: target_modules {pattern!r} is not a valid regex "
+                              f"({exc})") from exc
+
+    def full_names(module: str) -> list[str]:
+        kind = "self_attn" if module in LORA_MODULES[:4] else "mlp"
+        return [f"model.layers.{i}.{kind}.{module}" for i in range(_MAX_LAYERS)]
+
+    return [m for m in LORA_MODULES
+            if regex.search(m) or any(regex.fullmatch(n) for n in full_names(m))]
+
+
 def _targets(raw: object, where: Path) -> tuple[str, ...]:
     if isinstance(raw, str):  # PEFT allows a regex or "all-linear"
-        raw = LORA_MODULES if raw == "all-linear" else [m for m in LORA_MODULES if re.search(raw, m)]
+        raw = LORA_MODULES if raw == "all-linear" else _regex_targets(raw, where)
+    if raw is not None and not isinstance(raw, list | tuple):
+        raise InvalidArgument(f"{where}: target_modules must be a list of module names or a "
+                              f"regex string, got {raw!r}")
     names = tuple(sorted({str(m).rsplit(".", 1)[-1] for m in raw or ()}))
     unsupported = [m for m in names if m not in LORA_MODULES]
     if unsupported or not names:
@@ -61,6 +82,8 @@ def read_adapter_spec(adapter_id: str, path: str | Path) -> AdapterSpec:
         config = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"{config_file}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise InvalidArgument(f"{config_file}: peft_type {config['peft_type']!r} is not LORA")
     for feature in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):

@@ -1,0 +1,131 @@
+"""Adapter registration through the router: validation, serving, tiers, unregistering, isolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from edgelora.client import build_request
+from edgelora.v1 import router_pb2_grpc, types_pb2
+from tests.conftest import ServeThread, write_random_adapter, write_tiny_llama
+from worker.config import WorkerConfig
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path):
+    server = ServeThread(WorkerConfig(model=str(tiny_model_dir), port=0, num_threads=1,
+                                      max_model_len=256, kv_cache_mb=16, max_lora_rank=16,
+                                      device_adapter_slots=2, host_adapter_cache=2))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServeThread) -> router_pb2_grpc.RouterStub:
+    return router_pb2_grpc.RouterStub(grpc.insecure_channel(server.address))
+
+
+def register(stub, adapter_id: str, path: Path, description: str = "") -> types_pb2.AdapterInfo:
+    return stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
+        adapter_id=adapter_id, path=str(path), description=description), timeout=30).adapter
+
+
+def generate(stub, adapter_id: str, prompt: str = "Tell me a story") -> types_pb2.GenerateResponse:
+    return stub.Generate(build_request(prompt, adapter_id=adapter_id, max_tokens=12,
+                                       ignore_eos=True), timeout=60)
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_register_serve_and_list_tiers(stub, tmp_path: Path, tiny_model_dir: Path) -> None:
+    info = register(stub, "tenant-a/summarize", write_random_adapter(tmp_path / "a", tiny_model_dir,
+                                                                     rank=8), "summaries")
+    assert (info.rank, info.tier) == (8, types_pb2.ADAPTER_TIER_DISK)
+    listed = {a.adapter_id: a for a in stub.ListAdapters(types_pb2.ListAdaptersRequest()).adapters}
+    assert listed["tenant-a/summarize"].description == "summaries"
+    base, tuned = generate(stub, ""), generate(stub, "tenant-a/summarize")
+    assert tuned.adapter_id == "tenant-a/summarize" and base.adapter_id == ""
+    assert list(tuned.token_ids) != list(base.token_ids)
+    listed = {a.adapter_id: a for a in stub.ListAdapters(types_pb2.ListAdaptersRequest()).adapters}
+    assert listed["tenant-a/summarize"].tier == types_pb2.ADAPTER_TIER_DEVICE
+
+
+def test_more_adapters_than_slots_all_serve_correctly(stub, tmp_path: Path,
+                                                      tiny_model_dir: Path) -> None:
+    ids = [f"many-{i}" for i in range(5)]  # 2 device slots, 2 host entries: evictions happen
+    for i, adapter_id in enumerate(ids):
+        register(stub, adapter_id, write_random_adapter(tmp_path / adapter_id, tiny_model_dir,
+                                                        rank=4, seed=100 + i))
+    first = {a: list(generate(stub, a).token_ids) for a in ids}
+    again = {a: list(generate(stub, a).token_ids) for a in reversed(ids)}
+    assert first == again
+    assert len({tuple(v) for v in first.values()}) == len(ids)
+
+
+@pytest.mark.parametrize("problem", ["missing dir", "rank too large", "other base model",
+                                     "unsupported module", "bad id"])
+def test_bad_adapters_are_invalid_argument(stub, tmp_path: Path, tiny_model_dir: Path,
+                                           problem: str) -> None:
+    adapter_id, path = "bad", tmp_path / "bad"
+    if problem == "rank too large":
+        write_random_adapter(path, tiny_model_dir, rank=32)
+    elif problem == "other base model":
+        other = write_tiny_llama(tmp_path / "other", tiny_model_dir, hidden_size=32)
+        write_random_adapter(path, other, rank=4)
+    elif problem == "unsupported module":
+        write_random_adapter(path, tiny_model_dir, rank=4)
+        config = (path / "adapter_config.json").read_text()
+        (path / "adapter_config.json").write_text(config.replace('"q_proj"', '"lm_head"'))
+    elif problem == "bad id":
+        write_random_adapter(path, tiny_model_dir, rank=4)
+        adapter_id = "auto"
+    with pytest.raises(grpc.RpcError) as info:
+        register(stub, adapter_id, path)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details()
+    if adapter_id != "auto":  # nothing half-registered is left to serve
+        assert code_of(lambda: generate(stub, adapter_id)) == grpc.StatusCode.NOT_FOUND
+
+
+def test_corrupt_weights_fail_only_their_requests(stub, tmp_path: Path,
+                                                  tiny_model_dir: Path) -> None:
+    good = write_random_adapter(tmp_path / "good", tiny_model_dir, rank=4, seed=7)
+    bad = write_random_adapter(tmp_path / "corrupt", tiny_model_dir, rank=4, seed=8)
+    register(stub, "good", good)
+    register(stub, "corrupt", bad)  # the header is fine: registration passes
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # then the data gets truncated on disk
+    expected = list(generate(stub, "good", "Hi").token_ids)
+    calls = [stub.Generate.future(build_request("Hi", adapter_id=a, max_tokens=12,
+                                                ignore_eos=True), timeout=60)
+             for a in ("corrupt", "good", "", "corrupt", "good")]
+    codes = []
+    for call in calls:
+        try:
+            response = call.result()
+            codes.append(grpc.StatusCode.OK)
+            if response.adapter_id == "good":
+                assert list(response.token_ids) == expected
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+            assert "corrupt" in exc.details()
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK, grpc.StatusCode.OK,
+                     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK]
+
+
+def test_unregister(stub, tmp_path: Path, tiny_model_dir: Path) -> None:
+    register(stub, "temp", write_random_adapter(tmp_path / "t", tiny_model_dir, rank=4))
+    generate(stub, "temp")
+    stub.UnregisterAdapter(types_pb2.UnregisterAdapterRequest(adapter_id="temp"), timeout=30)
+    assert code_of(lambda: generate(stub, "temp")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.UnregisterAdapter(
+        types_pb2.UnregisterAdapterRequest(adapter_id="temp"), timeout=30)) == \
+        grpc.StatusCode.NOT_FOUND
+    listed = [a.adapter_id for a in stub.ListAdapters(types_pb2.ListAdaptersRequest()).adapters]
+    assert "temp" not in listed
