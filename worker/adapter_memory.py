@@ -58,6 +58,7 @@ class AdapterMemory:
         self._idle_slots: OrderedDict[int, None] = OrderedDict(
             (s, None) for s in range(1, slots.num_slots + 1))  # refcount 0, LRU first
         self._loading: dict[str, Future[HostWeights]] = {}
+        self._from_disk: set[str] = set()  # read from disk, not yet acquired: a host-tier miss
         self._errors: dict[str, str] = {}
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
@@ -84,11 +85,14 @@ class AdapterMemory:
     def _forget(self, adapter_id: str) -> None:
         """Drops cached copies; a slot still in use keeps serving its sequences, then frees."""
         self.host.pop(adapter_id, None)
+        self._from_disk.discard(adapter_id)
         self._errors.pop(adapter_id, None)
         self._loading.pop(adapter_id, None)
         slot = self.adapter_to_slot.pop(adapter_id, None)
         if slot is not None:
             self.slot_to_adapter[slot] = None
+            if slot in self._idle_slots:  # an empty slot is reused before evicting anything
+                self._idle_slots.move_to_end(slot, last=False)
 
     # -- host tier --
     def prefetch(self, adapter_id: str) -> None:
@@ -127,8 +131,10 @@ class AdapterMemory:
             self._errors[adapter_id] = f"adapter {adapter_id!r} failed to load: {exc}"
             return None
         self.host[adapter_id] = weights
+        self._from_disk.add(adapter_id)
         while len(self.host) > self.host_capacity:
-            self.host.popitem(last=False)
+            evicted, _ = self.host.popitem(last=False)
+            self._from_disk.discard(evicted)
             self.stats.host.evictions += 1
         return weights
 
@@ -166,14 +172,17 @@ class AdapterMemory:
                 self.stats.device.hits += 1
             else:
                 self.stats.device.misses += 1
-                self.stats.host.hits += adapter_id in self.host
-                self.stats.host.misses += adapter_id not in self.host
+                # A copy read from disk for this request (even if prefetched) is a host miss.
+                cached = adapter_id in self.host and adapter_id not in self._from_disk
+                self.stats.host.hits += cached
+                self.stats.host.misses += not cached
                 weights = self._collect(adapter_id)
                 if weights is None or not self._idle_slots:
                     raise RuntimeError(f"acquire({adapter_id!r}) before can_acquire() was true")
                 slot = self._evict_idle()
                 started = time.perf_counter()
                 self.slots.write(slot, weights, self.registry[adapter_id].rank)
+                self._from_disk.discard(adapter_id)
                 self.stats.device.loads += 1
                 self.stats.device.load_ms_total += (time.perf_counter() - started) * 1e3
                 self.slot_to_adapter[slot] = adapter_id
@@ -198,6 +207,8 @@ class AdapterMemory:
             assert self.refcount[slot] >= 0, f"slot {slot} released more often than acquired"
             if self.refcount[slot] == 0:
                 self._idle_slots[slot] = None  # most recently used: evicted last
+                if self.slot_to_adapter[slot] is None:  # adapter unregistered: reuse it first
+                    self._idle_slots.move_to_end(slot, last=False)
 
     def tier(self, adapter_id: str) -> str:
         with self._lock:

@@ -1,0 +1,351 @@
+"""Tests for common.adapter_format: reading and validating PEFT LoRA adapter directories."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.adapter_format import (
+    CONFIG_FILE,
+    LORA_MODULES,
+    WEIGHTS_FILE,
+    AdapterSpec,
+    check_adapter_shapes,
+    read_adapter_spec,
+    read_adapter_weights,
+)
+from common.errors import InvalidArgument
+from tests.conftest import write_random_adapter
+from worker.loader import read_model_config
+from worker.lora import module_shapes
+
+PREFIX = "base_model.model.model.layers"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path) -> tuple[dict[str, tuple[int, int]], int]:
+    cfg = read_model_config(tiny_model_dir)
+    return module_shapes(cfg), cfg.num_layers
+
+
+@pytest.fixture
+def adapter_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    return write_random_adapter(tmp_path / "adapter", tiny_model_dir, rank=4, alpha=8.0)
+
+
+def edit_config(path: Path, **changes: object) -> None:
+    """Sets fields of adapter_config.json; a value of None deletes the field."""
+    config = json.loads((path / CONFIG_FILE).read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def edit_tensors(path: Path, edit) -> None:
+    """Rewrites adapter_model.safetensors as edit(tensors) returns it."""
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    save_file(edit(dict(tensors)), str(path / WEIGHTS_FILE))
+
+
+def raises_invalid(fn, *args, match: str | None = None) -> str:
+    """Calls fn(*args), which must raise InvalidArgument (whose message contains `match`)."""
+    with pytest.raises(InvalidArgument) as info:
+        fn(*args)
+    message = str(info.value)
+    if match is not None:
+        assert match in message, f"expected {match!r} in the message, got: {message}"
+    return message
+
+
+# --- read_adapter_spec: files and JSON -------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", [CONFIG_FILE, WEIGHTS_FILE])
+def test_missing_file_is_named(adapter_dir: Path, missing: str) -> None:
+    (adapter_dir / missing).unlink()
+    message = raises_invalid(read_adapter_spec, "a", adapter_dir, match=missing)
+    assert "missing" in message and "'a'" in message, message
+
+
+def test_missing_directory_is_rejected(tmp_path: Path) -> None:
+    raises_invalid(read_adapter_spec, "a", tmp_path / "nowhere", match=CONFIG_FILE)
+
+
+def test_bad_json_is_rejected(adapter_dir: Path) -> None:
+    (adapter_dir / CONFIG_FILE).write_text("{not json")
+    message = raises_invalid(read_adapter_spec, "a", adapter_dir, match="not valid JSON")
+    assert CONFIG_FILE in message, message
+
+
+def test_json_that_is_not_an_object_is_rejected(adapter_dir: Path) -> None:
+    (adapter_dir / CONFIG_FILE).write_text("[1, 2]")
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="JSON object")
+
+
+def test_peft_type_other_than_lora_is_rejected(adapter_dir: Path) -> None:
+    edit_config(adapter_dir, peft_type="IA3")
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="'IA3' is not LORA")
+
+
+def test_missing_peft_type_means_lora(adapter_dir: Path) -> None:
+    edit_config(adapter_dir, peft_type=None)
+    assert read_adapter_spec("a", adapter_dir).rank == 4
+
+
+@pytest.mark.parametrize(("feature", "value"), [
+    ("use_dora", True),
+    ("modules_to_save", ["lm_head"]),
+    ("rank_pattern", {"q_proj": 16}),
+    ("alpha_pattern", {"q_proj": 32}),
+])
+def test_unsupported_peft_features_are_rejected(adapter_dir: Path, feature: str,
+                                                value: object) -> None:
+    edit_config(adapter_dir, **{feature: value})
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match=f"{feature} is not supported")
+
+
+@pytest.mark.parametrize(("feature", "value"), [
+    ("use_dora", False), ("modules_to_save", None), ("rank_pattern", {}), ("alpha_pattern", {}),
+])
+def test_disabled_peft_features_are_accepted(adapter_dir: Path, feature: str,
+                                             value: object) -> None:
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    config[feature] = value  # null / false / {} as PEFT writes them
+    (adapter_dir / CONFIG_FILE).write_text(json.dumps(config))
+    assert read_adapter_spec("a", adapter_dir).rank == 4
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_is_rejected(adapter_dir: Path, bias: str) -> None:
+    edit_config(adapter_dir, bias=bias)
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match=f"bias={bias!r}")
+
+
+@pytest.mark.parametrize("rank", [None, 0, -4, "8", 4.0])
+def test_rank_must_be_a_positive_integer(adapter_dir: Path, rank: object) -> None:
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    if rank is None:
+        del config["r"]
+    else:
+        config["r"] = rank
+    (adapter_dir / CONFIG_FILE).write_text(json.dumps(config))
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="r must be a positive integer")
+
+
+# --- read_adapter_spec: target modules -------------------------------------------------------
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["embed_tokens"], [], None])
+def test_unsupported_target_modules_are_rejected_naming_supported_ones(
+        adapter_dir: Path, targets: list[str] | None) -> None:
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    config["target_modules"] = targets
+    (adapter_dir / CONFIG_FILE).write_text(json.dumps(config))
+    message = raises_invalid(read_adapter_spec, "a", adapter_dir, match="not supported")
+    for name in targets or []:
+        if name not in LORA_MODULES:
+            assert name in message, message
+    for supported in LORA_MODULES:
+        assert supported in message, message
+
+
+def test_target_modules_as_full_dotted_names(adapter_dir: Path) -> None:
+    edit_config(adapter_dir, target_modules=["model.layers.0.self_attn.q_proj",
+                                             "base_model.model.model.layers.1.mlp.down_proj",
+                                             "model.layers.1.self_attn.q_proj"])
+    assert read_adapter_spec("a", adapter_dir).target_modules == ("down_proj", "q_proj")
+
+
+@pytest.mark.parametrize(("pattern", "expected"), [
+    ("all-linear", tuple(sorted(LORA_MODULES))),
+    ("q_proj|v_proj", ("q_proj", "v_proj")),
+    (r".*\.(q_proj|v_proj)", ("q_proj", "v_proj")),  # PEFT full-matches full module names
+    (r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj", ("k_proj", "o_proj", "q_proj", "v_proj")),
+    (r".*layers\.(30|31)\.mlp\.(gate|up)_proj", ("gate_proj", "up_proj")),
+    (r".*mlp.*", ("down_proj", "gate_proj", "up_proj")),
+])
+def test_target_modules_as_a_regex_string(adapter_dir: Path, pattern: str,
+                                          expected: tuple[str, ...]) -> None:
+    edit_config(adapter_dir, target_modules=pattern)
+    assert read_adapter_spec("a", adapter_dir).target_modules == expected
+
+
+@pytest.mark.parametrize("pattern", ["lm_head", r".*embed_tokens", "("])
+def test_regex_matching_nothing_or_invalid_is_rejected(adapter_dir: Path, pattern: str) -> None:
+    edit_config(adapter_dir, target_modules=pattern)
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="target_modules")
+
+
+def test_spec_fields(adapter_dir: Path) -> None:
+    spec = read_adapter_spec("tenant/a", adapter_dir)
+    assert (spec.adapter_id, spec.path, spec.rank, spec.lora_alpha, spec.use_rslora) == (
+        "tenant/a", str(adapter_dir), 4, 8.0, False)
+    assert spec.target_modules == tuple(sorted(LORA_MODULES))
+
+
+@pytest.mark.parametrize(("rank", "alpha", "rslora", "expected"), [
+    (4, 8.0, False, 2.0),
+    (16, 16.0, False, 1.0),
+    (4, 8.0, True, 4.0),      # alpha / sqrt(r)
+    (16, 32.0, True, 8.0),
+    (8, None, False, 1.0),    # lora_alpha defaults to r
+])
+def test_scaling_with_and_without_rslora(adapter_dir: Path, rank: int, alpha: float | None,
+                                         rslora: bool, expected: float) -> None:
+    edit_config(adapter_dir, r=rank, lora_alpha=alpha, use_rslora=rslora)
+    spec = read_adapter_spec("a", adapter_dir)
+    assert math.isclose(spec.scaling, expected), (spec, spec.scaling, expected)
+
+
+# --- check_adapter_shapes ----------------------------------------------------------------------
+
+
+def test_valid_adapter_passes_the_shape_check(adapter_dir: Path, base) -> None:
+    check_adapter_shapes(read_adapter_spec("a", adapter_dir), *base)
+
+
+def test_wrong_shape_says_what_the_base_model_needs(tmp_path: Path, tiny_model_dir: Path,
+                                                    base) -> None:
+    other_base = tmp_path / "other-base"  # write_random_adapter only reads config.json
+    other_base.mkdir()
+    hf = json.loads((tiny_model_dir / "config.json").read_text())
+    (other_base / "config.json").write_text(json.dumps({**hf, "intermediate_size": 96}))
+    path = write_random_adapter(tmp_path / "a", other_base, rank=4, modules=("down_proj",))
+    message = raises_invalid(check_adapter_shapes, read_adapter_spec("a", path), *base)
+    assert "mlp.down_proj.lora_A" in message, message
+    assert "has shape [4, 96], this base model needs [4, 128]" in message, message
+
+
+def test_rank_in_config_disagreeing_with_tensors_is_rejected(adapter_dir: Path, base) -> None:
+    edit_config(adapter_dir, r=8)  # tensors are rank 4
+    message = raises_invalid(check_adapter_shapes, read_adapter_spec("a", adapter_dir), *base)
+    assert "needs [8," in message or ", 8]" in message, message
+
+
+def test_layer_beyond_the_base_model_is_rejected(adapter_dir: Path, base) -> None:
+    def add_layer_5(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for half in "AB":
+            t[f"{PREFIX}.5.self_attn.q_proj.lora_{half}.weight"] = t[
+                f"{PREFIX}.0.self_attn.q_proj.lora_{half}.weight"].clone()
+        return t
+
+    edit_tensors(adapter_dir, add_layer_5)
+    raises_invalid(check_adapter_shapes, read_adapter_spec("a", adapter_dir), *base,
+                   match="layer 5 does not exist in this 2-layer base model")
+
+
+@pytest.mark.parametrize("name", [
+    "base_model.model.lm_head.lora_A.weight",
+    "base_model.model.model.embed_tokens.lora_embedding_A",
+    "base_model.model.model.layers.0.self_attn.q_proj.weight",
+])
+def test_stray_tensor_is_named(adapter_dir: Path, base, name: str) -> None:
+    edit_tensors(adapter_dir, lambda t: {**t, name: torch.zeros(4, 64)})
+    raises_invalid(check_adapter_shapes, read_adapter_spec("a", adapter_dir), *base,
+                   match=repr(name))
+
+
+def test_unknown_projection_in_a_layer_is_named(adapter_dir: Path, base) -> None:
+    name = f"{PREFIX}.0.self_attn.rotary_emb.lora_A.weight"
+    edit_tensors(adapter_dir, lambda t: {**t, name: torch.zeros(4, 64)})
+    message = raises_invalid(check_adapter_shapes, read_adapter_spec("a", adapter_dir), *base,
+                             match="'rotary_emb' is not supported")
+    assert name in message, message
+
+
+def test_empty_weights_file_is_rejected(adapter_dir: Path, base) -> None:
+    save_file({}, str(adapter_dir / WEIGHTS_FILE))
+    raises_invalid(check_adapter_shapes, read_adapter_spec("a", adapter_dir), *base,
+                   match="holds no tensors")
+
+
+def test_adapter_name_in_tensor_keys_is_accepted(adapter_dir: Path, base) -> None:
+    """Some PEFT versions save keys as ...q_proj.lora_A.default.weight."""
+    edit_tensors(adapter_dir, lambda t: {k.replace(".weight", ".default.weight"): v
+                                         for k, v in t.items()})
+    spec = read_adapter_spec("a", adapter_dir)
+    check_adapter_shapes(spec, *base)
+    assert len(read_adapter_weights(spec, *base)) == 2 * len(LORA_MODULES)
+
+
+@pytest.mark.parametrize("keep", [10, 200, -100])
+def test_truncated_weights_file_is_invalid_argument(adapter_dir: Path, base, keep: int) -> None:
+    data = (adapter_dir / WEIGHTS_FILE).read_bytes()
+    (adapter_dir / WEIGHTS_FILE).write_bytes(data[:keep])
+    spec = read_adapter_spec("a", adapter_dir)
+    for fn in (check_adapter_shapes, read_adapter_weights):
+        raises_invalid(fn, spec, *base, match=WEIGHTS_FILE)
+
+
+def test_garbage_weights_file_is_invalid_argument(adapter_dir: Path, base) -> None:
+    (adapter_dir / WEIGHTS_FILE).write_bytes(b"this is not a safetensors file at all")
+    spec = read_adapter_spec("a", adapter_dir)
+    for fn in (check_adapter_shapes, read_adapter_weights):
+        raises_invalid(fn, spec, *base, match="'a'")
+
+
+# --- read_adapter_weights ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_weights_come_back_float32_with_b_scaled(tmp_path: Path, tiny_model_dir: Path, base,
+                                                 dtype: torch.dtype, rslora: bool) -> None:
+    path = write_random_adapter(tmp_path / "a", tiny_model_dir, rank=4, alpha=12.0,
+                                modules=("q_proj", "down_proj"), dtype=dtype, use_rslora=rslora)
+    spec = read_adapter_spec("a", path)
+    scaling = 12.0 / (2.0 if rslora else 4.0)
+    raw = load_file(str(path / WEIGHTS_FILE))
+    weights = read_adapter_weights(spec, *base)
+    assert sorted(weights) == [(0, "down_proj"), (0, "q_proj"), (1, "down_proj"), (1, "q_proj")]
+    for (layer, module), (a, b) in weights.items():
+        kind = "self_attn" if module == "q_proj" else "mlp"
+        prefix = f"{PREFIX}.{layer}.{kind}.{module}"
+        assert a.dtype == b.dtype == torch.float32, (a.dtype, b.dtype)
+        assert torch.equal(a, raw[f"{prefix}.lora_A.weight"].float()), prefix
+        torch.testing.assert_close(b, raw[f"{prefix}.lora_B.weight"].float() * scaling,
+                                   rtol=1e-6, atol=0, msg=lambda m, p=prefix: f"{p}: {m}")
+        fan_in, fan_out = base[0][module]
+        assert a.shape == (4, fan_in) and b.shape == (fan_out, 4), (prefix, a.shape, b.shape)
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_half_of_a_pair_is_rejected(adapter_dir: Path, base, which: str) -> None:
+    other = "B" if which == "A" else "A"
+    edit_tensors(adapter_dir, lambda t: {k: v for k, v in t.items()
+                                         if k != f"{PREFIX}.1.mlp.up_proj.lora_{other}.weight"})
+    raises_invalid(read_adapter_weights, read_adapter_spec("a", adapter_dir), *base,
+                   match=f"layer 1 up_proj has lora_{which} without its pair")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_non_finite_values_are_rejected(adapter_dir: Path, base, bad: float, which: str) -> None:
+    def poison(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t[f"{PREFIX}.0.self_attn.v_proj.lora_{which}.weight"][1, 2] = bad
+        return t
+
+    edit_tensors(adapter_dir, poison)
+    spec = read_adapter_spec("a", adapter_dir)
+    check_adapter_shapes(spec, *base)  # the header is fine: data problems show at load
+    raises_invalid(read_adapter_weights, spec, *base, match="layer 0 v_proj holds NaN or infinite")
+
+
+def test_read_weights_checks_shapes_too(adapter_dir: Path, base) -> None:
+    edit_tensors(adapter_dir, lambda t: {**t, f"{PREFIX}.0.mlp.up_proj.lora_B.weight":
+                                         torch.zeros(100, 4)})
+    raises_invalid(read_adapter_weights, read_adapter_spec("a", adapter_dir), *base,
+                   match="this base model needs [128, 4]")
+
+
+def test_spec_is_cheap_and_hashable() -> None:
+    spec = AdapterSpec("a", "/nowhere", 8, 16.0, False, ("q_proj",))
+    assert spec.scaling == 2.0 and {spec: 1}[spec] == 1

@@ -1,0 +1,463 @@
+"""Tests for worker.adapter_memory: registry validation, background prefetch, refcounted device
+slots with LRU eviction of idle slots, the host LRU cache, counters and tiers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.adapter_format import WEIGHTS_FILE, AdapterSpec, read_adapter_spec
+from common.errors import InvalidArgument, NotFound
+from tests.conftest import write_random_adapter
+from worker import adapter_memory
+from worker.adapter_memory import AdapterMemory
+from worker.loader import read_model_config
+from worker.lora import PROJECTIONS, LoraSlots, module_shapes
+
+MAX_RANK = 16
+DEADLINE_S = 20.0
+
+MakeAdapter = Callable[..., AdapterSpec]
+MakeMemory = Callable[..., AdapterMemory]
+
+
+@pytest.fixture
+def make_adapter(tmp_path: Path, tiny_model_dir: Path) -> MakeAdapter:
+    """Writes a random PEFT adapter for the tiny model and reads its spec."""
+    seeds = iter(range(1000))
+
+    def make(adapter_id: str, rank: int = 4, alpha: float = 8.0,
+             modules: tuple[str, ...] = ("q_proj", "v_proj", "down_proj")) -> AdapterSpec:
+        path = write_random_adapter(tmp_path / adapter_id, tiny_model_dir, rank, alpha, modules,
+                                    seed=next(seeds))
+        return read_adapter_spec(adapter_id, path)
+
+    return make
+
+
+@pytest.fixture
+def make_memory(tiny_model_dir: Path) -> Iterator[MakeMemory]:
+    cfg = read_model_config(tiny_model_dir)
+    made: list[AdapterMemory] = []
+
+    def make(num_slots: int = 2, host_capacity: int = 4) -> AdapterMemory:
+        slots = LoraSlots(cfg, num_slots, MAX_RANK, torch.device("cpu"), torch.float32)
+        memory = AdapterMemory(slots, host_capacity, module_shapes(cfg), cfg.num_layers)
+        made.append(memory)
+        return memory
+
+    yield make
+    for memory in made:
+        memory.close()
+
+
+def wait_until(condition: Callable[[], bool], what: str, memory: AdapterMemory) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: tiers={describe(memory)}")
+        time.sleep(0.002)
+
+
+def describe(memory: AdapterMemory) -> dict[str, object]:
+    return {"tiers": {s.adapter_id: t for s, t in memory.snapshot()},
+            "errors": dict(memory._errors), "refcount": memory.refcount,
+            "slot_to_adapter": memory.slot_to_adapter, "stats": memory.stats}
+
+
+def acquire(memory: AdapterMemory, adapter_id: str) -> int:
+    """The scheduler's way: poll can_acquire (loads in the background), then acquire."""
+    wait_until(lambda: memory.can_acquire(adapter_id), f"can_acquire({adapter_id!r})", memory)
+    return memory.acquire(adapter_id)
+
+
+def wait_for_error(memory: AdapterMemory, adapter_id: str) -> str:
+    memory.prefetch(adapter_id)
+
+    def failed() -> bool:
+        assert not memory.can_acquire(adapter_id), f"{adapter_id} loaded: {describe(memory)}"
+        return memory.error(adapter_id) is not None
+
+    wait_until(failed, f"a load error of {adapter_id!r}", memory)
+    error = memory.error(adapter_id)
+    assert isinstance(error, InvalidArgument), error
+    return str(error)
+
+
+def assert_counters(stats, **expected: int) -> None:
+    """assert_counters(memory.stats.device, hits=1, misses=2): names every mismatch."""
+    actual = {name: getattr(stats, name) for name in expected}
+    assert actual == expected, f"counters {actual} != expected {expected} ({stats})"
+
+
+def assert_tiers(memory: AdapterMemory, **expected: str) -> None:
+    actual = {adapter_id: memory.tier(adapter_id) for adapter_id in expected}
+    assert actual == expected, f"tiers {actual} != expected {expected}: {describe(memory)}"
+
+
+def assert_slot_holds(memory: AdapterMemory, slot: int, spec: AdapterSpec) -> None:
+    """The slot's tensors are the file's A and B * lora_alpha / r, zero elsewhere."""
+    raw = load_file(str(Path(spec.path) / WEIGHTS_FILE))
+    scaling = spec.lora_alpha / spec.rank
+    r = spec.rank
+    assert memory.slots.ranks[slot] == r, (memory.slots.ranks, slot, r)
+    for layer, tensors in enumerate(memory.slots.layers):
+        for proj, subs in PROJECTIONS.items():
+            a, bs = tensors[proj]
+            for j, sub in enumerate(subs):
+                kind = "mlp" if proj in ("gate_up_proj", "down_proj") else "self_attn"
+                key = f"base_model.model.model.layers.{layer}.{kind}.{sub}"
+                where = f"slot {slot} layer {layer} {sub} of {spec.adapter_id}"
+                if sub in spec.target_modules:
+                    a_ref = raw[f"{key}.lora_A.weight"]
+                    b_ref = raw[f"{key}.lora_B.weight"] * scaling
+                    assert torch.equal(a[slot, j, :r], a_ref), f"{where}: A differs"
+                    torch.testing.assert_close(bs[j][slot, :, :r], b_ref, rtol=1e-6, atol=0,
+                                               msg=lambda m, w=where: f"{w}: B: {m}")
+                else:
+                    assert not a[slot, j, :r].any() and not bs[j][slot].any(), f"{where}: not 0"
+                assert not a[slot, j, r:].any(), f"{where}: A padding not zero"
+                assert not bs[j][slot, :, r:].any(), f"{where}: B padding not zero"
+
+
+def corrupt_data(spec: AdapterSpec) -> None:
+    """Keeps a valid header (register passes) but puts a NaN into the data (load fails)."""
+    file = Path(spec.path) / WEIGHTS_FILE
+    tensors = load_file(str(file))
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, str(file))
+
+
+# --- register ------------------------------------------------------------------------------
+
+
+def test_register_rejects_rank_above_max(make_memory: MakeMemory,
+                                         make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    with pytest.raises(InvalidArgument, match="--max-lora-rank") as info:
+        memory.register(make_adapter("big", rank=MAX_RANK * 2))
+    assert f"rank {MAX_RANK * 2}" in str(info.value) and "'big'" in str(info.value), info.value
+    assert isinstance(memory.error("big"), NotFound)
+
+
+def test_register_accepts_max_rank(make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    spec = make_adapter("max", rank=MAX_RANK)
+    memory.register(spec)
+    assert_slot_holds(memory, acquire(memory, "max"), spec)
+
+
+def test_register_rejects_adapter_for_another_base(tmp_path: Path, tiny_model_dir: Path,
+                                                   make_memory: MakeMemory) -> None:
+    other = tmp_path / "other-base"  # write_random_adapter only reads config.json
+    other.mkdir()
+    hf = json.loads((tiny_model_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**hf, "hidden_size": 32, "head_dim": 8}))
+    path = write_random_adapter(tmp_path / "wrong", other, rank=4, modules=("o_proj",))
+    memory = make_memory()
+    with pytest.raises(InvalidArgument, match=r"layers\.0\.self_attn\.o_proj\.lora_A\.weight "
+                                              r"has shape \[4, 32\], this base model needs "
+                                              r"\[4, 64\]"):
+        memory.register(read_adapter_spec("wrong", path))
+    assert memory.registry == {}
+
+
+def test_register_rejects_missing_weights_file(make_memory: MakeMemory,
+                                               make_adapter: MakeAdapter) -> None:
+    spec = make_adapter("gone")
+    (Path(spec.path) / WEIGHTS_FILE).unlink()
+    memory = make_memory()
+    with pytest.raises(InvalidArgument, match=WEIGHTS_FILE):
+        memory.register(spec)
+    assert "gone" not in memory.registry
+
+
+def test_corrupt_header_fails_at_register_only_for_that_adapter(
+        make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    good, bad = make_adapter("good"), make_adapter("bad")
+    memory.register(good)
+    file = Path(bad.path) / WEIGHTS_FILE
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(InvalidArgument, match="not a readable safetensors file"):
+        memory.register(bad)
+    assert_slot_holds(memory, acquire(memory, "good"), good)
+    assert isinstance(memory.error("bad"), NotFound)
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated"])
+def test_corrupt_data_fails_at_load_only_for_that_adapter(
+        make_memory: MakeMemory, make_adapter: MakeAdapter, damage: str) -> None:
+    memory = make_memory()
+    good, bad = make_adapter("good"), make_adapter("bad")
+    memory.register(good)
+    memory.register(bad)
+    file = Path(bad.path) / WEIGHTS_FILE
+    if damage == "nan":
+        corrupt_data(bad)
+    else:  # changed on disk after register
+        file.write_bytes(file.read_bytes()[:-8])
+    message = wait_for_error(memory, "bad")
+    assert "'bad'" in message, message
+    assert not memory.can_acquire("bad")
+    assert_tiers(memory, bad="disk")
+    assert memory.error("good") is None
+    assert_slot_holds(memory, acquire(memory, "good"), good)
+
+
+def test_reregister_after_failed_load_clears_the_error(make_memory: MakeMemory,
+                                                       make_adapter: MakeAdapter,
+                                                       tiny_model_dir: Path) -> None:
+    memory = make_memory()
+    spec = make_adapter("flaky")
+    memory.register(spec)
+    corrupt_data(spec)
+    wait_for_error(memory, "flaky")
+    memory.prefetch("flaky")  # a failed adapter is not retried behind the caller's back
+    assert memory.error("flaky") is not None
+    write_random_adapter(Path(spec.path), tiny_model_dir, 4, 8.0, spec.target_modules, seed=5)
+    memory.register(spec)
+    assert memory.error("flaky") is None
+    assert_slot_holds(memory, acquire(memory, "flaky"), spec)
+
+
+# --- prefetch and acquire ------------------------------------------------------------------
+
+
+def test_prefetch_loads_in_the_background(make_memory: MakeMemory, make_adapter: MakeAdapter,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = make_memory()
+    memory.register(make_adapter("a"))
+    gate, threads = threading.Event(), []
+    real = adapter_memory.read_adapter_weights
+
+    def slow_read(*args, **kwargs):
+        threads.append(threading.current_thread())
+        assert gate.wait(DEADLINE_S), "the test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_memory, "read_adapter_weights", slow_read)
+    memory.prefetch("a")  # returns at once although the read is blocked
+    memory.prefetch("a")  # already under way: no second load
+    assert not memory.can_acquire("a")
+    assert_tiers(memory, a="disk")
+    gate.set()
+    wait_until(lambda: memory.can_acquire("a"), "the background load", memory)
+    assert_tiers(memory, a="host")
+    assert len(threads) == 1 and threads[0] is not threading.current_thread(), threads
+    assert_counters(memory.stats.host, loads=1, hits=0, misses=0)
+    assert memory.stats.host.mean_load_ms > 0
+
+
+def test_prefetch_of_unknown_or_cached_adapter_does_nothing(make_memory: MakeMemory,
+                                                            make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    memory.prefetch("nobody")
+    memory.register(make_adapter("a"))
+    acquire(memory, "a")
+    memory.prefetch("a")
+    assert memory._loading == {}
+    assert_counters(memory.stats.host, loads=1)
+
+
+def test_acquire_writes_the_weights_into_a_slot(make_memory: MakeMemory,
+                                                make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=3)
+    specs = [make_adapter("r1", rank=1, modules=("o_proj",)),
+             make_adapter("r8", rank=8, alpha=32.0, modules=("q_proj", "k_proj", "up_proj")),
+             make_adapter("r16", rank=16, alpha=4.0, modules=("gate_proj", "down_proj"))]
+    for spec in specs:
+        memory.register(spec)
+    taken = [acquire(memory, spec.adapter_id) for spec in specs]
+    assert sorted(taken) == [1, 2, 3], taken
+    for slot, spec in zip(taken, specs, strict=True):
+        assert_slot_holds(memory, slot, spec)
+    assert_tiers(memory, r1="device", r8="device", r16="device")
+
+
+def test_acquire_before_can_acquire_raises(make_memory: MakeMemory,
+                                           make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    memory.register(make_adapter("a"))
+    with pytest.raises(RuntimeError, match="before can_acquire"):
+        memory.acquire("a")
+
+
+def test_same_adapter_twice_shares_the_slot(make_memory: MakeMemory,
+                                            make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    memory.register(make_adapter("a"))
+    first = acquire(memory, "a")
+    second = acquire(memory, "a")
+    assert first == second and memory.refcount[first] == 2, (first, second, memory.refcount)
+    assert_counters(memory.stats.device, hits=1, misses=1, loads=1)
+    assert memory.summary()["num_device_slots_in_use"] == 1
+    memory.release(first)
+    assert memory.refcount[first] == 1 and first not in memory._idle_slots
+    memory.release(first)
+    assert memory.refcount[first] == 0 and first in memory._idle_slots
+    with pytest.raises(AssertionError, match="released more often"):
+        memory.release(first)
+
+
+def test_referenced_slots_are_never_evicted(make_memory: MakeMemory,
+                                            make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=2)
+    specs = {name: make_adapter(name) for name in "abc"}
+    for spec in specs.values():
+        memory.register(spec)
+    wait_until(lambda: memory.can_acquire("c"), "c loaded", memory)  # in host memory
+    slot_a, slot_b = acquire(memory, "a"), acquire(memory, "b")
+    for _ in range(3):
+        assert not memory.can_acquire("c"), describe(memory)
+    assert memory.has_no_idle_slot()
+    assert_tiers(memory, a="device", b="device", c="host")
+    memory.release(slot_a)
+    assert memory.can_acquire("c")
+    slot_c = memory.acquire("c")
+    assert slot_c == slot_a, (slot_a, slot_b, slot_c)
+    assert_counters(memory.stats.device, evictions=1, misses=3, hits=0, loads=3)
+    assert_tiers(memory, a="host", b="device", c="device")
+    assert_slot_holds(memory, slot_b, specs["b"])
+    assert_slot_holds(memory, slot_c, specs["c"])
+
+
+def test_least_recently_released_idle_slot_is_evicted_first(make_memory: MakeMemory,
+                                                            make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=3, host_capacity=8)
+    for name in "abcde":
+        memory.register(make_adapter(name))
+    slots = {name: acquire(memory, name) for name in "abc"}
+    for name in "bca":  # b is released first: least recently used
+        memory.release(slots[name])
+    assert acquire(memory, "d") == slots["b"]
+    assert_tiers(memory, a="device", b="host", c="device", d="device")
+    memory.release(acquire(memory, "c"))  # a hit refreshes c: now a is the oldest idle slot
+    assert acquire(memory, "e") == slots["a"]
+    assert_tiers(memory, a="host", c="device", d="device", e="device")
+    assert_counters(memory.stats.device, evictions=2, hits=1, misses=5)
+
+
+def test_empty_slots_are_used_before_evicting(make_memory: MakeMemory,
+                                              make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=2)
+    for name in "abc":
+        memory.register(make_adapter(name))
+    memory.release(acquire(memory, "a"))
+    memory.release(acquire(memory, "b"))
+    assert_tiers(memory, a="device", b="device")
+    assert memory.unregister("b")  # its idle slot is now empty
+    acquire(memory, "c")
+    assert_tiers(memory, a="device", c="device")
+    assert_counters(memory.stats.device, evictions=0)
+
+
+def test_host_cache_evicts_least_recently_used(make_memory: MakeMemory,
+                                               make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=4, host_capacity=2)
+    for name in "abcd":
+        memory.register(make_adapter(name))
+    for name in "ab":
+        wait_until(lambda n=name: memory.can_acquire(n), f"{name} loaded", memory)
+    assert memory.can_acquire("a")  # touches a: b is now the oldest host entry
+    wait_until(lambda: memory.can_acquire("c"), "c loaded", memory)
+    assert_tiers(memory, a="host", b="disk", c="host")
+    assert_counters(memory.stats.host, evictions=1, loads=3)
+    wait_until(lambda: memory.can_acquire("d"), "d loaded", memory)
+    assert_tiers(memory, a="disk", b="disk", c="host", d="host")
+    assert_counters(memory.stats.host, evictions=2, loads=4)
+    assert memory.summary()["num_host_cached"] == 2
+
+
+# --- unregister --------------------------------------------------------------------------------
+
+
+def test_unregister_in_use_keeps_the_slot_until_release(make_memory: MakeMemory,
+                                                        make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=2)
+    specs = {name: make_adapter(name) for name in "abc"}
+    for spec in specs.values():
+        memory.register(spec)
+    slot_a = acquire(memory, "a")
+    slot_b = acquire(memory, "b")
+    assert memory.unregister("a") is True
+    assert memory.unregister("a") is False
+    assert isinstance(memory.error("a"), NotFound), memory.error("a")
+    assert not memory.can_acquire("a")
+    assert memory.refcount[slot_a] == 1 and not memory.can_acquire("c")
+    assert_slot_holds(memory, slot_a, specs["a"])  # running sequences keep their weights
+    assert [s.adapter_id for s, _ in memory.snapshot()] == ["b", "c"]
+    memory.release(slot_a)
+    assert acquire(memory, "c") == slot_a
+    assert_counters(memory.stats.device, evictions=0)  # the freed slot held nothing to evict
+    assert_slot_holds(memory, slot_b, specs["b"])
+
+
+def test_error_is_none_for_healthy_and_not_found_for_unknown(make_memory: MakeMemory,
+                                                             make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    memory.register(make_adapter("a"))
+    assert memory.error("a") is None
+    error = memory.error("who")
+    assert isinstance(error, NotFound) and "'who'" in str(error), error
+
+
+# --- counters, snapshot, summary --------------------------------------------------------------
+
+
+def test_hit_and_miss_counters(make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=1, host_capacity=4)
+    for name in "ab":
+        memory.register(make_adapter(name))
+    memory.release(acquire(memory, "a"))  # disk -> host -> device: misses in both tiers
+    assert_counters(memory.stats.device, hits=0, misses=1, loads=1, evictions=0)
+    assert_counters(memory.stats.host, hits=0, misses=1, loads=1, evictions=0)
+    memory.release(acquire(memory, "a"))  # resident: a device hit, the host is not asked
+    assert_counters(memory.stats.device, hits=1, misses=1)
+    assert_counters(memory.stats.host, hits=0, misses=1)
+    memory.release(acquire(memory, "b"))  # evicts a from the only slot
+    assert_counters(memory.stats.device, hits=1, misses=2, evictions=1, loads=2)
+    assert_counters(memory.stats.host, hits=0, misses=2, loads=2)
+    memory.release(acquire(memory, "a"))  # back from the host copy: a host hit, no disk read
+    assert_counters(memory.stats.device, hits=1, misses=3, evictions=2, loads=3)
+    assert_counters(memory.stats.host, hits=1, misses=2, loads=2)
+    assert memory.stats.device.mean_load_ms > 0
+
+
+def test_snapshot_tiers(make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=1)
+    specs = {name: make_adapter(name) for name in ("dev", "hst", "dsk")}
+    for spec in specs.values():
+        memory.register(spec)
+    wait_until(lambda: memory.can_acquire("hst"), "hst loaded", memory)
+    acquire(memory, "dev")
+    snapshot = memory.snapshot()
+    assert [(spec.adapter_id, tier) for spec, tier in snapshot] == [
+        ("dev", "device"), ("hst", "host"), ("dsk", "disk")], snapshot
+    assert all(spec is specs[spec.adapter_id] for spec, _ in snapshot)
+
+
+def test_summary_numbers(make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=3, host_capacity=5)
+    assert memory.summary() == {"num_device_slots": 3, "num_device_slots_in_use": 0,
+                                "host_capacity": 5, "num_host_cached": 0, "num_registered": 0}
+    for name in "abcd":
+        memory.register(make_adapter(name))
+    slot = acquire(memory, "a")
+    acquire(memory, "a")
+    memory.release(acquire(memory, "b"))
+    wait_until(lambda: memory.can_acquire("c"), "c loaded", memory)
+    assert memory.summary() == {"num_device_slots": 3, "num_device_slots_in_use": 1,
+                                "host_capacity": 5, "num_host_cached": 3, "num_registered": 4}
+    memory.release(slot)
+    memory.release(slot)
+    memory.unregister("b")
+    assert memory.summary() == {"num_device_slots": 3, "num_device_slots_in_use": 0,
+                                "host_capacity": 5, "num_host_cached": 2, "num_registered": 3}

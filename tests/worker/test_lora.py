@@ -1,0 +1,302 @@
+"""Tests for worker.lora: the slot pool, per-step LoraBatch metadata and both fast delta paths
+against the per-token reference (Punica-style: mixed ranks, module subsets and popularity)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from worker.loader import read_model_config
+from worker.lora import (
+    MIN_TOKENS_PER_SEGMENT,
+    PROJECTIONS,
+    LoraBatch,
+    LoraSlots,
+    module_shapes,
+    reference_delta,
+)
+from worker.model import ModelConfig
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+CFG = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16)
+NUM_SLOTS, MAX_RANK = 5, 16
+ALL = tuple(m for subs in PROJECTIONS.values() for m in subs)
+# slot -> (rank, PEFT modules the adapter targets): different ranks and module subsets.
+ADAPTERS: dict[int, tuple[int, tuple[str, ...]]] = {
+    1: (1, ALL),
+    2: (4, ("q_proj", "v_proj")),
+    3: (8, ("o_proj", "gate_proj", "down_proj")),
+    4: (16, ALL),
+    5: (4, ("k_proj", "up_proj")),
+}
+Weights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+Reference = dict[tuple[int, str], dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]
+
+
+def random_adapter(rank: int, modules: tuple[str, ...], seed: int,
+                   cfg: ModelConfig = CFG) -> Weights:
+    """{(layer, module): (A [r, in], B_scaled [out, r])} for every layer of cfg."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = module_shapes(cfg)
+    return {(layer, m): (torch.randn(rank, shapes[m][0], generator=gen) * 0.1,
+                         torch.randn(shapes[m][1], rank, generator=gen) * 0.1)
+            for layer in range(cfg.num_layers) for m in modules}
+
+
+def reference_weights(adapters: dict[int, Weights], cfg: ModelConfig = CFG) -> Reference:
+    """reference[(layer, proj)][slot] = per sub-module (A, B), rank 0 where not targeted."""
+    shapes = module_shapes(cfg)
+    ref: Reference = {}
+    for layer in range(cfg.num_layers):
+        for proj, subs in PROJECTIONS.items():
+            per_slot = ref.setdefault((layer, proj), {})
+            for slot in range(NUM_SLOTS + 1):
+                pairs = []
+                for sub in subs:
+                    fan_in, fan_out = shapes[sub]
+                    empty = (torch.zeros(0, fan_in), torch.zeros(fan_out, 0))
+                    pairs.append(adapters.get(slot, {}).get((layer, sub), empty))
+                per_slot[slot] = pairs
+    return ref
+
+
+def filled_slots(device: str) -> tuple[LoraSlots, Reference]:
+    slots = LoraSlots(CFG, NUM_SLOTS, MAX_RANK, torch.device(device), torch.float32)
+    adapters = {slot: random_adapter(rank, modules, seed=slot)
+                for slot, (rank, modules) in ADAPTERS.items()}
+    for slot, weights in adapters.items():
+        slots.write(slot, weights, ADAPTERS[slot][0])
+    ref = reference_weights(adapters)
+    moved = {key: {s: [(a.to(device), b.to(device)) for a, b in pairs]
+                   for s, pairs in per_slot.items()} for key, per_slot in ref.items()}
+    return slots, moved
+
+
+def popular_rows(mix: str, num_rows: int, rng: random.Random) -> list[int]:
+    slots = list(range(1, NUM_SLOTS + 1))
+    if mix == "same":
+        return [3] * num_rows
+    if mix == "all_different":
+        return [slots[i % NUM_SLOTS] for i in range(num_rows)]
+    if mix == "zipf":
+        return rng.choices(slots, weights=[1 / k for k in range(1, NUM_SLOTS + 1)], k=num_rows)
+    if mix == "mostly_base":
+        rows = [0 if rng.random() < 0.7 else rng.choice(slots) for _ in range(num_rows)]
+        rows[rng.randrange(num_rows)] = rng.choice(slots)  # at least one adapter row
+        return rows
+    raise AssertionError(mix)
+
+
+def assert_matches_reference(batch: LoraBatch, ref: Reference, device: str, seed: int,
+                             label: str) -> None:
+    """apply() == y + reference_delta() for every layer and fused projection, both fast paths."""
+    token_slots = batch.token_slots.tolist()
+    shapes = module_shapes(CFG)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(CFG.num_layers):
+        for proj, subs in PROJECTIONS.items():
+            fan_in = shapes[subs[0]][0]
+            fan_out = sum(shapes[s][1] for s in subs)
+            x = torch.randn(len(token_slots), fan_in, generator=gen).to(device)
+            y = torch.randn(len(token_slots), fan_out, generator=gen).to(device)
+            expected = y + reference_delta(x, token_slots, ref[(layer, proj)])
+            for use_segments in (True, False):
+                batch.use_segments = use_segments
+                got = batch.apply(layer, proj, x, y)
+                err = (got - expected).abs().amax(dim=1)
+                bad = [(t, token_slots[t], float(err[t])) for t in range(len(token_slots))
+                       if err[t] > 1e-5]
+                assert not bad, (f"{label} layer {layer} {proj} use_segments={use_segments}: "
+                                 f"(token, slot, max error) {bad[:8]}")
+                assert got.shape == y.shape and got.dtype == y.dtype
+
+
+# --- the fast paths against the reference -----------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", ["same", "all_different", "zipf", "mostly_base"])
+@pytest.mark.parametrize("num_rows", [1, 3, 7, 17])
+@pytest.mark.parametrize("lengths", ["decode", "prefill"])
+def test_fast_paths_match_reference(device: str, mix: str, num_rows: int, lengths: str) -> None:
+    rng = random.Random(f"{mix}-{num_rows}-{lengths}")
+    slots, ref = filled_slots(device)
+    row_slots = popular_rows(mix, num_rows, rng)
+    row_lengths = [1 if lengths == "decode" else rng.randint(1, 40) for _ in range(num_rows)]
+    batch = LoraBatch.build(slots, row_slots, row_lengths, torch.device(device))
+    assert batch is not None
+    assert_matches_reference(batch, ref, device, seed=num_rows,
+                             label=f"rows={row_slots} lengths={row_lengths}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_token(device: str) -> None:
+    slots, ref = filled_slots(device)
+    for slot in range(1, NUM_SLOTS + 1):
+        batch = LoraBatch.build(slots, [slot], [1], torch.device(device))
+        assert batch is not None and batch.rank == ADAPTERS[slot][0]
+        assert_matches_reference(batch, ref, device, seed=slot, label=f"slot {slot}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_row_length_up_to_40(device: str) -> None:
+    slots, ref = filled_slots(device)
+    row_lengths = list(range(1, 41))
+    row_slots = [i % (NUM_SLOTS + 1) for i in range(40)]  # every slot, base rows included
+    batch = LoraBatch.build(slots, row_slots, row_lengths, torch.device(device))
+    assert batch is not None
+    assert_matches_reference(batch, ref, device, seed=40, label="lengths 1..40")
+
+
+def test_base_rows_get_exactly_y() -> None:
+    slots, _ = filled_slots("cpu")
+    batch = LoraBatch.build(slots, [0, 2, 0], [3, 2, 4], torch.device("cpu"))
+    assert batch is not None
+    x, y = torch.randn(9, 64), torch.randn(9, 256)  # gate_up: 2 x intermediate
+    for use_segments in (True, False):
+        batch.use_segments = use_segments
+        got = batch.apply(0, "gate_up_proj", x, y)
+        assert torch.equal(got[[0, 1, 2, 5, 6, 7, 8]], y[[0, 1, 2, 5, 6, 7, 8]]), use_segments
+
+
+def test_apply_does_not_modify_y() -> None:
+    slots, _ = filled_slots("cpu")
+    batch = LoraBatch.build(slots, [4, 4], [5, 5], torch.device("cpu"))
+    assert batch is not None
+    x, y = torch.randn(10, 64), torch.randn(10, 128)
+    before = y.clone()
+    for use_segments in (True, False):
+        batch.use_segments = use_segments
+        batch.apply(1, "qkv_proj", x, y)
+        assert torch.equal(y, before), use_segments
+
+
+# --- LoraBatch.build metadata ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("row_slots", "row_lengths"), [
+    ([0], [1]), ([0, 0, 0], [3, 1, 7]), ([], []),
+])
+def test_build_returns_none_without_adapter_rows(row_slots: list[int],
+                                                 row_lengths: list[int]) -> None:
+    slots, _ = filled_slots("cpu")
+    assert LoraBatch.build(slots, row_slots, row_lengths, torch.device("cpu")) is None
+
+
+def test_segments_merge_adjacent_same_slot_rows() -> None:
+    slots, _ = filled_slots("cpu")
+    batch = LoraBatch.build(slots, [2, 2, 0, 2, 3, 3, 2], [1, 2, 3, 4, 5, 6, 1],
+                            torch.device("cpu"))
+    assert batch is not None
+    assert batch.segments == [(0, 3, 2), (6, 10, 2), (10, 21, 3), (21, 22, 2)], batch.segments
+    expected = [2] * 3 + [0] * 3 + [2] * 4 + [3] * 11 + [2]
+    assert batch.token_slots.tolist() == expected
+    assert batch.token_slots.dtype == torch.long
+
+
+@pytest.mark.parametrize(("row_slots", "rank"), [
+    ([1], 1), ([0, 1], 1), ([2, 5], 4), ([1, 2, 3], 8), ([3, 4, 0], 16), ([4, 1], 16),
+])
+def test_rank_is_max_rank_of_slots_present(row_slots: list[int], rank: int) -> None:
+    slots, _ = filled_slots("cpu")
+    batch = LoraBatch.build(slots, row_slots, [2] * len(row_slots), torch.device("cpu"))
+    assert batch is not None and batch.rank == rank, (row_slots, batch and batch.rank)
+
+
+def test_use_segments_for_long_runs_gather_for_decode() -> None:
+    slots, _ = filled_slots("cpu")
+    decode = LoraBatch.build(slots, [1, 2, 3, 4, 5], [1] * 5, torch.device("cpu"))
+    prefill = LoraBatch.build(slots, [1, 2], [MIN_TOKENS_PER_SEGMENT, 30], torch.device("cpu"))
+    assert decode is not None and not decode.use_segments
+    assert prefill is not None and prefill.use_segments
+
+
+# --- LoraSlots ---------------------------------------------------------------------------------
+
+
+def test_slot_tensor_shapes_and_zero_slot() -> None:
+    slots, _ = filled_slots("cpu")
+    shapes = module_shapes(CFG)
+    for layer in slots.layers:
+        for proj, (a, bs) in layer.items():
+            subs = PROJECTIONS[proj]
+            assert a.shape == (NUM_SLOTS + 1, len(subs), MAX_RANK, shapes[subs[0]][0]), proj
+            assert [b.shape for b in bs] == [(NUM_SLOTS + 1, shapes[s][1], MAX_RANK)
+                                             for s in subs], proj
+            assert not a[0].any() and not any(b[0].any() for b in bs), f"slot 0 of {proj}"
+    assert slots.ranks == [0] + [ADAPTERS[s][0] for s in range(1, NUM_SLOTS + 1)]
+    numel = sum(a.numel() + sum(b.numel() for b in bs)
+                for layer in slots.layers for a, bs in layer.values())
+    assert slots.nbytes == numel * 4
+
+
+def test_slots_hold_what_was_written() -> None:
+    slots = LoraSlots(CFG, NUM_SLOTS, MAX_RANK, torch.device("cpu"), torch.float32)
+    weights = random_adapter(8, ("k_proj", "down_proj"), seed=3)
+    slots.write(2, weights, 8)
+    for (layer, module), (a_ref, b_ref) in weights.items():
+        proj = next(p for p, subs in PROJECTIONS.items() if module in subs)
+        j = PROJECTIONS[proj].index(module)
+        a, bs = slots.layers[layer][proj]
+        assert torch.equal(a[2, j, :8], a_ref) and torch.equal(bs[j][2, :, :8], b_ref), module
+    untouched = slots.layers[0]["gate_up_proj"]
+    assert not untouched[0][2].any() and not any(b[2].any() for b in untouched[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smaller_rank_overwrite_leaves_no_stale_values(device: str) -> None:
+    slots, ref = filled_slots(device)
+    small = random_adapter(2, ("q_proj",), seed=99)
+    slots.write(4, small, 2)  # slot 4 held a rank-16 adapter on every module
+    assert slots.ranks[4] == 2
+    for layer in slots.layers:
+        for proj, (a, bs) in layer.items():
+            if proj == "qkv_proj":
+                assert not a[4, 0, 2:].any() and not a[4, 1:].any(), "stale A in qkv_proj"
+                assert not bs[0][4, :, 2:].any(), "stale B of q_proj"
+                assert not bs[1][4].any() and not bs[2][4].any(), "stale B of k/v_proj"
+            else:
+                assert not a[4].any() and not any(b[4].any() for b in bs), f"stale {proj}"
+    # The gather path pads to the step's max rank (16 here): padding must add exact zeros.
+    new_ref = reference_weights({**{s: {} for s in ADAPTERS}, 4: small})
+    for key, per_slot in ref.items():
+        per_slot[4] = [(a.to(device), b.to(device)) for a, b in new_ref[key][4]]
+    batch = LoraBatch.build(slots, [4, 1, 4, 2], [3, 1, 5, 2], torch.device(device))
+    assert batch is not None and batch.rank == 4
+    batch2 = LoraBatch.build(slots, [4, 3], [2, 2], torch.device(device))
+    assert batch2 is not None and batch2.rank == 8
+    assert_matches_reference(batch, ref, device, seed=5, label="overwritten slot 4")
+    assert_matches_reference(batch2, ref, device, seed=6, label="overwritten slot 4 + rank 8")
+
+
+def test_write_rejects_slot_zero_and_too_big_rank() -> None:
+    slots = LoraSlots(CFG, 2, 4, torch.device("cpu"), torch.float32)
+    with pytest.raises(AssertionError):
+        slots.write(0, random_adapter(2, ("q_proj",), seed=0), 2)
+    with pytest.raises(AssertionError):
+        slots.write(1, random_adapter(8, ("q_proj",), seed=0), 8)
+    with pytest.raises(AssertionError):
+        slots.write(3, random_adapter(2, ("q_proj",), seed=0), 2)
+
+
+def test_module_shapes_match_hf_linear_shapes(tiny_model_dir: Path) -> None:
+    cfg = read_model_config(tiny_model_dir)
+    shapes = module_shapes(cfg)
+    assert set(shapes) == set(ALL)
+    files = sorted(tiny_model_dir.glob("*.safetensors"))
+    hf: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                hf[name] = tuple(f.get_slice(name).get_shape())
+    for layer in range(cfg.num_layers):
+        for module, (fan_in, fan_out) in shapes.items():
+            kind = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            weight = hf[f"model.layers.{layer}.{kind}.{module}.weight"]  # nn.Linear: [out, in]
+            assert weight == (fan_out, fan_in), (module, weight, (fan_in, fan_out))
