@@ -30,7 +30,7 @@ model: $(VENV)/.installed
 	$(VENV)/bin/edgelora import-default
 
 run: setup
-	$(VENV)/bin/edgelora serve
+	$(VENV)/bin/edgelora serve --adapters-dir adapters/demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

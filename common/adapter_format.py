@@ -1,6 +1,6 @@
-"""The PEFT LoRA adapter format: adapter_config.json + adapter_model.safetensors, read and validated.
+"""The PEFT LoRA adapter format (adapter_config.json + adapter_model.safetensors), read and checked.
 
-Every problem becomes an InvalidArgument that names the file, tensor or field; never touches a device.
+Every problem becomes an InvalidArgument naming the file, tensor or field; never touches a device.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def check_adapter_shapes(spec: AdapterSpec, shapes: dict[str, tuple[int, int]],
     shapes[module] = (in_features, out_features) of the base projection.
     """
     with _open(spec) as f:
-        names = list(f.keys())  # noqa: SIM118 - safe_open is not a mapping
+        names = list(f.keys())
         if not names:
             raise InvalidArgument(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} holds no tensors")
         for name in names:
@@ -145,7 +145,7 @@ def _check(spec: AdapterSpec, name: str, shape: tuple[int, ...],
 
 def read_adapter_weights(spec: AdapterSpec, shapes: dict[str, tuple[int, int]], num_layers: int
                          ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """-> {(layer, module): (A [r, in], B [out, r] already multiplied by the scaling)} in float32."""
+    """-> {(layer, module): (A [r, in], B [out, r] times the scaling)} in float32."""
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with _open(spec) as f:

@@ -1,4 +1,4 @@
-"""Builds argparse flags and environment overrides from a frozen config dataclass; holds no defaults itself."""
+"""Builds argparse flags and env overrides from a frozen config dataclass; holds no defaults."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             continue
         kind = _base_type(field.type)
         default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"{field.metadata.get('help', '')} (default: {default!r}; env {_env_name(field.name)})"
+        help_text = (f"{field.metadata.get('help', '')} "
+                     f"(default: {default!r}; env {_env_name(field.name)})")
         converter = _parse_bool if kind is bool else kind
         group.add_argument(_flag(field.name), dest=field.name, type=converter, default=None,
                            help=help_text, metavar=kind.__name__.upper())

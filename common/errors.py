@@ -1,4 +1,4 @@
-"""Typed errors that carry the gRPC status a client should see; raised anywhere, mapped only in services."""
+"""Typed errors carrying the gRPC status a client should see; mapped to gRPC only in services."""
 
 from __future__ import annotations
 

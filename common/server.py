@@ -29,6 +29,7 @@ def create_server(register: list[Callable[[grpc.aio.Server], None]], service_nam
     return server, bound, health_servicer
 
 
-async def mark_serving(health_servicer: health.aio.HealthServicer, service_names: list[str]) -> None:
+async def mark_serving(health_servicer: health.aio.HealthServicer,
+                       service_names: list[str]) -> None:
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

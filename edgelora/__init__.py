@@ -1,1 +1,1 @@
-"""edgelora: the CLI entry point; edgelora.v1 holds the stubs generated from proto/ (never edited)."""
+"""edgelora: the CLI and client; edgelora.v1 holds stubs generated from proto/ (never edited)."""

@@ -1,4 +1,5 @@
-"""The `edgelora` command: serve (router + worker in one process), worker, router, generate, import-default."""
+"""The `edgelora` command: serve (router + worker in one process), worker, router, generate,
+import-default."""
 
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ class AdapterRegistry:
         """Registers every PEFT adapter directory under `root` (id = its name); -> count."""
         count = 0
         for path in sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}")):
-            card = json.loads((path / CARD_FILE).read_text()) if (path / CARD_FILE).is_file() else {}
+            card_file = path / CARD_FILE
+            card = json.loads(card_file.read_text()) if card_file.is_file() else {}
             await self.register(types_pb2.RegisterAdapterRequest(
                 adapter_id=card.get("adapter_id", path.name), path=str(path.resolve()),
                 description=card.get("description", ""),

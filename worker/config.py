@@ -1,4 +1,4 @@
-"""WorkerConfig: every setting of a worker process, filled from flags and EDGELORA_* env; validation only."""
+"""WorkerConfig: every setting of a worker, from flags and EDGELORA_* env; validation only."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class WorkerConfig:
     dtype: str = field(default="auto", metadata=_help(
         "'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16' or 'float16'"))
     num_threads: int = field(default=0, metadata=_help(
-        "torch CPU threads (0 = torch default); 1 keeps its speed when other processes share cores"))
+        "torch CPU threads (0 = torch default); 1 keeps its speed when processes share cores"))
     max_batch_size: int = field(default=16, metadata=_help("most sequences in one forward pass"))
     max_num_batched_tokens: int = field(default=512, metadata=_help(
         "token budget of one step: decodes take one each, prompt chunks fill the rest"))

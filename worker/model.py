@@ -1,7 +1,8 @@
 """The Llama-family decoder in plain torch (Llama 2/3, SmolLM2, Mistral, Qwen2-style qkv bias).
 
 Tokens of all sequences in a step are flattened to one [num_tokens, hidden] batch; attention reads
-and writes the paged KV cache through the explicit ForwardBatch. Never schedules, samples or loads files.
+and writes the paged KV cache through the explicit ForwardBatch. Never schedules, samples or
+loads files.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class ModelConfig:
 class AttentionGroup:
     """Rows attended together: all decode rows (Lq = 1), or all prompt chunks padded to one Lq."""
 
-    token_idx: torch.Tensor  # [rows, Lq] flat token index of each query (padding repeats a real one)
+    token_idx: torch.Tensor  # [rows, Lq] flat token index of each query (padding: a real one)
     kv_slots: torch.Tensor   # [rows, Lk] KV-cache slot of each context position (padding -> 0)
     mask: torch.Tensor       # [rows, 1, Lq, Lk] bool, True = may attend
     src: torch.Tensor        # [tokens_in_group] index into the [rows * Lq] padded outputs ...
@@ -137,7 +138,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
         # One matmul for q, k and v: three small GEMMs cost more dispatch than one larger one.

@@ -64,7 +64,8 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-        last_idx = [off + it.num_new_tokens - 1 for off, it in zip(offsets, batch.items, strict=True)]
+        last_idx = [off + it.num_new_tokens - 1
+                    for off, it in zip(offsets, batch.items, strict=True)]
         # Decode rows (one query) and prompt chunks attend in separate groups so that a long
         # chunk never pads every decode row to its length.
         groups = []

@@ -1,4 +1,4 @@
-"""One request's state inside the worker (tokens, KV blocks, progress) and the engine's plain messages.
+"""One request's state inside the worker (tokens, KV blocks, progress) and the engine messages.
 
 Torch-free and protobuf-free: the service converts to and from these.
 """
@@ -55,7 +55,7 @@ class TokenEvent:
     num_output_tokens: int
     finish_reason: str = ""  # "", "stop", "length" or "error"
     error: str = ""
-    error_code: str = "INTERNAL"  # grpc.StatusCode name the client sees when finish_reason == "error"
+    error_code: str = "INTERNAL"  # grpc.StatusCode name the client sees on finish_reason "error"
 
 
 class Detokenizer(Protocol):

@@ -1,4 +1,4 @@
-"""Assembles a worker from its config (model, KV cache, scheduler, runner, engine, gRPC) and runs it."""
+"""Assembles a worker from its config: model, KV cache, adapters, scheduler, engine, gRPC."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 
 from common.server import create_server, mark_serving
 from edgelora.v1 import worker_pb2, worker_pb2_grpc
+from worker.adapter_memory import AdapterMemory
 from worker.config import WorkerConfig
 from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
 from worker.kv_cache import BlockManager, KVCache
-from worker.adapter_memory import AdapterMemory
 from worker.loader import load_model
 from worker.lora import LoraSlots, module_shapes
 from worker.runner import ModelRunner

@@ -40,7 +40,7 @@ def sampling_from_pb(params: types_pb2.SamplingParams, default_max_tokens: int) 
     temperature = params.temperature if params.HasField("temperature") else 0.0
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if params.HasField("max_tokens") and params.max_tokens == 0:
-        raise InvalidArgument("params.max_tokens must be at least 1 (leave it unset for the default)")
+        raise InvalidArgument("params.max_tokens must be at least 1 (unset = the default)")
     if not temperature >= 0.0:  # also rejects NaN
         raise InvalidArgument(f"params.temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
@@ -116,7 +116,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return AddRequest(next(self._ids), prompt_ids, options, request.adapter_id)
 
     async def Generate(self, request: types_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[types_pb2.GenerateResponse]:
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[types_pb2.GenerateResponse]:
         try:
             add = self._to_add_request(request)
         except EdgeLoraError as exc:
@@ -179,7 +180,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
-        return types_pb2.ListAdaptersResponse(adapters=adapters_to_pb(self.engine.scheduler.adapters))
+        adapters = adapters_to_pb(self.engine.scheduler.adapters)
+        return types_pb2.ListAdaptersResponse(adapters=adapters)
 
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")

@@ -1,4 +1,4 @@
-"""Prompt encoding with the model's own tokenizer and chat template; never decodes generated text."""
+"""Prompt encoding with the model's own tokenizer and chat template; never decodes outputs."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ class Tokenizer:
     def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
         """messages = [(role, content), ...] rendered with the chat template + assistant prefix."""
         if self.hf.chat_template is None:
-            raise InvalidArgument("this model has no chat template: send `prompt` instead of messages")
+            raise InvalidArgument("this model has no chat template: send `prompt`, not messages")
         for role, _ in messages:
             if role not in CHAT_ROLES:
-                raise InvalidArgument(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+                raise InvalidArgument(
+                    f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
         turns = [{"role": role, "content": content} for role, content in messages]
         ids = self.hf.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         # transformers 5 returns a BatchEncoding here, 4.x a plain list.

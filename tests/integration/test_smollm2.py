@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct default: parity with transformers, batching invariance, `edgelora serve`."""
+"""The real SmolLM2-135M-Instruct: transformers parity, batching invariance, `edgelora serve`."""
 
 from __future__ import annotations
 

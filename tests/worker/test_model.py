@@ -70,7 +70,7 @@ def test_prefill_logits_match_transformers(tiny_model_dir: Path, device: str) ->
 
 
 def test_chunked_prefill_then_decode_match_transformers(tiny_model_dir: Path) -> None:
-    ids = [int(i) for i in torch.randint(0, 49152, (23,), generator=torch.Generator().manual_seed(1))]
+    ids = torch.randint(0, 49152, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = hf_logits(tiny_model_dir, ids)
     h, seq = Harness(tiny_model_dir), new_seq(1, ids)
     got = h.logits([(seq, 10)]) + h.logits([(seq, 7)])  # two prompt chunks over block borders
@@ -131,5 +131,5 @@ def test_missing_weights_are_named(tmp_path: Path, tiny_model_dir: Path) -> None
     weights = load_file(tiny_model_dir / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="layers.1.mlp"):
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp"):
         load_model(tmp_path, torch.device("cpu"), torch.float32)

@@ -1,4 +1,4 @@
-"""The Worker/Router gRPC path on the tiny model: streaming, validation, isolation, cancel, backpressure."""
+"""The gRPC path on the tiny model: streaming, validation, isolation, cancel, backpressure."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def test_bad_requests_do_not_disturb_a_running_stream(router: router_pb2_grpc.Ro
     assert list(result["r"].token_ids) == list(alone.token_ids)
 
 
-def wait_idle(worker: worker_pb2_grpc.WorkerStub, timeout_s: float = 10.0) -> worker_pb2.InfoResponse:
+def wait_idle(worker: worker_pb2_grpc.WorkerStub,
+              timeout_s: float = 10.0) -> worker_pb2.InfoResponse:
     deadline = time.monotonic() + timeout_s
     while True:
         info = worker.Info(worker_pb2.InfoRequest(), timeout=5)
