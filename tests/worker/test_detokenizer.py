@@ -49,7 +49,7 @@ def test_multibyte_chars_split_across_tokens_are_never_half_emitted(tok) -> None
     # the test only means something if some characters really are split across tokens
     assert any("\ufffd" in tok.decode([i]) for i in ids)
     pieces, tail, detok = _stream(tok, ids)
-    assert all("\ufffd" not in p for p in pieces + [tail])
+    assert all("\ufffd" not in p for p in [*pieces, tail])
     assert "".join(pieces) == MULTIBYTE == detok.text
 
 
@@ -65,7 +65,7 @@ def test_random_invalid_byte_sequences_match_full_decode(tok) -> None:
 
 
 def test_special_tokens_are_skipped(tok) -> None:
-    ids = tok.encode("Hi there", add_special_tokens=False) + [tok.eos_token_id]
+    ids = [*tok.encode("Hi there", add_special_tokens=False), tok.eos_token_id]
     pieces, tail, _ = _stream(tok, ids)
     assert "".join(pieces) + tail == "Hi there"
 
