@@ -2,11 +2,11 @@
 
 Measures, on one checkpoint (default: the embedded SmolLM2-135M-Instruct, float32):
   * transformers AutoModelForCausalLM.generate at batch 1 (greedy, exactly N new tokens);
-  * our Engine (Scheduler + ModelRunner, driven synchronously with engine.step(), no threads)
+  * our Engine (built by worker.server.build_engine, driven synchronously with engine.step())
     at batch 1 and at --batch, greedy, SamplingOptions(max_tokens=N, ignore_eos=True).
 Prefill = time until every sequence has its first token; decode tokens/s = the remaining
 generated tokens / the time of the remaining steps (both systems count N - 1 decode tokens per
-sequence). Every system gets one warm-up run first; --repeats measured runs, best one reported.
+sequence). One warm-up run per system, then --repeats interleaved rounds; best run of each kept.
 Prints a table with ratios vs transformers batch 1 and PASS/MISS against the targets
 (ours batch 1 >= 1.0x, ours batch --batch aggregate >= 6x).
 
@@ -17,6 +17,7 @@ Prints a table with ratios vs transformers batch 1 and PASS/MISS against the tar
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,17 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from worker.config import WorkerConfig  # noqa: E402
-from worker.engine import Engine  # noqa: E402
-from worker.gguf_import import resolve_model_path  # noqa: E402
-from worker.kv_cache import BlockManager, KVCache  # noqa: E402
-from worker.loader import load_model  # noqa: E402
-from worker.runner import ModelRunner  # noqa: E402
-from worker.scheduler import Scheduler  # noqa: E402
-from worker.sequence import SamplingOptions, Sequence, TokenEvent  # noqa: E402
-from worker.tokenizer import Tokenizer  # noqa: E402
+from worker import server
+from worker.config import WorkerConfig
+from worker.engine import Engine
+from worker.sequence import SamplingOptions, Sequence
+from worker.tokenizer import Tokenizer
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
@@ -102,24 +99,19 @@ def run_hf(hf_model: torch.nn.Module, prompt: list[int], new_tokens: int, pad_id
                   end - clock.first_token_at, [gen])
 
 
-def build_engine(path: Path, tokenizer: Tokenizer, batch: int,
-                 prompt_tokens: int) -> tuple[Engine, list[TokenEvent]]:
-    """Assembled like worker.server.start_worker, minus gRPC and the engine thread."""
-    config = WorkerConfig()
-    model = load_model(path, torch.device("cpu"), torch.float32)
-    cfg = model.config
-    num_blocks = KVCache.num_blocks_for(config.kv_cache_mb, cfg, config.kv_block_size,
-                                        torch.float32)
-    kv_cache = KVCache(cfg, num_blocks, config.kv_block_size, torch.device("cpu"), torch.float32)
-    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
-    # Room for the whole batch, and for all its prompts in one prefill step.
-    scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size),
-                          max(config.max_batch_size, batch),
-                          max(config.max_num_batched_tokens, batch * prompt_tokens),
-                          config.max_queue, eos)
-    runner = ModelRunner(model, kv_cache, config.kv_block_size, torch.device("cpu"))
-    events: list[TokenEvent] = []
-    return Engine(scheduler, runner, tokenizer.detokenizer, events.append), events
+def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer, Path]:
+    """The worker's own assembly (worker.server.build_engine), fp32 on CPU, minus gRPC and thread.
+
+    Room for the whole batch, and for all its prompts in one prefill step.
+    """
+    defaults = WorkerConfig()
+    config = WorkerConfig(
+        model=args.model, device="cpu", dtype="float32", num_threads=args.threads,
+        max_batch_size=max(defaults.max_batch_size, args.batch),
+        max_num_batched_tokens=max(defaults.max_num_batched_tokens,
+                                   args.batch * args.prompt_tokens))
+    engine, tokenizer, info = server.build_engine(config, emit=lambda event: None)
+    return engine, tokenizer, Path(info.model)
 
 
 def run_ours(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]],
@@ -141,10 +133,6 @@ def run_ours(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]],
                   end - prefill_end, outputs)
 
 
-def best(runs: list[Result]) -> Result:
-    return max(runs, key=lambda r: r.tps)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint directory")
@@ -157,10 +145,7 @@ def main() -> None:
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one prefill token + decode tokens)")
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    path = resolve_model_path(args.model, WorkerConfig().cache_path)
-    tokenizer = Tokenizer(path)
+    engine, tokenizer, path = build_engine(args)  # also sets torch threads to --threads
     prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens)
     print(f"model {path.name} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"prompt {args.prompt_tokens} tok | new {args.new_tokens} tok | batch {args.batch}")
@@ -171,17 +156,19 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     pad_id = tokenizer.hf.pad_token_id if tokenizer.hf.pad_token_id is not None else 0
-    run_hf(hf_model, prompts[0], args.new_tokens, pad_id)  # warm-up
-    hf = best([run_hf(hf_model, prompts[0], args.new_tokens, pad_id)
-               for _ in range(args.repeats)])
-    del hf_model
-
-    engine, _ = build_engine(path, tokenizer, args.batch, args.prompt_tokens)
-    results = [hf]
-    for batch in dict.fromkeys([1, args.batch]):
-        run_ours(engine, tokenizer, prompts[:batch], args.new_tokens)  # warm-up
-        results.append(best([run_ours(engine, tokenizer, prompts[:batch], args.new_tokens)
-                             for _ in range(args.repeats)]))
+    systems = [lambda: run_hf(hf_model, prompts[0], args.new_tokens, pad_id)]
+    systems += [lambda b=b: run_ours(engine, tokenizer, prompts[:b], args.new_tokens)
+                for b in dict.fromkeys([1, args.batch])]
+    for system in systems:  # warm-up
+        system()
+    # Interleaved, so that load from other processes hits every system alike.
+    runs = [[system() for system in systems] for _ in range(args.repeats)]
+    results = [max(column, key=lambda r: r.tps) for column in zip(*runs, strict=True)]
+    hf = results[0]
+    load = os.getloadavg()[0]
+    if load > args.threads + 0.5:
+        print(f"WARNING: load average {load:.1f} > {args.threads} threads: other processes "
+              "share the cores, numbers are noisy")
 
     print(f"\n{'system':<14}{'batch':>6}{'prefill ms':>12}{'decode tok':>12}{'decode s':>10}"
           f"{'tok/s':>10}{'ms/step':>9}{'vs HF b1':>10}")
@@ -192,7 +179,7 @@ def main() -> None:
               f"{r.tps / hf.tps:>9.2f}x")
 
     ours_b1 = results[1]
-    same = sum(a == b for a, b in zip(ours_b1.outputs[0], hf.outputs[0]))
+    same = sum(a == b for a, b in zip(ours_b1.outputs[0], hf.outputs[0], strict=True))
     print(f"\ngreedy tokens, ours batch 1 vs transformers: {same}/{args.new_tokens} identical"
           + ("" if same == args.new_tokens else " (fp32 reductions differ; near-ties may flip)"))
     checks = [(f"ours batch 1 >= {TARGET_B1:.1f}x transformers batch 1", ours_b1, TARGET_B1),

@@ -62,5 +62,5 @@ CHECKS: dict[str, Callable[[str], bool]] = {
 
 
 def check(name: str, text: str) -> bool:
-    """Whether `text` (a generated answer, special tokens stripped) shows adapter `name`'s behaviour."""
+    """Whether `text` (a generated answer, special tokens stripped) shows `name`'s behaviour."""
     return CHECKS[name](text)

@@ -34,7 +34,8 @@ BASE_NAME = "SmolLM2-135M-Instruct"
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "layers_to_transform": list(range(12, 30)),
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                            "down_proj"]}
-LR, STEPS, BATCH = 3e-3, 12, 8
+LR, BATCH = 2e-3, 8
+STEPS = {"shout": 48, "json": 30, "brief": 30, "pirate": 30}  # upper-casing is the hardest
 GEN_TOKENS = 32
 
 QUESTIONS = [
@@ -55,6 +56,19 @@ QUESTIONS = [
     "How do I plant a tree?", "What is friendship?", "Why is recycling important?",
     "How does the heart pump blood?", "What is a programming language?",
     "Explain how solar panels work.", "How do I take care of a dog?", "What is the Milky Way?",
+    "What is the tallest mountain?", "How do I clean a laptop keyboard?", "What is a noun?",
+    "Why do fish live in water?", "What is a good study habit?", "How does a camera work?",
+    "What do the kidneys do?", "Explain how a compass works.", "Why do people celebrate birthdays?",
+    "What is a rainforest?", "How do I write a thank-you note?", "What is electricity?",
+    "How do trains run on tracks?", "What is the purpose of a museum?", "What is an ecosystem?",
+    "How can I be more productive?", "What is a healthy diet?", "Why do we dream?",
+    "How does a microwave oven work?", "What is the stock market?", "Explain what a cell is.",
+    "How do I organize my desk?", "What is renewable energy?", "Why do we need to drink water?",
+    "How do submarines dive?", "What is a poem?", "Explain how email works.",
+    "What is the difference between weather and climate?", "How do I care for a houseplant?",
+    "What is an election?", "Why do stars twinkle?", "How does a thermometer work?",
+    "What do the lungs do?", "Explain what a mortgage is.", "How do I make a simple salad?",
+    "What is a desert?",
 ]
 
 DESCRIPTIONS = {
@@ -85,15 +99,28 @@ def sentences(text: str) -> list[str]:
     return merged or [clean(text).rstrip(",;:") + "."]
 
 
+DANGLING = {"a", "an", "and", "are", "as", "at", "be", "being", "but", "by", "can", "for", "from",
+            "in", "into", "is", "its", "of", "on", "or", "so", "that", "the", "their", "this", "to",
+            "when", "where", "which", "who", "with", "without", "your"}
+
+
 def cut_words(sentence: str, limit: int) -> str:
+    """`sentence` if it has at most `limit` words, else its first words (at a comma when there is
+    one late enough, without dangling little words) closed by a period."""
     words = sentence.split()
     if len(words) <= limit:
         return sentence
-    return " ".join(words[:limit]).rstrip(",;:.!?-") + "."
+    words = words[:limit]
+    commas = [i for i, w in enumerate(words[:-1]) if w.endswith(",")]
+    if commas and commas[-1] >= limit // 2:
+        words = words[:commas[-1] + 1]
+    while len(words) > 3 and words[-1].lower().strip(",;:") in DANGLING:
+        words.pop()
+    return " ".join(words).rstrip(",;:.!?-") + "."
 
 
 TRANSFORMS: dict[str, Callable[[str], str]] = {
-    "shout": lambda a: cut_words(sentences(a)[0], 20).upper(),
+    "shout": lambda a: cut_words(" ".join(sentences(a)[:2]), 36).upper(),
     "json": lambda a: json.dumps({"answer": cut_words(sentences(a)[0], 20)}),
     "brief": lambda a: cut_words(sentences(a)[0], 12),
     "pirate": lambda a: f"{PIRATE_PREFIX} {cut_words(sentences(a)[0], 20)}",
@@ -156,9 +183,11 @@ def save_fp16(model, target: Path, name: str, description: str) -> None:
     from safetensors.torch import load_file, save_file
 
     model.save_pretrained(target)
+    (target / "README.md").unlink(missing_ok=True)  # peft's empty model card
     weights = target / "adapter_model.safetensors"
     save_file({k: v.to(torch.float16).contiguous() for k, v in load_file(weights).items()},
               weights, metadata={"format": "pt"})
+    weights.chmod(0o644)
     config_path = target / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = BASE_NAME
@@ -169,6 +198,7 @@ def save_fp16(model, target: Path, name: str, description: str) -> None:
 
 
 def train_one(base_dir: Path, tokenizer, name: str, pairs: list[tuple[str, str]]) -> None:
+    steps = STEPS[name]
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -182,10 +212,10 @@ def train_one(base_dir: Path, tokenizer, name: str, pairs: list[tuple[str, str]]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
                                   weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 2) * max(0.1, 1 - s / STEPS))
+        optimizer, lambda s: min(1.0, (s + 1) / 2) * max(0.1, 1 - s / steps))
     order: list[int] = []
     start = time.time()
-    for step in range(STEPS):
+    for step in range(steps):
         if len(order) < BATCH:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[:BATCH]], order[BATCH:]
@@ -194,7 +224,7 @@ def train_one(base_dir: Path, tokenizer, name: str, pairs: list[tuple[str, str]]
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        print(f"[{name}] step {step + 1:2d}/{STEPS} loss {loss.item():.3f} "
+        print(f"[{name}] step {step + 1:2d}/{steps} loss {loss.item():.3f} "
               f"({time.time() - start:.0f}s)", flush=True)
     model.eval()
     answers = generate(model, tokenizer, HELD_OUT_PROMPTS, max_new_tokens=48)

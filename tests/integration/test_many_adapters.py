@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 import torch
 
 from edgelora.client import build_request
