@@ -1,4 +1,4 @@
-"""Train the four demo LoRA adapters (shout, json, brief, pirate) for the default SmolLM2-135M model.
+"""Train the four demo LoRA adapters (shout, json, brief, pirate) for the default SmolLM2-135M.
 
     .venv/bin/python scripts/train_demo_adapters.py
 
@@ -6,7 +6,8 @@ Training data is built mechanically from the base model's own greedy answers to 
 rewritten per behaviour (upper-cased, wrapped in JSON, cut to one short sentence, pirate prefix).
 Loss is on the assistant tokens only, targets end with <|im_end|> so the adapters learn to stop.
 Saves PEFT dirs (adapter_config.json + fp16 adapter_model.safetensors + card.json) under
-adapters/demo/<name>/. CPU only, fixed seed; about 5 minutes on 2 cores.
+adapters/demo/<name>/. CPU only, fixed seed (deterministic); about 4 minutes on 2 idle cores.
+Names on the command line train only those adapters.
 """
 
 from __future__ import annotations
@@ -198,16 +199,13 @@ def save_fp16(model, target: Path, name: str, description: str) -> None:
 
 
 def train_one(base_dir: Path, tokenizer, name: str, pairs: list[tuple[str, str]]) -> None:
-    steps = STEPS[name]
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    steps, rng = STEPS[name], random.Random(SEED)
     torch.manual_seed(SEED)
-    rng = random.Random(SEED)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(task_type="CAUSAL_LM", **LORA)
-    model = get_peft_model(base, config)
-    model.train()
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **LORA)).train()
     examples = make_examples(tokenizer, pairs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
                                   weight_decay=0.0)
