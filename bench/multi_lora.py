@@ -1,4 +1,4 @@
-"""Multi-LoRA serving on one box: batched mixed adapters, adapter load times, the DESIGN.md load.
+"""Multi-LoRA on one box: mixed-adapter batches, adapter load times, the DESIGN.md workload.
 
 One run, one checkpoint (the embedded SmolLM2-135M-Instruct, float32 on CPU), random PEFT adapters
 written to a temporary directory (deleted at exit), --threads torch threads for every system:
