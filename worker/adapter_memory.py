@@ -61,7 +61,9 @@ class AdapterMemory:
         self._from_disk: set[str] = set()  # read from disk, not yet acquired: a host-tier miss
         self._errors: dict[str, str] = {}
         self._lock = threading.RLock()
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        # one torch thread: loads are copies and casts; more threads would fight the engine's
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
+                                          initializer=torch.set_num_threads, initargs=(1,))
 
     # -- registry (disk tier) --
     def register(self, spec: AdapterSpec) -> None:

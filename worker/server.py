@@ -86,7 +86,8 @@ def build_engine(config: WorkerConfig,
     runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots)
     info = WorkerInfo(model=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
                       max_model_len=max_model_len)
-    return Engine(scheduler, runner, tokenizer.detokenizer, emit), tokenizer, info
+    return (Engine(scheduler, runner, tokenizer.detokenizer, emit, config.num_threads), tokenizer,
+            info)
 
 
 async def start_worker(config: WorkerConfig) -> WorkerRuntime:
