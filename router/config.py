@@ -10,7 +10,20 @@ class RouterConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address the public gRPC API binds"})
     port: int = field(default=50051, metadata={"help": "public gRPC port (0 = pick a free one)"})
     workers: str = field(default="127.0.0.1:50052", metadata={
-        "help": "comma-separated worker addresses host:port"})
+        "help": "comma-separated worker addresses host:port (IPv6 as [addr]:port); a DNS name "
+                "that resolves to several addresses (a Kubernetes headless Service) is one "
+                "worker per address, re-resolved every --resolve-interval-s"})
+    routing: str = field(default="affinity", metadata={
+        "help": "how a worker is picked: 'affinity' (rendezvous hash of adapter_id with bounded "
+                "load, base model to the least loaded), 'round-robin' or 'least-loaded'"})
+    load_epsilon: float = field(default=0.25, metadata={
+        "help": "affinity skips a worker with more than (1 + eps) * mean + 1 requests in flight"})
+    health_interval_s: float = field(default=1.0, metadata={
+        "help": "seconds between health polls (Info) of each worker"})
+    health_timeout_s: float = field(default=2.0, metadata={
+        "help": "deadline of one health poll; a worker that misses two in a row is taken out"})
+    resolve_interval_s: float = field(default=30.0, metadata={
+        "help": "seconds between DNS re-resolutions of the --workers names"})
     adapters_dir: str = field(default="", metadata={
         "help": "register every PEFT adapter directory under this folder at start"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
@@ -24,6 +37,15 @@ class RouterConfig:
                 raise ValueError(f"--workers entry {address!r} is not host:port")
         if not 0 <= self.port < 65536:
             raise ValueError("--port must be in [0, 65535]")
+        if self.routing not in ("affinity", "round-robin", "least-loaded"):
+            raise ValueError(f"--routing {self.routing!r}: use affinity, round-robin or "
+                             "least-loaded")
+        if self.load_epsilon < 0:
+            raise ValueError("--load-epsilon must be >= 0")
+        if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
+            raise ValueError("--health-interval-s and --health-timeout-s must be > 0")
+        if self.resolve_interval_s <= 0:
+            raise ValueError("--resolve-interval-s must be > 0")
 
     @property
     def worker_addresses(self) -> list[str]:

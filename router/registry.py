@@ -3,6 +3,7 @@ every worker (which validate and hold the weights). Never reads adapter weights 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -11,9 +12,9 @@ from pathlib import Path
 import grpc
 
 from common.adapter_format import CONFIG_FILE
-from common.errors import EdgeLoraError, NotFound
+from common.errors import EdgeLoraError, NotFound, Unavailable
 from edgelora.v1 import types_pb2, worker_pb2
-from router.workers import WorkerPool
+from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 CARD_FILE = "card.json"  # optional: {"description": ..., "example_prompts": [...]}
@@ -37,41 +38,96 @@ class RpcError(EdgeLoraError):
 
 
 class AdapterRegistry:
+    """Registered adapters; every live worker holds the same set. A worker that (re)joins the
+    pool is synced first: missing adapters registered, ones unregistered meanwhile removed."""
+
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.adapters: dict[str, AdapterRecord] = {}
+        self._requests: dict[str, types_pb2.RegisterAdapterRequest] = {}
+        self._pending: set[str] = set()  # being registered: on some workers, not yet here
+        pool.on_join = self.sync_worker
+        pool.expected_num_registered = lambda: len(self.adapters)
 
     async def register(self, request: types_pb2.RegisterAdapterRequest) -> AdapterRecord:
-        """Registers on every worker (each validates against its base model), then here."""
-        rank = 0
-        for worker in self.pool.workers:
-            try:
-                reply = await worker.stub.RegisterAdapter(request, timeout=60)
-            except grpc.aio.AioRpcError as exc:
-                raise RpcError(exc.code(), exc.details() or exc.code().name) from exc
-            rank = reply.adapter.rank
+        """Registers on every live worker at once (each validates against its base model),
+        then here; a refusal by any undoes it on the others."""
+        workers = self.pool.workers
+        if not workers:
+            raise Unavailable(self.pool.unavailable_reason())
+        self._pending.add(request.adapter_id)
+        try:
+            results = await asyncio.gather(
+                *(w.stub.RegisterAdapter(request, timeout=60) for w in workers),
+                return_exceptions=True)
+        finally:
+            self._pending.discard(request.adapter_id)
+        rank, refusal = 0, None
+        for worker, result in zip(workers, results, strict=True):
+            if not isinstance(result, grpc.aio.AioRpcError):
+                rank = result.adapter.rank
+            elif result.code() is grpc.StatusCode.UNAVAILABLE:  # synced when it rejoins
+                self.pool.mark_failed(worker, f"RegisterAdapter: {result.details()}")
+            else:
+                refusal = refusal or RpcError(result.code(), result.details() or
+                                              result.code().name)
+        if refusal is None and not rank:
+            refusal = RpcError(grpc.StatusCode.UNAVAILABLE, "every worker failed while "
+                               "registering; retry when they are back")
+        if refusal is not None:
+            if request.adapter_id not in self.adapters:  # a failed re-register keeps the old
+                await self._unregister_on(self.pool.workers, request.adapter_id)
+            raise refusal
         record = AdapterRecord(request.adapter_id, request.path, rank, request.description,
                                list(request.example_prompts))
         self.adapters[record.adapter_id] = record
+        self._requests[record.adapter_id] = request
         return record
 
     async def unregister(self, adapter_id: str) -> None:
         if self.adapters.pop(adapter_id, None) is None:
             raise NotFound(f"adapter {adapter_id!r} is not registered")
-        for worker in self.pool.workers:
+        self._requests.pop(adapter_id, None)
+        await self._unregister_on(self.pool.workers, adapter_id)
+
+    async def _unregister_on(self, workers: list[WorkerHandle], adapter_id: str) -> None:
+        request = types_pb2.UnregisterAdapterRequest(adapter_id=adapter_id)
+        results = await asyncio.gather(*(w.stub.UnregisterAdapter(request, timeout=30)
+                                         for w in workers), return_exceptions=True)
+        for worker, result in zip(workers, results, strict=True):
+            if isinstance(result, grpc.aio.AioRpcError):  # gone there already: nothing to undo
+                log.warning("unregister %s on %s: %s", adapter_id, worker.name,
+                            result.details())
+
+    async def sync_worker(self, worker: WorkerHandle) -> None:
+        """Makes `worker` hold exactly the registered adapters. Registers only the missing ones:
+        registering again would drop the cached weights of those it has."""
+        listed = await worker.stub.ListAdapters(types_pb2.ListAdaptersRequest(), timeout=30)
+        held = {a.adapter_id for a in listed.adapters}
+        wanted = dict(self._requests)
+        for adapter_id in sorted(set(wanted) - held):
             try:
-                await worker.stub.UnregisterAdapter(
-                    types_pb2.UnregisterAdapterRequest(adapter_id=adapter_id), timeout=30)
-            except grpc.aio.AioRpcError as exc:  # gone there already: nothing left to undo
-                log.warning("unregister %s on %s: %s", adapter_id, worker.address, exc.details())
+                await worker.stub.RegisterAdapter(wanted[adapter_id], timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                log.error("worker %s refuses adapter %s: %s", worker.name, adapter_id,
+                          exc.details())
+        extra = held - set(wanted) - self._pending
+        for adapter_id in sorted(extra):
+            await self._unregister_on([worker], adapter_id)
+        if wanted.keys() - held or extra:
+            log.info("worker %s synced: %d adapters registered, %d removed", worker.name,
+                     len(wanted.keys() - held), len(extra))
 
     async def list(self) -> list[types_pb2.AdapterInfo]:
         """Registered adapters with the best tier any worker holds them in."""
         tiers: dict[str, int] = {}
-        for worker in self.pool.workers:
-            try:
-                info = await worker.stub.Info(worker_pb2.InfoRequest(), timeout=10)
-            except grpc.aio.AioRpcError:
+        workers = self.pool.workers
+        infos = await asyncio.gather(*(w.stub.Info(worker_pb2.InfoRequest(), timeout=10)
+                                       for w in workers), return_exceptions=True)
+        for info in infos:
+            if isinstance(info, BaseException):
                 continue  # a worker that is down holds nothing
             for held in info.adapters:
                 tiers[held.adapter_id] = max(tiers.get(held.adapter_id, 0), held.tier)

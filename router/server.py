@@ -31,8 +31,9 @@ class RouterRuntime:
 
 
 async def start_router(config: RouterConfig) -> RouterRuntime:
-    pool = WorkerPool(config.worker_addresses)
-    registry = AdapterRegistry(pool)
+    pool = WorkerPool.from_config(config)
+    registry = AdapterRegistry(pool)  # before start: workers joining get its adapters
+    await pool.start()
     service = RouterService(pool, registry)
     server, port, health = create_server(
         [lambda s: router_pb2_grpc.add_RouterServicer_to_server(service, s)], [ROUTER_SERVICE],
@@ -42,5 +43,6 @@ async def start_router(config: RouterConfig) -> RouterRuntime:
         log.info("registered %d adapters from %s", count, config.adapters_dir)
     await server.start()
     await mark_serving(health, [ROUTER_SERVICE])
-    log.info("router serving on %s:%d -> workers %s", config.host, port, config.workers)
+    log.info("router serving on %s:%d -> workers %s (%d live of %d; routing %s)", config.host,
+             port, config.workers, len(pool.workers), len(pool.all_workers), config.routing)
     return RouterRuntime(server, port, pool)

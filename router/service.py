@@ -41,15 +41,31 @@ class RouterService(router_pb2_grpc.RouterServicer):
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[types_pb2.GenerateResponse]:
         forwarded = await self._resolve_adapter(request, context)
-        with self.pool.lease() as worker:
-            call = worker.stub.Generate(forwarded)
+        tried: list[str] = []
+        while True:  # another worker only while nothing has reached the client
             try:
-                async for response in call:
-                    yield response
-            except grpc.aio.AioRpcError as exc:
-                await context.abort(exc.code(), self._describe(exc, worker.address))
-            finally:
-                call.cancel()  # no-op when done; frees the worker's sequence when our client left
+                worker = self.pool.pick(forwarded.adapter_id, exclude=tried)
+            except EdgeLoraError as exc:
+                await context.abort(exc.code, str(exc))
+            has_started = False
+            with self.pool.lease(worker):
+                call = worker.stub.Generate(forwarded)
+                try:
+                    async for response in call:
+                        has_started = True
+                        yield response
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                        await context.abort(exc.code(), self._describe(exc, worker.name))
+                    self.pool.mark_failed(worker, f"Generate: {exc.details()}")
+                    if has_started:
+                        await context.abort(exc.code(), self._describe(exc, worker.name))
+                    log.info("worker %s failed before the first token; retrying elsewhere",
+                             worker.name)
+                    tried.append(worker.address)
+                finally:
+                    call.cancel()  # no-op when done; frees the worker's sequence if the client left
 
     async def Generate(self, request: types_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> types_pb2.GenerateResponse:
@@ -66,7 +82,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     @staticmethod
     def _describe(exc: grpc.aio.AioRpcError, address: str) -> str:
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
-            return f"worker {address} is unavailable: {exc.details()}"
+            return (f"worker {address} became unavailable while streaming this request "
+                    f"({exc.details()}); the tokens already sent stand, retry for the rest")
         return exc.details() or exc.code().name
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
