@@ -129,3 +129,50 @@ def test_unregister(stub, tmp_path: Path, tiny_model_dir: Path) -> None:
         grpc.StatusCode.NOT_FOUND
     listed = [a.adapter_id for a in stub.ListAdapters(types_pb2.ListAdaptersRequest()).adapters]
     assert "temp" not in listed
+
+
+class RecordingWorker:
+    """A worker stub holding a set of adapter ids and recording what the registry asks."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.held = set(held)
+        self.calls: list[tuple[str, str]] = []
+
+    async def ListAdapters(self, request, timeout=None) -> types_pb2.ListAdaptersResponse:
+        return types_pb2.ListAdaptersResponse(adapters=[types_pb2.AdapterInfo(adapter_id=a)
+                                                        for a in sorted(self.held)])
+
+    async def RegisterAdapter(self, request, timeout=None) -> types_pb2.RegisterAdapterResponse:
+        self.calls.append(("register", request.adapter_id))
+        self.held.add(request.adapter_id)
+        return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
+            adapter_id=request.adapter_id, rank=4))
+
+    async def UnregisterAdapter(self, request, timeout=None):
+        self.calls.append(("unregister", request.adapter_id))
+        self.held.discard(request.adapter_id)
+        return types_pb2.UnregisterAdapterResponse()
+
+
+def test_sync_registers_only_missing_adapters_and_drops_stale_ones() -> None:
+    import asyncio
+
+    from router.registry import AdapterRegistry
+    from router.workers import WorkerHandle, WorkerPool
+
+    async def scenario() -> list[tuple[str, str]]:
+        registry = AdapterRegistry(WorkerPool(["127.0.0.1:1"]))
+        first = RecordingWorker(set())
+        handle = WorkerHandle("10.0.0.1:1", "10.0.0.1:1", None, first, is_live=True)
+        registry.pool._handles[handle.address] = handle
+        for adapter_id in ("a", "b", "c"):
+            await registry.register(types_pb2.RegisterAdapterRequest(adapter_id=adapter_id,
+                                                                     path="/x"))
+        # a worker that kept "a" (its cached weights must stay), lacks b and c, has a stale "old"
+        rejoining = RecordingWorker({"a", "old"})
+        await registry.sync_worker(WorkerHandle("10.0.0.2:1", "10.0.0.2:1", None, rejoining))
+        assert rejoining.held == {"a", "b", "c"}
+        return rejoining.calls
+
+    assert asyncio.run(scenario()) == [("register", "b"), ("register", "c"),
+                                       ("unregister", "old")]
