@@ -93,8 +93,11 @@ class Engine:
         if isinstance(message, Abort):
             self.scheduler.abort(message.request_id)
             return
+        scoring = message.num_reference_tokens > 0  # emits no text: no detokenizer
         seq = Sequence(message.request_id, message.prompt_ids, message.options,
-                       message.adapter_id, detok=self.make_detokenizer(message.options.stop))
+                       message.adapter_id,
+                       detok=None if scoring else self.make_detokenizer(message.options.stop),
+                       num_reference_tokens=message.num_reference_tokens)
         try:
             self.scheduler.add(seq)
         except EdgeLoraError as exc:

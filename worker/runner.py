@@ -1,9 +1,12 @@
 """Turns a scheduled Batch into tensors, runs the model and the sampler, returns one token per row.
 
-The only place that moves batch data between host and device; one host sync per step.
+The only place that moves batch data between host and device; one host sync per step (two in
+steps that also score references).
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 
@@ -12,6 +15,10 @@ from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
 from worker.sampler import make_sampling_tensors, sample
 from worker.scheduler import Batch, ScheduledSeq
+from worker.scoring import row_log_likelihoods, scored_positions
+
+# Token reported for scoring rows: they sample nothing, and postprocess never reads it.
+NO_TOKEN = -1
 
 
 def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: int,
@@ -92,11 +99,35 @@ class ModelRunner:
         batch.items.sort(key=lambda it: it.seq.slot)
         input_ids, fb, last_idx = self.prepare(batch)
         hidden = self.model(input_ids, fb, self.kv_cache.layers)       # [T, hidden]
-        logits = self.model.compute_logits(hidden.index_select(0, last_idx))  # [rows, vocab]
-        opts = [it.seq.options for it in batch.items]
+        if any(it.seq.is_scoring for it in batch.items):
+            return self._score_and_sample(batch.items, hidden, last_idx)
+        return self._sample(batch.items, hidden.index_select(0, last_idx))
+
+    def _sample(self, items: list[ScheduledSeq], last_hidden: torch.Tensor) -> list[int]:
+        """last_hidden [rows, hidden] of `items` -> one sampled token per row."""
+        logits = self.model.compute_logits(last_hidden)                 # [rows, vocab]
+        opts = [it.seq.options for it in items]
         tensors = make_sampling_tensors(
             temperature=[o.temperature for o in opts], top_p=[o.top_p for o in opts],
             top_k=[o.top_k for o in opts], seed=[o.seed for o in opts],
-            step=[it.seq.num_output_tokens for it in batch.items], device=self.device)
+            step=[it.seq.num_output_tokens for it in items], device=self.device)
         # The step's one host sync.
         return sample(logits, tensors).tolist()
+
+    def _score_and_sample(self, items: list[ScheduledSeq], hidden: torch.Tensor,
+                          last_idx: torch.Tensor) -> list[int]:
+        """Scoring rows get their chunk's log-likelihood (on the item) and NO_TOKEN; the other
+        rows are sampled as usual, from the same forward."""
+        offsets = list(accumulate((it.num_new_tokens for it in items[:-1]), initial=0))
+        hidden_idx, targets, rows = scored_positions(items, offsets)
+        sums = row_log_likelihoods(self.model, hidden, hidden_idx, targets, rows, len(items))
+        tokens = [NO_TOKEN] * len(items)
+        generating = [i for i, it in enumerate(items) if not it.seq.is_scoring]
+        for i, it in enumerate(items):
+            it.log_likelihood = sums[i]
+        if generating:
+            last = last_idx.index_select(0, torch.tensor(generating, device=self.device))
+            sampled = self._sample([items[i] for i in generating], hidden.index_select(0, last))
+            for i, token in zip(generating, sampled, strict=True):
+                tokens[i] = token
+        return tokens

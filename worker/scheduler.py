@@ -19,6 +19,8 @@ from worker.sequence import Sequence, SequenceStatus, TokenEvent
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
+    # scoring rows: the runner's sum of log p over the reference tokens this chunk predicts
+    log_likelihood: float = 0.0
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Scheduler:
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed_tokens = 0
+        seq.log_likelihood = 0.0  # its chunks are recomputed, and scored, again
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -150,6 +153,15 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += item.num_new_tokens
+            if seq.is_scoring:
+                seq.log_likelihood += item.log_likelihood
+                if seq.num_uncomputed_tokens == 0:  # scored in full: no token is sampled
+                    self.running.remove(seq)
+                    self._finish(seq, "scored")
+                    events.append(TokenEvent(seq.request_id, [], "", seq.num_prompt_tokens, 0,
+                                             finish_reason="scored",
+                                             log_likelihood=seq.log_likelihood))
+                continue
             if seq.num_uncomputed_tokens > 0:
                 continue  # mid-prompt chunk: its sample means nothing
             seq.token_ids.append(token)

@@ -35,6 +35,8 @@ class AddRequest:
     prompt_ids: list[int]
     options: SamplingOptions
     adapter_id: str = ""
+    # > 0: a scoring request (see Sequence.num_reference_tokens)
+    num_reference_tokens: int = 0
 
 
 @dataclass
@@ -53,9 +55,11 @@ class TokenEvent:
     text: str
     num_prompt_tokens: int
     num_output_tokens: int
-    finish_reason: str = ""  # "", "stop", "length" or "error"
+    finish_reason: str = ""  # "", "stop", "length", "scored" or "error"
     error: str = ""
     error_code: str = "INTERNAL"  # grpc.StatusCode name the client sees on finish_reason "error"
+    # finish_reason "scored": sum of log p(reference token | prefix), natural log
+    log_likelihood: float = 0.0
 
 
 class Detokenizer(Protocol):
@@ -81,10 +85,23 @@ class Sequence:
     slot: int = 0  # device adapter slot while admitted (0 = base model)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str = ""
+    # Scoring: the last num_reference_tokens prompt tokens are scored, nothing is sampled, and
+    # the sequence finishes after its last prompt chunk. 0 = a normal generating sequence.
+    num_reference_tokens: int = 0
+    log_likelihood: float = 0.0  # summed over the chunks computed so far
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+
+    @property
+    def is_scoring(self) -> bool:
+        return self.num_reference_tokens > 0
+
+    @property
+    def first_scored_position(self) -> int:
+        """Position whose hidden state predicts the first reference token."""
+        return len(self.prompt_ids) - self.num_reference_tokens - 1
 
     @property
     def num_tokens(self) -> int:

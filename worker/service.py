@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.adapter_format import read_adapter_spec
-from common.errors import EdgeLoraError, InvalidArgument
+from common.errors import EdgeLoraError, InvalidArgument, NotFound
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from worker.adapter_memory import AdapterMemory, TierStats
 from worker.config import WorkerConfig
@@ -91,16 +91,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if stream is not None:  # None: the client already left
             stream.put_nowait(event)
 
+    def _encode_prompt(self, request: types_pb2.GenerateRequest | worker_pb2.ScoreRequest
+                       ) -> list[int]:
+        if request.prompt and request.messages:
+            raise InvalidArgument("set either prompt or messages, not both")
+        if request.messages:
+            return self.tokenizer.encode_chat([(m.role, m.content) for m in request.messages])
+        if request.prompt:
+            return self.tokenizer.encode_prompt(request.prompt)
+        raise InvalidArgument("the prompt is empty: set prompt or messages")
+
     def _to_add_request(self, request: types_pb2.GenerateRequest) -> AddRequest:
         if request.prompt and request.messages:
             raise InvalidArgument("set either prompt or messages, not both")
         options = sampling_from_pb(request.params, self.config.default_max_tokens)
-        if request.messages:
-            prompt_ids = self.tokenizer.encode_chat([(m.role, m.content) for m in request.messages])
-        elif request.prompt:
-            prompt_ids = self.tokenizer.encode_prompt(request.prompt)
-        else:
-            raise InvalidArgument("the prompt is empty: set prompt or messages")
+        prompt_ids = self._encode_prompt(request)
         limit = self.info.max_model_len
         if len(prompt_ids) >= limit:
             raise InvalidArgument(f"the prompt has {len(prompt_ids)} tokens; this worker's context "
@@ -142,6 +147,62 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if not finished:  # cancelled or disconnected: free its KV now
                 self.engine.submit(Abort(add.request_id))
 
+    def _to_score_requests(self, request: worker_pb2.ScoreRequest) -> list[AddRequest]:
+        """One prefill-only AddRequest per adapter, over the same prompt + reference tokens."""
+        if not request.reference:
+            raise InvalidArgument("the reference is empty: set the answer to score")
+        prompt_ids = self._encode_prompt(request)
+        reference_ids = encode_reference(self.tokenizer, request.reference)
+        if not prompt_ids or not reference_ids:
+            raise InvalidArgument("the prompt and the reference must each make at least one token")
+        total, limit = len(prompt_ids) + len(reference_ids), self.info.max_model_len
+        if total > limit:
+            raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) + reference "
+                                  f"({len(reference_ids)} tokens) exceed this worker's context "
+                                  f"of {limit} tokens: shorten them")
+        adapter_ids = list(request.adapter_ids) or [""]
+        memory = self.engine.scheduler.adapters
+        for adapter_id in filter(None, adapter_ids):  # fail the whole call before queueing any
+            error = (NotFound(f"adapter {adapter_id!r}: this worker serves no adapters")
+                     if memory is None else memory.error(adapter_id))
+            if error:
+                raise error
+        options = SamplingOptions(max_tokens=1)  # never read: scoring samples nothing
+        return [AddRequest(next(self._ids), prompt_ids + reference_ids, options, adapter_id,
+                           num_reference_tokens=len(reference_ids))
+                for adapter_id in adapter_ids]
+
+    async def Score(self, request: worker_pb2.ScoreRequest,
+                    context: grpc.aio.ServicerContext) -> worker_pb2.ScoreResponse:
+        """Every adapter's sequence goes through the scheduler like a Generate: they share
+        forward passes (with each other and with running streams) through the multi-LoRA path."""
+        try:
+            adds = self._to_score_requests(request)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        pending = {add.request_id for add in adds}
+        results: dict[int, TokenEvent] = {}
+        for add in adds:
+            self._streams[add.request_id] = events
+            self.engine.submit(add)
+        try:
+            while pending:
+                event = await events.get()
+                pending.discard(event.request_id)
+                if event.finish_reason == "error":
+                    await context.abort(grpc.StatusCode[event.error_code], event.error)
+                results[event.request_id] = event
+        finally:
+            for add in adds:
+                del self._streams[add.request_id]
+            for request_id in pending:  # cancelled, or a sibling failed: free their KV now
+                self.engine.submit(Abort(request_id))
+        return worker_pb2.ScoreResponse(results=[
+            worker_pb2.AdapterLogLikelihood(
+                adapter_id=add.adapter_id, num_tokens=add.num_reference_tokens,
+                log_likelihood=results[add.request_id].log_likelihood) for add in adds])
+
     async def Info(self, request: worker_pb2.InfoRequest,
                    context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
         scheduler = self.engine.scheduler
@@ -182,6 +243,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
         adapters = adapters_to_pb(self.engine.scheduler.adapters)
         return types_pb2.ListAdaptersResponse(adapters=adapters)
+
+
+def encode_reference(tokenizer: Tokenizer, reference: str) -> list[int]:
+    """The reference's tokens as a continuation: tokenized alone, without BOS or other special
+    tokens, then appended to the prompt's. So the scored tokens are exactly the reference text's
+    own (a leading space belongs in the reference when it continues a raw prompt), not a
+    re-tokenization of the joined text across the boundary; after a chat prompt the reference
+    is the assistant's answer, and the end-of-turn token is not scored."""
+    return list(tokenizer.hf(reference, add_special_tokens=False).input_ids)
 
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
