@@ -121,10 +121,10 @@ class ModelRunner:
         offsets = list(accumulate((it.num_new_tokens for it in items[:-1]), initial=0))
         hidden_idx, targets, rows = scored_positions(items, offsets)
         sums = row_log_likelihoods(self.model, hidden, hidden_idx, targets, rows, len(items))
+        for it, log_likelihood in zip(items, sums, strict=True):
+            it.log_likelihood = log_likelihood
         tokens = [NO_TOKEN] * len(items)
         generating = [i for i, it in enumerate(items) if not it.seq.is_scoring]
-        for i, it in enumerate(items):
-            it.log_likelihood = sums[i]
         if generating:
             last = last_idx.index_select(0, torch.tensor(generating, device=self.device))
             sampled = self._sample([items[i] for i in generating], hidden.index_select(0, last))

@@ -597,3 +597,85 @@ def test_whole_run_with_aborts_and_eos_frees_everything(seed: int) -> None:
         if s.finish_reason == "length":
             assert s.num_output_tokens == s.options.max_tokens
     assert_all_free(sched)
+
+
+# --- scoring sequences (prefill only) -------------------------------------------------------------
+
+
+def make_scoring_seq(request_id: int, prompt_len: int, num_reference: int) -> Sequence:
+    """prompt_len tokens in all, the last num_reference of them scored; no detokenizer."""
+    prompt = [10 + (request_id * 7 + i) % 50 for i in range(prompt_len)]
+    return Sequence(request_id, prompt, SamplingOptions(max_tokens=1),
+                    num_reference_tokens=num_reference)
+
+
+def score_step(sched: Scheduler, chunk_scores: dict[int, float]) -> tuple[Batch, list[TokenEvent]]:
+    """Like step(), with the runner's part for scoring rows: a log-likelihood per chunk and an
+    unusable token (-1), as ModelRunner gives them."""
+    batch = sched.schedule()
+    assert batch is not None
+    tokens = []
+    for item in batch.items:
+        if item.seq.is_scoring:
+            item.log_likelihood = chunk_scores.get(item.seq.request_id, 0.0)
+            tokens.append(-1)
+        else:
+            tokens.append(token_for(item.seq))
+    return batch, sched.postprocess(batch, tokens)
+
+
+def test_scoring_sequence_finishes_after_its_last_chunk_with_the_summed_score() -> None:
+    sched = make_scheduler(block_size=4, max_num_batched_tokens=4)
+    seq = make_scoring_seq(1, prompt_len=10, num_reference=6)
+    sched.add(seq)
+    for expected_rows in ([(1, 4)], [(1, 4)]):
+        batch, events = score_step(sched, {1: -1.5})
+        assert rows(batch) == expected_rows and events == []
+    batch, events = score_step(sched, {1: -0.25})
+    assert rows(batch) == [(1, 2)]
+    assert len(events) == 1, events
+    ev = events[0]
+    assert (ev.request_id, ev.token_ids, ev.text, ev.finish_reason) == (1, [], "", "scored")
+    assert ev.log_likelihood == -3.25
+    assert (ev.num_prompt_tokens, ev.num_output_tokens) == (10, 0)
+    assert seq.token_ids == seq.prompt_ids, "a scoring sequence appends no token"
+    assert_finished(seq, "scored")
+    assert not sched.has_work()
+    assert_all_free(sched)
+
+
+def test_scoring_and_generating_rows_share_a_step() -> None:
+    sched = make_scheduler(max_num_batched_tokens=32)
+    gen, scoring = make_seq(1, prompt_len=5, max_tokens=3), make_scoring_seq(2, 8, 3)
+    sched.add(gen)
+    sched.add(scoring)
+    batch, events = score_step(sched, {2: -2.0})
+    assert rows(batch) == [(1, 5), (2, 8)]
+    assert [(e.request_id, e.finish_reason) for e in events] == [(1, ""), (2, "scored")]
+    assert gen.output_ids == expected_outputs(1, 1)
+    assert ids(sched.running) == [1]
+
+
+def test_preempted_scoring_sequence_restarts_its_sum() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=4)
+    seq = make_scoring_seq(1, prompt_len=12, num_reference=4)
+    sched.add(seq)
+    score_step(sched, {1: -1.0})
+    assert seq.log_likelihood == -1.0
+    sched._preempt(seq)  # what _reserve does when memory runs short
+    assert seq.log_likelihood == 0.0 and seq.num_computed_tokens == 0
+    events = []
+    while not events:
+        _, events = score_step(sched, {1: -1.0})
+    assert events[0].log_likelihood == -3.0  # three chunks after the restart, none before
+    assert_all_free(sched)
+
+
+def test_aborted_scoring_sequence_frees_its_blocks() -> None:
+    sched = make_scheduler(block_size=4, max_num_batched_tokens=4)
+    seq = make_scoring_seq(1, prompt_len=12, num_reference=4)
+    sched.add(seq)
+    score_step(sched, {})
+    assert sched.abort(1)
+    assert_finished(seq, "cancelled")
+    assert_all_free(sched)

@@ -201,6 +201,22 @@ def test_bad_requests_get_clear_status_codes(worker: WorkerThread, case: str,
     assert (idle.num_running, idle.num_waiting) == (0, 0)
 
 
+def test_full_queue_fails_the_whole_call_and_frees_the_rest(tiny_model_dir: Path,
+                                                            adapters: dict[str, Path]) -> None:
+    server = WorkerThread(WorkerConfig(model=str(tiny_model_dir), max_queue=2,
+                                       **CONFIG), adapters)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            score(server.stub, ADAPTER_IDS)  # 4 sequences reach a queue that holds 2
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        idle = wait_idle(server.stub)
+        assert (idle.num_running, idle.num_waiting) == (0, 0)
+        assert idle.num_free_kv_blocks == idle.num_kv_blocks
+        assert len(score(server.stub, ADAPTER_IDS[:2]).results) == 2
+    finally:
+        server.stop()
+
+
 def wait_idle(stub, timeout_s: float = 30.0) -> worker_pb2.InfoResponse:
     deadline = time.monotonic() + timeout_s
     while True:
