@@ -1,0 +1,298 @@
+"""The deploy files against the real CLI: every container command parses with edgelora's own
+parser and builds a valid config, and ports, probes, Services, volumes and images line up."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from edgelora.v1 import router_pb2, worker_pb2
+from router.config import RouterConfig
+from tests.deploy.deploy_files import (
+    DEPLOY,
+    K8S,
+    OVERLAYS,
+    REPO,
+    WORKLOAD_KINDS,
+    CliError,
+    config_env_names,
+    configs_for,
+    container_argv,
+    container_env,
+    container_port,
+    dockerfile_env,
+    dockerfile_exec_form,
+    dockerfile_for_image,
+    dockerfile_values,
+    dockerignore_excludes,
+    find,
+    image_path_to_repo,
+    load_compose,
+    overlay_objects,
+    parse_cli,
+    selects,
+    split_address,
+)
+from worker.config import WorkerConfig
+
+SERVICE_OF = {"router": router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+              "worker": worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name}
+DOCKERFILES = sorted(DEPLOY.glob("Dockerfile.*"))
+
+
+def _healthcheck_parser():
+    spec = importlib.util.spec_from_file_location("healthcheck", DEPLOY / "healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def parse_healthcheck(argv: list[str]) -> Any:
+    """`python /app/deploy/healthcheck.py ...` -> its parsed arguments."""
+    assert argv[0] == "python", argv
+    assert image_path_to_repo(argv[1]) == DEPLOY / "healthcheck.py", argv
+    try:
+        return _healthcheck_parser().parse_args(argv[2:])
+    except SystemExit as exc:
+        raise CliError(f"healthcheck {shlex.join(argv)}") from exc
+
+
+def process_kind(configs: dict[str, Any]) -> str:
+    """What serves the container's port: the router (router, serve) or a bare worker."""
+    return "router" if "router" in configs else "worker"
+
+
+def listen_port(configs: dict[str, Any]) -> int:
+    config = configs[process_kind(configs)]
+    assert config.host == "0.0.0.0", "in a container the server must bind 0.0.0.0 to be reached"
+    return config.port
+
+
+def test_the_parser_refuses_a_flag_that_does_not_exist() -> None:
+    """Guards the whole file: a renamed or mistyped flag must fail, not be ignored."""
+    assert parse_cli(["worker", "--port", "50052"]).port == 50052
+    with pytest.raises(CliError, match="--adapters-dom"):
+        parse_cli(["router", "--adapters-dom", "/adapters"])
+    with pytest.raises(ValueError, match="--device"):
+        configs_for(["worker", "--device", "gpu"], {})
+
+
+# --- Dockerfiles -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_a_valid_edgelora_command(dockerfile: Path) -> None:
+    assert dockerfile_exec_form(dockerfile, "ENTRYPOINT") == ["edgelora"]
+    argv = dockerfile_exec_form(dockerfile, "CMD")
+    env = dockerfile_env(dockerfile)
+    configs = configs_for(argv, env)
+    assert configs, f"CMD {argv} starts no server"
+    exposed = {int(p) for rest in dockerfile_values(dockerfile, "EXPOSE") for p in rest.split()}
+    assert exposed == {listen_port(configs), WorkerConfig().port}
+    adapters_dir = configs["router"].adapters_dir
+    assert (image_path_to_repo(adapters_dir) / "shout" / "adapter_config.json").is_file()
+    assert {n for n in env if n.startswith("EDGELORA_")} <= config_env_names()
+    assert env["EDGELORA_CACHE_DIR"].startswith("/opt/"), "model cache outside the app folder"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_builds_stubs_and_model_and_runs_as_non_root(dockerfile: Path) -> None:
+    runs = " && ".join(dockerfile_values(dockerfile, "RUN"))
+    assert "make proto" in runs and "edgelora import-default" in runs
+    assert any(rest.startswith("TORCH_SPEC=") for rest in dockerfile_values(dockerfile, "ARG"))
+    assert "${TORCH_SPEC}" in runs
+    user = dockerfile_values(dockerfile, "USER")[-1]
+    uid = user.split(":")[0]
+    # numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd
+    assert uid.isdigit() and int(uid) != 0
+    assert dockerfile_values(dockerfile, "WORKDIR") == ["/app"]
+    assert "COPY . ." in [f"COPY {rest}" for rest in dockerfile_values(dockerfile, "COPY")]
+
+
+def test_dockerignore_keeps_what_the_images_need() -> None:
+    needed = ["pyproject.toml", "Makefile", "proto/edgelora/v1/router.proto", "common/config.py",
+              "router/server.py", "worker/server.py", "edgelora/cli.py", "deploy/healthcheck.py",
+              "adapters/demo/shout/adapter_model.safetensors"]
+    assert [p for p in needed if dockerignore_excludes(p)] == []
+    # a host venv or stale stubs in the image would shadow what the build makes
+    assert dockerignore_excludes(".venv/bin/python")
+    assert dockerignore_excludes("edgelora/v1/router_pb2.py")
+
+
+# --- docker-compose ----------------------------------------------------------------------------
+
+def test_compose_router_reaches_both_workers_and_publishes_its_port() -> None:
+    services = load_compose()["services"]
+    configs = {name: configs_for(s["command"], {k: str(v) for k, v in
+                                                 s.get("environment", {}).items()})
+               for name, s in services.items()}
+    routers = [n for n, c in configs.items() if process_kind(c) == "router"]
+    workers = [n for n, c in configs.items() if process_kind(c) == "worker" and c]
+    assert len(routers) == 1 and len(workers) == 2
+    router = configs[routers[0]]["router"]
+    targets = [split_address(a) for a in router.worker_addresses]
+    assert sorted(host for host, _ in targets) == sorted(workers)
+    for host, port in targets:
+        assert port == listen_port(configs[host])
+        assert str(port) in [str(p) for p in services[host]["expose"]]
+        assert services[routers[0]]["depends_on"][host]["condition"] == "service_healthy"
+    assert f"{router.port}:{router.port}" in services[routers[0]]["ports"]
+
+
+def test_compose_health_checks_ask_each_process_its_own_service() -> None:
+    services = load_compose()["services"]
+    for name, service in services.items():
+        configs = configs_for(service["command"], {})
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        check = parse_healthcheck(test[1:])
+        kind = process_kind(configs)
+        assert check.address == f"127.0.0.1:{listen_port(configs)}", name
+        assert check.service == SERVICE_OF[kind], name
+
+
+def test_compose_mounts_the_adapters_read_only_at_one_path() -> None:
+    services = load_compose()["services"]
+    router_name = next(n for n, s in services.items() if s["command"][0] == "router")
+    adapters_dir = configs_for(services[router_name]["command"], {})["router"].adapters_dir
+    for name, service in services.items():
+        mounts = [v for v in service["volumes"] if v["target"] == adapters_dir]
+        assert len(mounts) == 1 and mounts[0]["read_only"] is True, name
+        source = (DEPLOY / mounts[0]["source"]).resolve()
+        assert any(source.glob("*/adapter_config.json")), f"{name}: {source} has no adapters"
+        assert service["image"] == "edgelora:cpu"
+        assert (REPO / service["build"]["dockerfile"]) == dockerfile_for_image(service["image"])
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+def test_every_k8s_file_is_listed_by_a_kustomization() -> None:
+    listed = set()
+    for overlay in OVERLAYS:
+        for obj in overlay_objects(overlay):
+            listed.add((obj["kind"], obj["metadata"]["name"]))
+    on_disk = [p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"]
+    for path in on_disk:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert (doc["kind"], doc["metadata"]["name"]) in listed, path
+
+
+def _containers(objects: list[dict]) -> list[tuple[dict, dict, bool]]:
+    """(workload, container, is_init) for every container of every workload."""
+    out = []
+    for obj in objects:
+        if obj["kind"] in WORKLOAD_KINDS:
+            spec = obj["spec"]["template"]["spec"]
+            out += [(obj, c, True) for c in spec.get("initContainers", [])]
+            out += [(obj, c, False) for c in spec["containers"]]
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_containers_run_valid_commands_with_matching_ports_and_probes(overlay: str) -> None:
+    objects = overlay_objects(overlay)
+    servers = 0
+    for workload, container, is_init in _containers(objects):
+        argv = container_argv(container)
+        if is_init:
+            parse_healthcheck(argv)  # checked against the workers' Service below
+            continue
+        configs = configs_for(argv[1:], container_env(container, objects))
+        assert argv[0] == "edgelora" and configs, container["name"]
+        port = listen_port(configs)
+        servers += 1
+        assert [p["containerPort"] for p in container["ports"]] == [port]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            grpc_probe = container[probe]["grpc"]
+            assert grpc_probe["port"] == port, (container["name"], probe)
+            assert grpc_probe["service"] == SERVICE_OF[process_kind(configs)]
+        services = [s for s in find(objects, "Service") if selects(s, workload)]
+        assert services, f"no Service selects {workload['metadata']['name']}"
+        for service in services:
+            for svc_port in service["spec"]["ports"]:
+                assert container_port(container, svc_port["targetPort"]) == port
+                assert svc_port["port"] == port
+    assert servers == 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_router_finds_workers_through_their_headless_service(overlay: str) -> None:
+    objects = overlay_objects(overlay)
+    (router_deploy,) = find(objects, "Deployment", "edgelora-router")
+    (workers,) = find(objects, "StatefulSet", "edgelora-worker")
+    router_container = router_deploy["spec"]["template"]["spec"]["containers"][0]
+    router = configs_for(container_argv(router_container)[1:], {})["router"]
+    (address,) = router.worker_addresses
+    host, port = split_address(address)
+    (headless,) = find(objects, "Service", host)
+    assert headless["spec"]["clusterIP"] == "None"
+    assert selects(headless, workers)
+    assert workers["spec"]["serviceName"] == host
+    assert port in [p["port"] for p in headless["spec"]["ports"]]
+    worker_container = workers["spec"]["template"]["spec"]["containers"][0]
+    assert configs_for(container_argv(worker_container)[1:], {})["worker"].port == port
+    (wait,) = router_deploy["spec"]["template"]["spec"]["initContainers"]
+    check = parse_healthcheck(container_argv(wait))
+    assert (check.address, check.service) == (address, SERVICE_OF["worker"])
+    assert check.wait_s > 0
+
+
+def test_cuda_workers_request_a_gpu_and_cpu_workers_do_not() -> None:
+    for overlay in OVERLAYS:
+        (workers,) = find(overlay_objects(overlay), "StatefulSet", "edgelora-worker")
+        (container,) = workers["spec"]["template"]["spec"]["containers"]
+        worker = configs_for(container_argv(container)[1:], {})["worker"]
+        resources = container["resources"]
+        gpus = int(resources.get("limits", {}).get("nvidia.com/gpu", 0))
+        assert dockerfile_for_image(container["image"]).is_file()
+        if overlay == "cuda":
+            assert gpus >= 1 and worker.device.startswith("cuda")
+            assert container["image"] == "edgelora:cuda"
+        else:
+            assert gpus == 0 and worker.device == "cpu"
+            # torch threads beyond the cores the pod gets collapse throughput
+            assert 1 <= worker.num_threads <= int(resources["limits"]["cpu"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_adapters_volume_is_read_only_at_the_routers_adapters_dir(overlay: str) -> None:
+    objects = overlay_objects(overlay)
+    (router_deploy,) = find(objects, "Deployment", "edgelora-router")
+    router_container = router_deploy["spec"]["template"]["spec"]["containers"][0]
+    adapters_dir = configs_for(container_argv(router_container)[1:], {})["router"].adapters_dir
+    claims = set()
+    for workload, container, is_init in _containers(objects):
+        if is_init:
+            continue
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == adapters_dir]
+        assert mount["readOnly"] is True
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        claims.add(volumes[mount["name"]]["persistentVolumeClaim"]["claimName"])
+    assert len(claims) == 1
+    assert find(objects, "PersistentVolumeClaim", claims.pop())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_run_as_the_images_user_without_service_link_variables(overlay: str) -> None:
+    objects = overlay_objects(overlay)
+    for workload, container, _ in _containers(objects):
+        pod = workload["spec"]["template"]["spec"]
+        # Kubernetes would inject <SERVICE>_PORT=tcp://...; edgelora reads EDGELORA_* as flags.
+        assert pod["enableServiceLinks"] is False
+        user = dockerfile_values(dockerfile_for_image(container["image"]), "USER")[-1]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert str(pod["securityContext"]["runAsUser"]) == user.split(":")[0]
+
+
+def test_config_map_keys_are_edgelora_settings() -> None:
+    (config,) = find(overlay_objects("cpu"), "ConfigMap", "edgelora-config")
+    assert set(config["data"]) <= config_env_names()
+    assert "EDGELORA_PORT" not in config["data"], "router and worker would share one port"
+    # the values are valid for both processes
+    configs_for(["worker"], config["data"])
+    configs_for(["router"], config["data"])
+    assert RouterConfig().port != WorkerConfig().port
