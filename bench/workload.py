@@ -73,9 +73,12 @@ def _pick_adapter(rng: random.Random, num_adapters: int, alpha: float, rule: str
 def generate_workload(num_requests: int, num_adapters: int, alpha: float = 1.0,
                       rule: str = "zipf", rate: float = 1.0, cv: float = 1.5,
                       input_range: tuple[int, int] = (8, 128),
-                      output_range: tuple[int, int] = (8, 256), seed: int = 0) -> list[Request]:
+                      output_range: tuple[int, int] = (8, 256), seed: int = 0,
+                      duration_s: float | None = None) -> list[Request]:
     """Requests in arrival order; the first arrives at 0 s, then Gamma(k = 1/cv², θ = 1/(R·k))
-    gaps (mean 1/R, coefficient of variation cv); lengths uniform in the closed ranges."""
+    gaps (mean 1/R, coefficient of variation cv); lengths uniform in the closed ranges.
+    duration_s: stop at the first arrival at or after it (num_requests stays a cap); the result
+    is a prefix of the same call without it."""
     if rule not in ("zipf", "edgelora"):
         raise ValueError(f"rule must be 'zipf' or 'edgelora', got {rule!r}")
     if num_requests < 0 or num_adapters < 1 or rate <= 0 or cv <= 0 or alpha <= 0:
@@ -89,6 +92,8 @@ def generate_workload(num_requests: int, num_adapters: int, alpha: float = 1.0,
     for index in range(num_requests):
         if index:
             now += rng.gammavariate(shape, scale)
+        if duration_s is not None and now >= duration_s:
+            break
         requests.append(Request(index, now, _pick_adapter(rng, num_adapters, alpha, rule,
                                                           cumulative),
                                 rng.randint(*input_range), rng.randint(*output_range)))
@@ -122,11 +127,13 @@ def make_prompt(tokenizer: Any, n_tokens: int, seed: int) -> str:
 
 
 async def replay(requests: Iterable[Request],
-                 stream: Callable[[Request], AsyncIterator[int]]) -> list[Record]:
+                 stream: Callable[[Request], AsyncIterator[int]],
+                 on_done: Callable[[Record], None] | None = None) -> list[Record]:
     """Starts each request at its arrival time (concurrently, on this event loop) and records it.
 
     stream(request) yields the number of generated tokens in each chunk it receives (a server's
     streaming call); TTFT is the first chunk with tokens. An exception marks the request failed.
+    on_done(record) is called as each request finishes (e.g. to advance a progress bar).
     """
     t0 = time.perf_counter()
 
@@ -139,9 +146,14 @@ async def replay(requests: Iterable[Request],
                 if count and not first:
                     first = time.perf_counter()
                 tokens += count
+            # no token means no TTFT: a failure, not a record that would skew the figures
+            record = Record(request.index, arrival, first, time.perf_counter(), tokens,
+                            "" if first else "no tokens streamed")
         except Exception as exc:  # any failure of one request is its record
-            return Record(request.index, arrival, 0.0, 0.0, 0, f"{type(exc).__name__}: {exc}")
-        return Record(request.index, arrival, first, time.perf_counter(), tokens)
+            record = Record(request.index, arrival, 0.0, 0.0, 0, f"{type(exc).__name__}: {exc}")
+        if on_done is not None:
+            on_done(record)
+        return record
 
     return list(await asyncio.gather(*(one(r) for r in requests)))
 

@@ -1,0 +1,249 @@
+"""Serving benchmark over the network: the DESIGN.md workload against our router (gRPC) and
+llama.cpp's llama-server (HTTP), same prompts, same adapters, same machine, one run.
+
+Scenarios: "mixed" (--num-adapters adapters, Zipf/EdgeLoRA popularity) and "single" (the same
+requests, all on adapter 0, where llama.cpp batches too). Each target is launched in turn (ours:
+`edgelora serve`; llama.cpp: bench/llamacpp/server.py), or reached at --edgelora-address /
+--llamacpp-url when given. Prints req/s, tok/s, mean/p50/p99 latency, mean TTFT, SLO attainment,
+the ratios ours / llama.cpp, and writes results.json + serve_bench.png to --out.
+
+    .venv/bin/python bench/serve_bench.py                        # both targets, both scenarios
+    .venv/bin/python bench/serve_bench.py --num-requests 4 --output-max 16   # smoke
+    .venv/bin/python bench/serve_bench.py --targets llamacpp --llamacpp-url http://127.0.0.1:8080
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.serve_report import Results, format_table, plot, ratio_lines
+from bench.serve_targets import StreamFn
+from bench.workload import (
+    SLO_TTFT_S,
+    Record,
+    Request,
+    generate_workload,
+    make_prompt,
+    replay,
+    summarize,
+)
+
+TARGETS = ("edgelora", "llamacpp")
+SCENARIOS = ("mixed", "single")
+
+
+def scenario_requests(requests: list[Request], scenario: str) -> list[Request]:
+    if scenario == "single":
+        return [dataclasses.replace(r, adapter=0) for r in requests]
+    return requests
+
+
+async def run_replay(requests: list[Request], stream: StreamFn, label: str) -> list[Record]:
+    from tqdm import tqdm
+
+    failed = 0
+    with tqdm(total=len(requests), desc=label, unit="req", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        def done(record: Record) -> None:
+            nonlocal failed
+            failed += bool(record.error)
+            bar.update(1)
+            if failed:
+                bar.set_postfix(failed=failed)
+
+        return await replay(requests, stream, on_done=done)
+
+
+def result_of(requests: list[Request], records: list[Record], slo_ttft_s: float) -> dict:
+    wanted = {r.index: r.output_len for r in requests}
+    errors = sorted({r.error for r in records if r.error})
+    return {"summary": summarize(records, slo_ttft_s),
+            "records": [dataclasses.asdict(r) for r in records],
+            "mismatched": sum(not r.error and r.output_tokens != wanted[r.index]
+                              for r in records),
+            "errors": errors[:5]}
+
+
+async def _drive(target: str, endpoint: str, prompts: Sequence[str], adapter_ids: Sequence[str],
+                 per_scenario: dict[str, list[Request]], timeout_s: float,
+                 slo_ttft_s: float) -> dict[str, dict]:
+    from bench.serve_targets import edgelora_stream, llamacpp_stream
+
+    channel = None
+    if target == "edgelora":
+        import grpc
+
+        channel = grpc.aio.insecure_channel(endpoint)
+        stream = edgelora_stream(channel, prompts, adapter_ids, timeout_s)
+    else:
+        stream = llamacpp_stream(endpoint, prompts, timeout_s)
+    try:
+        first = next(iter(per_scenario.values()))[0]
+        warm = dataclasses.replace(first, arrival_s=0.0, adapter=0, output_len=4)
+        warm_record = (await replay([warm], stream))[0]
+        if warm_record.error:
+            raise RuntimeError(f"{target}: warm-up request failed: {warm_record.error}")
+        out = {}
+        for scenario, requests in per_scenario.items():
+            records = await run_replay(requests, stream, f"{scenario}/{target}")
+            out[scenario] = result_of(requests, records, slo_ttft_s)
+        return out
+    finally:
+        if channel is not None:
+            await channel.close()
+
+
+def run_target(target: str, args: argparse.Namespace, prompts: Sequence[str],
+               per_scenario: dict[str, list[Request]], base_dir: Path) -> dict[str, dict]:
+    """Launches the target (unless an address was given), runs every scenario, stops it."""
+    from bench.llamacpp.adapters import adapter_set
+
+    endpoint = args.edgelora_address if target == "edgelora" else args.llamacpp_url
+    server = None
+    adapters = []
+    if not endpoint:
+        adapters = adapter_set(base_dir, args.num_adapters, args.demo_adapters, seed=args.seed)
+    started = time.perf_counter()
+    if target == "edgelora":
+        from bench.serve_targets import EdgeloraServer, edgelora_adapter_ids
+
+        if endpoint:
+            ids = args.adapter_ids.split(",") if args.adapter_ids else edgelora_adapter_ids(
+                endpoint)
+        else:
+            server = EdgeloraServer(args.threads, args.max_batch, max(a.rank for a in adapters),
+                                    args.device_slots, args.ours_arg,
+                                    args.out / "edgelora.log").start(adapters)
+            endpoint, ids = server.address, [a.name for a in adapters]
+    else:
+        from bench.llamacpp.convert import convert_adapters
+        from bench.llamacpp.server import LlamaServer, LlamaServerConfig, default_gguf
+        from bench.serve_targets import llamacpp_adapter_count
+
+        if not endpoint:
+            loras = convert_adapters([a.path for a in adapters], base_dir, args.lora_outtype)
+            server = LlamaServer(LlamaServerConfig(
+                default_gguf(), tuple(loras), parallel=args.max_batch, threads=args.threads,
+                ctx_per_slot=args.ctx_per_slot, extra_args=tuple(args.llamacpp_arg)),
+                args.out / "llamacpp.log").start()
+            endpoint = server.url
+        ids = [str(i) for i in range(llamacpp_adapter_count(endpoint))]
+    if len(ids) < args.num_adapters:
+        raise SystemExit(f"{target} at {endpoint} has {len(ids)} adapters, the workload needs "
+                         f"{args.num_adapters}")
+    print(f"{target}: ready at {endpoint} in {time.perf_counter() - started:.0f} s", flush=True)
+    try:
+        return asyncio.run(_drive(target, endpoint, prompts, ids, per_scenario,
+                                  args.request_timeout_s, args.slo_ttft_s))
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + str(TARGETS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of "
+                   + str(SCENARIOS))
+    p.add_argument("--edgelora-address", default="", help="a running router (else launched)")
+    p.add_argument("--adapter-ids", default="", help="external router: ids for adapters 0..n-1 "
+                   "(default: its registered ids, sorted)")
+    p.add_argument("--llamacpp-url", default="", help="a running llama-server (else launched); "
+                   "adapter i = its lora id i")
+    w = p.add_argument_group("workload (DESIGN.md)")
+    w.add_argument("--num-adapters", type=int, default=32)
+    w.add_argument("--alpha", type=float, default=1.0, help="popularity skew")
+    w.add_argument("--rule", choices=("zipf", "edgelora"), default="zipf")
+    w.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, req/s")
+    w.add_argument("--cv", type=float, default=1.5, help="inter-arrival coeff. of variation")
+    for name, lo, hi in (("input", 8, 128), ("output", 8, 256)):
+        w.add_argument(f"--{name}-min", type=int, default=lo, help=f"shortest {name}, tokens")
+        w.add_argument(f"--{name}-max", type=int, default=hi, help=f"longest {name}, tokens")
+    w.add_argument("--num-requests", type=int, default=100, help="requests (a cap with "
+                   "--duration-s)")
+    w.add_argument("--duration-s", type=float, default=None, help="arrivals within this window")
+    w.add_argument("--seed", type=int, default=0, help="workload, prompts and random adapters")
+    s = p.add_argument_group("servers")
+    s.add_argument("--threads", type=int, default=2, help="ours --num-threads, llama.cpp -t")
+    s.add_argument("--max-batch", type=int, default=16, help="ours --max-batch-size, llama.cpp "
+                   "--parallel")
+    s.add_argument("--device-slots", type=int, default=16, help="ours --device-adapter-slots")
+    s.add_argument("--demo-adapters", action="store_true", help="demo adapters first, then "
+                   "random r=8 ones")
+    s.add_argument("--lora-outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"))
+    s.add_argument("--ctx-per-slot", type=int, default=512, help="llama.cpp context per slot")
+    s.add_argument("--ours-arg", action="append", default=[], help="extra `edgelora serve` "
+                   "flag (repeat; e.g. --ours-arg=--dtype=float32)")
+    s.add_argument("--llamacpp-arg", action="append", default=[], help="extra llama-server flag")
+    p.add_argument("--request-timeout-s", type=float, default=3600.0)
+    p.add_argument("--slo-ttft-s", type=float, default=SLO_TTFT_S)
+    p.add_argument("--target-ratio", type=float, default=4.0, help="mixed: ours / llama.cpp")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out"
+                   / "serve_bench", help="results.json, serve_bench.png, server logs")
+    args = p.parse_args(argv)
+    args.targets = [t for t in args.targets.split(",") if t]
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    if not set(args.targets) <= set(TARGETS) or not set(args.scenarios) <= set(SCENARIOS):
+        p.error(f"--targets from {TARGETS}, --scenarios from {SCENARIOS}")
+    if args.num_requests < 1 or args.num_adapters < 1:
+        p.error("--num-requests and --num-adapters must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Results:
+    args = parse_args(argv)
+    from worker.config import WorkerConfig
+    from worker.gguf_import import resolve_model_path
+    from worker.tokenizer import Tokenizer
+
+    base_dir = resolve_model_path("default", WorkerConfig().cache_path)
+    requests = generate_workload(args.num_requests, args.num_adapters, args.alpha, args.rule,
+                                 args.rate, args.cv, (args.input_min, args.input_max),
+                                 (args.output_min, args.output_max), args.seed,
+                                 duration_s=args.duration_s)
+    tokenizer = Tokenizer(base_dir)  # prompt lengths are SmolLM2 tokens; both get the same text
+    prompts = [make_prompt(tokenizer, r.input_len, seed=args.seed * 100003 + r.index)
+               for r in requests]
+    per_scenario = {s: scenario_requests(requests, s) for s in args.scenarios}
+    print(f"workload: {len(requests)} requests over {args.num_adapters} adapters "
+          f"({len({r.adapter for r in requests})} used, {args.rule} alpha={args.alpha}), Gamma "
+          f"rate {args.rate}/s cv {args.cv}, last arrival {requests[-1].arrival_s:.1f} s, input "
+          f"U[{args.input_min},{args.input_max}], output U[{args.output_min},{args.output_max}] "
+          f"({sum(r.output_len for r in requests)} output tokens); scenarios {args.scenarios}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: Results = {s: {} for s in args.scenarios}
+    for target in args.targets:
+        for scenario, result in run_target(target, args, prompts, per_scenario,
+                                           base_dir).items():
+            results[scenario][target] = result
+    (args.out / "results.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+    print(format_table(results, args.slo_ttft_s))
+    for line in ratio_lines(results, target_ratio=args.target_ratio):
+        print(line)
+    for scenario, targets in results.items():
+        for target, result in targets.items():
+            for error in result["errors"]:
+                print(f"error ({scenario}/{target}): {error}")
+    print(f"plot: {plot(results, args.out / 'serve_bench.png', args.slo_ttft_s)}")
+    load = os.getloadavg()[0]
+    if load > args.threads + 0.5:
+        print(f"WARNING: load average {load:.1f} > {args.threads} threads: other processes "
+              "shared the cores, numbers are noisy")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Tables, ratios and the plot of bench/serve_bench.py from hand-made results."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from bench.serve_bench import parse_args, result_of, scenario_requests
+from bench.serve_report import format_table, plot, ratio_lines
+from bench.workload import Record, Request, generate_workload
+
+
+def _result(tokens_per_request: int, latency: float, ttft: float, n: int = 4) -> dict:
+    requests = [Request(i, float(i), i % 2, 8, 10) for i in range(n)]
+    records = [Record(i, float(i), i + ttft, i + latency, tokens_per_request) for i in range(n)]
+    return result_of(requests, records, slo_ttft_s=6.0)
+
+
+def test_result_counts_requests_whose_length_differs() -> None:
+    assert _result(10, 5.0, 1.0)["mismatched"] == 0
+    assert _result(9, 5.0, 1.0)["mismatched"] == 4
+
+
+def test_ratios_and_pass_miss() -> None:
+    results = {"mixed": {"edgelora": _result(10, 2.0, 1.0), "llamacpp": _result(10, 20.0, 7.0)},
+               "single": {"edgelora": _result(10, 2.0, 1.0), "llamacpp": _result(10, 3.0, 1.0)}}
+    mixed, single = ratio_lines(results, target_ratio=4.0)
+    # throughput spans first arrival (0) -> last completion (3 + latency)
+    assert mixed.startswith("PASS") and f"{23 / 5:.2f}x req/s" in mixed and "100% vs 0%" in mixed
+    assert not single.startswith(("PASS", "MISS")) and f"{6 / 5:.2f}x" in single
+    assert ratio_lines(results, target_ratio=5.0)[0].startswith("MISS")
+    table = format_table(results, 6.0)
+    assert table.count("edgelora") == 2 and "100%" in table and "0%" in table
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    results = {"mixed": {"edgelora": _result(10, 2.0, 1.0), "llamacpp": _result(10, 20.0, 7.0)}}
+    path = plot(results, tmp_path / "p.png", 6.0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_scenario_puts_every_request_on_adapter_zero() -> None:
+    requests = generate_workload(50, 32, seed=0)
+    single = scenario_requests(requests, "single")
+    assert {r.adapter for r in single} == {0}
+    assert [dataclasses.replace(r, adapter=0) for r in requests] == single
+    assert scenario_requests(requests, "mixed") is requests
+
+
+def test_cli_defaults_match_the_issue() -> None:
+    args = parse_args([])
+    assert args.targets == ["edgelora", "llamacpp"] and args.scenarios == ["mixed", "single"]
+    assert (args.num_adapters, args.threads, args.max_batch, args.rate) == (32, 2, 16, 2.0)
