@@ -17,6 +17,7 @@ from edgelora.v1 import types_pb2, worker_pb2
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
+SYNC_CONCURRENCY = 16  # RegisterAdapter calls at once when a worker (re)joins
 CARD_FILE = "card.json"  # optional: {"description": ..., "example_prompts": [...]}
 
 
@@ -78,6 +79,9 @@ class AdapterRegistry:
             if request.adapter_id not in self.adapters:  # a failed re-register keeps the old
                 await self._unregister_on(self.pool.workers, request.adapter_id)
             raise refusal
+        return self._record(request, rank)
+
+    def _record(self, request: types_pb2.RegisterAdapterRequest, rank: int) -> AdapterRecord:
         record = AdapterRecord(request.adapter_id, request.path, rank, request.description,
                                list(request.example_prompts))
         self.adapters[record.adapter_id] = record
@@ -105,14 +109,24 @@ class AdapterRegistry:
         listed = await worker.stub.ListAdapters(types_pb2.ListAdaptersRequest(), timeout=30)
         held = {a.adapter_id for a in listed.adapters}
         wanted = dict(self._requests)
-        for adapter_id in sorted(set(wanted) - held):
-            try:
-                await worker.stub.RegisterAdapter(wanted[adapter_id], timeout=60)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
-                log.error("worker %s refuses adapter %s: %s", worker.name, adapter_id,
-                          exc.details())
+        limit = asyncio.Semaphore(SYNC_CONCURRENCY)
+
+        async def register_one(adapter_id: str) -> None:
+            async with limit:
+                try:
+                    reply = await worker.stub.RegisterAdapter(wanted[adapter_id], timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                    log.error("worker %s refuses adapter %s: %s", worker.name, adapter_id,
+                              exc.details())
+                    return
+            record = self.adapters.get(adapter_id)
+            if record is not None and not record.rank:  # deferred at start: now validated
+                record.rank = reply.adapter.rank
+
+        await asyncio.gather(*(register_one(a) for a in sorted(set(wanted) - held)))
         extra = held - set(wanted) - self._pending
         for adapter_id in sorted(extra):
             await self._unregister_on([worker], adapter_id)
@@ -137,14 +151,19 @@ class AdapterRegistry:
             for r in self.adapters.values()]
 
     async def register_dir(self, root: Path) -> int:
-        """Registers every PEFT adapter directory under `root` (id = its name); -> count."""
+        """Registers every PEFT adapter directory under `root` (id = its name); -> count.
+        With no live worker yet they are recorded and registered on each worker as it joins."""
         count = 0
         for path in sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}")):
             card_file = path / CARD_FILE
             card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-            await self.register(types_pb2.RegisterAdapterRequest(
+            request = types_pb2.RegisterAdapterRequest(
                 adapter_id=card.get("adapter_id", path.name), path=str(path.resolve()),
                 description=card.get("description", ""),
-                example_prompts=card.get("example_prompts", [])))
+                example_prompts=card.get("example_prompts", []))
+            if self.pool.workers:
+                await self.register(request)
+            else:  # workers may start after the router (compose, Kubernetes): sync on join
+                self._record(request, rank=0)
             count += 1
         return count

@@ -13,7 +13,7 @@ import grpc
 from common.errors import EdgeLoraError
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from router.registry import AdapterRegistry
-from router.workers import WorkerPool
+from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
@@ -42,7 +42,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                              ) -> AsyncIterator[types_pb2.GenerateResponse]:
         forwarded = await self._resolve_adapter(request, context)
         tried: list[str] = []
-        while True:  # another worker only while nothing has reached the client
+        resynced: set[str] = set()
+        while True:  # another try only while nothing has reached the client
             try:
                 worker = self.pool.pick(forwarded.adapter_id, exclude=tried)
             except EdgeLoraError as exc:
@@ -56,16 +57,33 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         yield response
                     return
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                        self.pool.mark_failed(worker, f"Generate: {exc.details()}")
+                    if has_started or not await self._can_retry(exc, worker, forwarded,
+                                                                tried, resynced):
                         await context.abort(exc.code(), self._describe(exc, worker.name))
-                    self.pool.mark_failed(worker, f"Generate: {exc.details()}")
-                    if has_started:
-                        await context.abort(exc.code(), self._describe(exc, worker.name))
-                    log.info("worker %s failed before the first token; retrying elsewhere",
-                             worker.name)
-                    tried.append(worker.address)
                 finally:
                     call.cancel()  # no-op when done; frees the worker's sequence if the client left
+
+    async def _can_retry(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle,
+                         request: types_pb2.GenerateRequest, tried: list[str],
+                         resynced: set[str]) -> bool:
+        """Handles a worker's failure before the first chunk; True when worth another try.
+        UNAVAILABLE: another worker is tried. NOT_FOUND for an adapter
+        registered here: the worker restarted between two health polls; re-sync it once."""
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:  # taken out of the pool by the caller
+            log.info("worker %s failed before the first token; retrying elsewhere", worker.name)
+            tried.append(worker.address)
+            return True
+        if (exc.code() is grpc.StatusCode.NOT_FOUND and worker.address not in resynced
+                and request.adapter_id in self.registry.adapters):
+            resynced.add(worker.address)
+            try:
+                await self.registry.sync_worker(worker)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+        return False
 
     async def Generate(self, request: types_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> types_pb2.GenerateResponse:

@@ -176,3 +176,37 @@ def test_sync_registers_only_missing_adapters_and_drops_stale_ones() -> None:
 
     assert asyncio.run(scenario()) == [("register", "b"), ("register", "c"),
                                        ("unregister", "old")]
+
+
+def test_worker_that_lost_its_registrations_is_resynced_and_serves(
+        stub, server: ServeThread, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from edgelora.v1 import worker_pb2_grpc
+
+    register(stub, "survivor", write_random_adapter(tmp_path / "s", tiny_model_dir, rank=4))
+    expected = list(generate(stub, "survivor").token_ids)
+    with grpc.insecure_channel(server.worker_address) as channel:  # as after a quick restart
+        worker_pb2_grpc.WorkerStub(channel).UnregisterAdapter(
+            types_pb2.UnregisterAdapterRequest(adapter_id="survivor"), timeout=10)
+    assert list(generate(stub, "survivor").token_ids) == expected
+
+
+def test_adapters_dir_read_before_any_worker_is_up_registers_on_join(tmp_path: Path,
+                                                                    tiny_model_dir: Path) -> None:
+    import asyncio
+
+    from router.registry import AdapterRegistry
+    from router.workers import WorkerHandle, WorkerPool
+
+    for name in ("one", "two"):
+        write_random_adapter(tmp_path / name, tiny_model_dir, rank=4)
+
+    async def scenario() -> tuple[list[int], list[int], set[str]]:
+        registry = AdapterRegistry(WorkerPool(["127.0.0.1:1"]))  # not started: none live
+        assert await registry.register_dir(tmp_path) == 2
+        before = [r.rank for r in registry.adapters.values()]
+        joining = RecordingWorker(set())
+        await registry.sync_worker(WorkerHandle("10.0.0.1:1", "10.0.0.1:1", None, joining))
+        return before, [r.rank for r in registry.adapters.values()], joining.held
+
+    before, after, held = asyncio.run(scenario())
+    assert before == [0, 0] and after == [4, 4] and held == {"one", "two"}
