@@ -1,0 +1,151 @@
+"""A client that knows nothing of edgelora streams from the router through server reflection alone,
+and every grpcurl command of docs/clients.md works against a live router.
+
+The client (examples/reflection_client.py) runs in a subprocess where importing any of edgelora's
+packages fails, so its messages can only come from the descriptors the server sends."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from edgelora.client import build_request
+from edgelora.v1 import router_pb2_grpc, types_pb2
+from tests.conftest import ServeThread
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT = REPO / "examples" / "reflection_client.py"
+DOCS = REPO / "docs" / "clients.md"
+# Blocks the project's packages (and their generated stubs) before running the client script.
+ISOLATED = ("import runpy, sys; "
+            "sys.modules.update(dict.fromkeys(['edgelora', 'common', 'router', 'worker'])); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+# Docs commands that need the real model and its demo adapters (tiny_server has neither).
+NEEDS_DEMO_ADAPTERS = ("RegisterAdapter", "UnregisterAdapter", '"adapter_id": "')
+
+
+def run_client(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", ISOLATED, str(CLIENT), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_isolation_really_blocks_the_generated_stubs(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("import edgelora.v1.types_pb2\n")
+    plain = subprocess.run([sys.executable, str(probe)], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+    assert plain.returncode == 0, plain.stderr  # the venv would find them...
+    done = subprocess.run([sys.executable, "-c", ISOLATED, str(probe)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0  # ...but not under the isolation the client runs in
+    assert "ModuleNotFoundError: No module named 'edgelora.v1'" in done.stderr
+
+
+def test_reflection_lists_the_router_health_and_reflection_services(
+        tiny_server: ServeThread, tmp_path: Path) -> None:
+    done = run_client(tiny_server.address, "list", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["edgelora.v1.Router", "grpc.health.v1.Health",
+                                   "grpc.reflection.v1alpha.ServerReflection"]
+
+
+def test_reflection_describes_the_streaming_method(tiny_server: ServeThread,
+                                                   tmp_path: Path) -> None:
+    done = run_client(tiny_server.address, "describe", "edgelora.v1.Router", tmp_path=tmp_path)
+    assert ("GenerateStream(edgelora.v1.GenerateRequest) returns "
+            "(stream edgelora.v1.GenerateResponse)") in done.stdout.splitlines()
+
+
+def test_stream_built_from_reflection_matches_the_generated_client(
+        tiny_server: ServeThread, tmp_path: Path) -> None:
+    body = json.dumps({"prompt": "Tell me a story",
+                       "params": {"max_tokens": 12, "ignore_eos": True}})
+    done = run_client(tiny_server.address, "call", "edgelora.v1.Router/GenerateStream", body,
+                      tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    chunks = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(chunks) > 1
+    assert [c.get("finishReason", "") for c in chunks[:-1]] == [""] * (len(chunks) - 1)
+    assert chunks[-1]["finishReason"] == "length"
+    assert chunks[-1]["usage"]["completionTokens"] == 12
+    token_ids = [t for c in chunks for t in c.get("tokenIds", [])]
+    # the same request through the generated stubs: the dynamic messages meant the same thing
+    with grpc.insecure_channel(tiny_server.address) as channel:
+        whole = router_pb2_grpc.RouterStub(channel).Generate(
+            build_request("Tell me a story", max_tokens=12, ignore_eos=True), timeout=60)
+    assert token_ids == list(whole.token_ids)
+    assert "".join(c.get("text", "") for c in chunks) == whole.text
+
+
+def test_health_answers_serving_through_reflection(tiny_server: ServeThread,
+                                                   tmp_path: Path) -> None:
+    for service in ("", "edgelora.v1.Router"):
+        done = run_client(tiny_server.address, "call", "grpc.health.v1.Health/Check",
+                          json.dumps({"service": service}), tmp_path=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"status": "SERVING"}
+
+
+def test_errors_keep_their_status_code(tiny_server: ServeThread, tmp_path: Path) -> None:
+    done = run_client(tiny_server.address, "call", "edgelora.v1.Router/Generate",
+                      json.dumps({"prompt": "Hi", "adapter_id": "nope"}), tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("ERROR: NOT_FOUND:") and "nope" in done.stderr
+
+
+def docs_grpcurl_commands() -> list[list[str]]:
+    """Every `grpcurl ...` command line of docs/clients.md, continuation lines joined."""
+    text = DOCS.read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in text.splitlines()
+            if line.strip().startswith("grpcurl ")]
+
+
+def as_client_args(grpcurl: list[str], address: str) -> list[str]:
+    """grpcurl -plaintext [-d BODY] localhost:50051 VERB... -> reflection_client arguments."""
+    assert grpcurl[:2] == ["grpcurl", "-plaintext"], grpcurl
+    rest = grpcurl[2:]
+    body = None
+    if rest[0] == "-d":
+        body, rest = rest[1], rest[2:]
+    assert rest[0] == "localhost:50051", grpcurl
+    verb = rest[1:]
+    if verb[0] in ("list", "describe"):
+        return [address, *verb]
+    assert len(verb) == 1 and "/" in verb[0], grpcurl
+    return [address, "call", verb[0], body or "{}"]
+
+
+def test_the_docs_show_each_kind_of_call() -> None:
+    commands = [" ".join(c) for c in docs_grpcurl_commands()]
+    for method in ("list", "describe", "Router/GenerateStream", "Router/Generate ",
+                   "Router/ListAdapters", "Router/SelectAdapter", "Router/RegisterAdapter",
+                   "Health/Check"):
+        assert any(method in c + " " for c in commands), method
+
+
+@pytest.mark.parametrize("grpcurl", docs_grpcurl_commands(), ids=lambda c: " ".join(c[-2:]))
+def test_docs_grpcurl_command_works(grpcurl: list[str], tiny_server: ServeThread,
+                                    tmp_path: Path) -> None:
+    args = as_client_args(grpcurl, tiny_server.address)
+    if any(marker in " ".join(grpcurl) for marker in NEEDS_DEMO_ADAPTERS):
+        # needs adapters trained for the real model: check the request itself is well formed
+        request_type = {"RegisterAdapter": types_pb2.RegisterAdapterRequest,
+                        "UnregisterAdapter": types_pb2.UnregisterAdapterRequest,
+                        "GenerateStream": types_pb2.GenerateRequest}[args[2].split("/")[1]]
+        json_format.Parse(args[3], request_type())
+        return
+    done = run_client(*args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    replies = done.stdout.splitlines()
+    assert replies
+    if args[1] == "call" and args[2].endswith("/GenerateStream"):
+        assert json.loads(replies[-1])["finishReason"] in ("stop", "length")
+    if args[1] == "call" and args[2].endswith("Health/Check"):
+        assert json.loads(replies[0]) == {"status": "SERVING"}
