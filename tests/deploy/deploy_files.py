@@ -165,10 +165,26 @@ def image_path_to_repo(path: str) -> Path:
 _VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
-def load_compose() -> dict[str, Any]:
-    """deploy/docker-compose.yml with ${VAR:-default} replaced by its default (as with no .env)."""
-    text = (DEPLOY / "docker-compose.yml").read_text()
-    return yaml.safe_load(_VARIABLE.sub(lambda m: m.group(2) or "", text))
+COMPOSE_VARIANTS = (("docker-compose.yml",), ("docker-compose.yml", "docker-compose.cuda.yml"))
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge for what our files use: mappings merge, everything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_dicts else value
+    return merged
+
+
+def load_compose(*files: str) -> dict[str, Any]:
+    """`docker compose -f deploy/A -f deploy/B ...` as one file, ${VAR:-default} replaced by its
+    default (as with no .env)."""
+    merged: dict[str, Any] = {}
+    for name in files:
+        text = (DEPLOY / name).read_text()
+        merged = _merge(merged, yaml.safe_load(_VARIABLE.sub(lambda m: m.group(2) or "", text)))
+    return merged
 
 
 # --- Kubernetes --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import yaml
 from edgelora.v1 import router_pb2, worker_pb2
 from router.config import RouterConfig
 from tests.deploy.deploy_files import (
+    COMPOSE_VARIANTS,
     DEPLOY,
     K8S,
     OVERLAYS,
@@ -125,8 +126,9 @@ def test_dockerignore_keeps_what_the_images_need() -> None:
 
 # --- docker-compose ----------------------------------------------------------------------------
 
-def test_compose_router_reaches_both_workers_and_publishes_its_port() -> None:
-    services = load_compose()["services"]
+@pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
+def test_compose_router_reaches_both_workers_and_publishes_its_port(files: tuple[str]) -> None:
+    services = load_compose(*files)["services"]
     configs = {name: configs_for(s["command"], {k: str(v) for k, v in
                                                  s.get("environment", {}).items()})
                for name, s in services.items()}
@@ -143,8 +145,9 @@ def test_compose_router_reaches_both_workers_and_publishes_its_port() -> None:
     assert f"{router.port}:{router.port}" in services[routers[0]]["ports"]
 
 
-def test_compose_health_checks_ask_each_process_its_own_service() -> None:
-    services = load_compose()["services"]
+@pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
+def test_compose_health_checks_ask_each_process_its_own_service(files: tuple[str]) -> None:
+    services = load_compose(*files)["services"]
     for name, service in services.items():
         configs = configs_for(service["command"], {})
         test = service["healthcheck"]["test"]
@@ -155,8 +158,9 @@ def test_compose_health_checks_ask_each_process_its_own_service() -> None:
         assert check.service == SERVICE_OF[kind], name
 
 
-def test_compose_mounts_the_adapters_read_only_at_one_path() -> None:
-    services = load_compose()["services"]
+@pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
+def test_compose_mounts_the_adapters_read_only_at_one_path(files: tuple[str]) -> None:
+    services = load_compose(*files)["services"]
     router_name = next(n for n, s in services.items() if s["command"][0] == "router")
     adapters_dir = configs_for(services[router_name]["command"], {})["router"].adapters_dir
     for name, service in services.items():
@@ -164,8 +168,23 @@ def test_compose_mounts_the_adapters_read_only_at_one_path() -> None:
         assert len(mounts) == 1 and mounts[0]["read_only"] is True, name
         source = (DEPLOY / mounts[0]["source"]).resolve()
         assert any(source.glob("*/adapter_config.json")), f"{name}: {source} has no adapters"
-        assert service["image"] == "edgelora:cpu"
         assert (REPO / service["build"]["dockerfile"]) == dockerfile_for_image(service["image"])
+
+
+@pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
+def test_compose_workers_get_the_gpu_only_with_the_cuda_override(files: tuple[str]) -> None:
+    cuda = "docker-compose.cuda.yml" in files
+    for name, service in load_compose(*files)["services"].items():
+        configs = configs_for(service["command"], {})
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get(
+            "devices", [])
+        gpus = [d for d in devices if "gpu" in d["capabilities"]]
+        if cuda and process_kind(configs) == "worker":
+            assert gpus and configs["worker"].device == "cuda", name
+            assert service["image"] == "edgelora:cuda"
+        else:
+            assert not gpus and service["image"] == "edgelora:cpu", name
+            assert configs.get("worker") is None or configs["worker"].device == "cpu"
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------
