@@ -26,6 +26,21 @@ class RouterConfig:
         "help": "seconds between DNS re-resolutions of the --workers names"})
     adapters_dir: str = field(default="", metadata={
         "help": "register every PEFT adapter directory under this folder at start"})
+    selector_head: str = field(default="", metadata={
+        "help": "trained selector head (`edgelora router train --out`); reloaded when the file "
+                "changes; '' or missing = zero-shot from adapter descriptions and examples"})
+    selector_threshold: float = field(default=0.5, metadata={
+        "help": "'auto' uses the base model when no adapter's confidence reaches this (0..1)"})
+    selector_margin: float = field(default=0.1, metadata={
+        "help": "'auto' prefers an adapter resident on a worker over a better one on disk when "
+                "its confidence is at most this much lower"})
+    selector_top_k: int = field(default=3, metadata={
+        "help": "how many of the most confident adapters 'auto' chooses among"})
+    embedder_threads: int = field(default=1, metadata={
+        "help": "torch threads of the prompt embedder (1 keeps its latency steady on a shared CPU)"})
+    embedder_dtype: str = field(default="auto", metadata={
+        "help": "prompt embedder weights: auto (bfloat16 where the CPU has it natively), "
+                "float32 or bfloat16"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     def __post_init__(self) -> None:
@@ -37,6 +52,13 @@ class RouterConfig:
                 raise ValueError(f"--workers entry {address!r} is not host:port")
         if not 0 <= self.port < 65536:
             raise ValueError("--port must be in [0, 65535]")
+        if not 0.0 <= self.selector_threshold <= 1.0 or self.selector_margin < 0:
+            raise ValueError("--selector-threshold must be in [0, 1] and --selector-margin >= 0")
+        if self.selector_top_k < 1 or self.embedder_threads < 1:
+            raise ValueError("--selector-top-k and --embedder-threads must be >= 1")
+        if self.embedder_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--embedder-dtype {self.embedder_dtype!r}: use auto, float32 or "
+                             "bfloat16")
         if self.routing not in ("affinity", "round-robin", "least-loaded"):
             raise ValueError(f"--routing {self.routing!r}: use affinity, round-robin or "
                              "least-loaded")
