@@ -1,0 +1,195 @@
+"""The adaptive adapter selector behind `adapter_id: "auto"` and SelectAdapter.
+
+Confidence per registered adapter, in [0, 1], multi-label (several adapters can fit a prompt):
+from the trained head (`--selector-head`, made by `edgelora router train`) for the adapters it
+was trained on, else zero-shot from the adapter's description and example prompts
+(router/zero_shot.py), so an adapter is selectable as soon as it is registered.
+
+Decision (`decide`, pure): rank by confidence; below `threshold` -> base model (""); else among the
+`top_k` best that pass the threshold, take the best one resident on some worker (host or device
+memory) unless it trails the best by more than `margin`, in which case the best (a disk load).
+
+Hot reload: the head file is re-read when its mtime or size changes, checked on every selection
+(one stat). `edgelora router train` writes it atomically (temp file + rename), so a running router
+picks up a new head on its next request, without restart or signal. A file that fails to load
+keeps the previous head (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from router.embedder import EmbeddingBatcher
+from router.plain_prompts import PLAIN_PROMPTS
+from router.selector_head import TrainedHead
+from router.zero_shot import PrototypeIndex, prototype_segments, prototype_texts, to_confidence
+
+log = logging.getLogger(__name__)
+BASE = ""
+
+
+class AdapterCard(Protocol):  # router.registry.AdapterRecord
+    description: str
+    example_prompts: list[str]
+
+
+@dataclass(frozen=True)
+class Selection:
+    adapter_id: str                                  # "" = base model
+    ranking: list[tuple[str, float]]                 # every adapter, best first
+    reason: str
+    sources: dict[str, str] = field(default_factory=dict)  # adapter -> "head" / "zero-shot"
+
+
+def decide(confidences: Mapping[str, float], resident: Set[str], *, top_k: int = 3,
+           threshold: float = 0.5, margin: float = 0.1,
+           sources: Mapping[str, str] | None = None) -> Selection:
+    """Picks from confidences; `resident` = adapters held in memory by some worker."""
+    ranking = sorted(confidences.items(), key=lambda item: (-item[1], item[0]))
+    sources = dict(sources or {})
+    if not ranking:
+        return Selection(BASE, [], "no adapter is registered: base model", sources)
+    best_id, best = ranking[0]
+    how = f" ({sources[best_id]})" if best_id in sources else ""
+    if best < threshold:
+        return Selection(BASE, ranking, f"best adapter {best_id!r} has confidence {best:.2f}{how}"
+                         f" < threshold {threshold:.2f}: base model", sources)
+    candidates = [(a, c) for a, c in ranking[:top_k] if c >= threshold]
+    if best_id in resident:
+        return Selection(best_id, ranking, f"{best_id!r} has the highest confidence {best:.2f}"
+                         f"{how} and is resident on a worker", sources)
+    for adapter_id, confidence in candidates[1:]:
+        if adapter_id in resident and best - confidence <= margin:
+            return Selection(adapter_id, ranking, (
+                f"{adapter_id!r} (confidence {confidence:.2f}) is resident on a worker and within "
+                f"margin {margin:.2f} of the best {best_id!r} ({best:.2f}{how}), which is not"),
+                sources)
+    return Selection(best_id, ranking, f"{best_id!r} has the highest confidence {best:.2f}{how}"
+                     "; no resident candidate within the margin (it loads from disk)", sources)
+
+
+class AdapterSelector:
+    def __init__(self, batcher: EmbeddingBatcher, head_path: str = "", threshold: float = 0.5,
+                 margin: float = 0.1, top_k: int = 3) -> None:
+        self.batcher = batcher
+        self.head_path = head_path
+        self.threshold, self.margin, self.top_k = threshold, margin, top_k
+        self.head: TrainedHead | None = None
+        self._head_stamp: tuple[float, int] | None = None
+        self._index: PrototypeIndex | None = None
+        self._cards: dict[str, Any] = {}  # adapter id -> registry record its prototypes are of
+        self._lock = asyncio.Lock()
+        self._warm_up_task: asyncio.Task | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> AdapterSelector:  # config: router.config.RouterConfig
+        batcher = EmbeddingBatcher(num_threads=config.embedder_threads,
+                                   dtype=config.embedder_dtype)
+        return cls(batcher, config.selector_head, config.selector_threshold,
+                   config.selector_margin, config.selector_top_k)
+
+    # -- keeping up with the registry and the head file --
+    async def sync(self, cards: Mapping[str, AdapterCard]) -> None:
+        """Embeds the prototypes of adapters registered (or re-registered) since the last call,
+        forgets unregistered ones. Cheap when nothing changed (identity check per adapter)."""
+        if self._index is not None and len(cards) == len(self._cards) and all(
+                self._cards.get(a) is card for a, card in cards.items()):
+            return
+        async with self._lock:
+            if self._index is None:
+                background = await self.batcher.run(_embed_texts, list(PLAIN_PROMPTS))
+                self._index = PrototypeIndex(background)
+            for adapter_id in [a for a in self._cards if a not in cards]:
+                self._index.remove(adapter_id)
+                del self._cards[adapter_id]
+            changed = {a: c for a, c in cards.items() if self._cards.get(a) is not c}
+            for adapter_id, card in changed.items():
+                texts = prototype_texts(card.description, list(card.example_prompts))
+                per_text = await self.batcher.run(lambda e, t: e.embed_segments(t), texts)
+                self._index.set(adapter_id, prototype_segments(per_text))
+                self._cards[adapter_id] = card
+
+    async def reload_head_if_changed(self) -> None:
+        if not self.head_path:
+            return
+        try:
+            st = os.stat(self.head_path)
+        except FileNotFoundError:
+            return  # not trained yet: zero-shot only
+        stamp = (st.st_mtime, st.st_size)
+        if stamp == self._head_stamp:
+            return
+        self._head_stamp = stamp
+        try:
+            self.head = await self.batcher.run(lambda _e: TrainedHead.load(self.head_path))
+        except Exception as exc:  # a bad file must not take selection down: keep the old head
+            log.warning("selector head %s not loaded (keeping the previous one): %s",
+                        self.head_path, exc)
+            return
+        log.info("selector head loaded from %s: %d adapters, held-out %s", self.head_path,
+                 len(self.head.adapter_ids), self.head.metrics)
+
+    # -- selecting --
+    def confidences(self, segments: torch.Tensor, registered: Sequence[str]
+                    ) -> tuple[dict[str, float], dict[str, str]]:
+        """segments [k, dim] of one prompt -> confidence and its source per registered adapter."""
+        assert self._index is not None
+        registered_set = set(registered)
+        confidences: dict[str, float] = dict.fromkeys(registered, 0.0)
+        sources: dict[str, str] = dict.fromkeys(registered, "no description or examples")
+        contrasts = self._index.contrasts(segments)
+        if contrasts:
+            ids = [a for a in contrasts if a in registered_set]
+            values = to_confidence(torch.tensor([contrasts[a] for a in ids])).tolist()
+            confidences.update(zip(ids, values, strict=True))
+            sources.update(dict.fromkeys(ids, "zero-shot"))
+        if self.head is not None:
+            known = {a: c for a, c in self.head.confidences(segments).items()
+                     if a in registered_set}
+            confidences.update(known)
+            sources.update(dict.fromkeys(known, "head"))
+        return confidences, sources
+
+    async def select(self, text: str, cards: Mapping[str, AdapterCard],
+                     resident: Set[str]) -> Selection:
+        """The decision for one prompt text (see router.embedder.prompt_text)."""
+        await self.sync(cards)
+        await self.reload_head_if_changed()
+        segments = await self.batcher.embed_segments(text)
+        confidences, sources = self.confidences(segments, list(cards))
+        return decide(confidences, resident, top_k=self.top_k, threshold=self.threshold,
+                      margin=self.margin, sources=sources)
+
+    async def warm_up(self, cards: Mapping[str, AdapterCard]) -> None:
+        """Loads the model and embeds the prototypes now instead of on the first request."""
+        await self.batcher.warm_up()
+        await self.sync(cards)
+        await self.reload_head_if_changed()
+
+    def start_warm_up(self, cards: Mapping[str, AdapterCard]) -> None:
+        """warm_up in the background (the server starts meanwhile); failures are logged and
+        retried on first use."""
+        self._warm_up_task = asyncio.get_running_loop().create_task(self.warm_up(cards))
+        self._warm_up_task.add_done_callback(_log_failure)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("selector warm-up failed (retried on first use): %r", task.exception())
+
+
+def _embed_texts(embedder: Any, texts: list[str]) -> torch.Tensor:
+    """Every clause of every text (split as prompts are) -> [n, dim]."""
+    segments = embedder.embed_segments(texts) if texts else []
+    return torch.cat(segments) if segments else torch.empty(0, embedder.dim)
+
