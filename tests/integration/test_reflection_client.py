@@ -52,8 +52,9 @@ def test_reflection_lists_the_router_health_and_reflection_services(
         tiny_server: ServeThread, tmp_path: Path) -> None:
     done = run_client(tiny_server.address, "list", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["edgelora.v1.Router", "grpc.health.v1.Health",
-                                   "grpc.reflection.v1alpha.ServerReflection"]
+    assert {"edgelora.v1.Router", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= set(done.stdout.split())
+    assert "edgelora.v1.Worker" not in done.stdout  # internal: only the workers serve it
 
 
 def test_reflection_describes_the_streaming_method(tiny_server: ServeThread,
