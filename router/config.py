@@ -22,7 +22,7 @@ class RouterConfig:
         "help": "seconds between health polls (Info) of each worker"})
     health_timeout_s: float = field(default=2.0, metadata={
         "help": "deadline of one health poll; a worker that misses two in a row is taken out"})
-    resolve_interval_s: float = field(default=30.0, metadata={
+    resolve_interval_s: float = field(default=10.0, metadata={
         "help": "seconds between DNS re-resolutions of the --workers names"})
     adapters_dir: str = field(default="", metadata={
         "help": "register every PEFT adapter directory under this folder at start"})
@@ -37,7 +37,8 @@ class RouterConfig:
     selector_top_k: int = field(default=3, metadata={
         "help": "how many of the most confident adapters 'auto' chooses among"})
     embedder_threads: int = field(default=1, metadata={
-        "help": "torch threads of the prompt embedder (1 keeps its latency steady on a shared CPU)"})
+        "help": "torch threads of the prompt embedder (1 keeps its latency steady on a shared "
+                "CPU)"})
     embedder_dtype: str = field(default="auto", metadata={
         "help": "prompt embedder weights: auto (bfloat16 where the CPU has it natively), "
                 "float32 or bfloat16"})

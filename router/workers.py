@@ -65,7 +65,7 @@ class WorkerPool:
 
     def __init__(self, addresses: list[str], routing: str = "affinity",
                  load_epsilon: float = 0.25, health_interval_s: float = 1.0,
-                 health_timeout_s: float = 2.0, resolve_interval_s: float = 30.0,
+                 health_timeout_s: float = 2.0, resolve_interval_s: float = 10.0,
                  resolver: Resolver = resolve_host) -> None:
         if routing not in ROUTING_POLICIES:
             raise ValueError(f"routing {routing!r}: use one of {', '.join(ROUTING_POLICIES)}")
@@ -191,6 +191,8 @@ class WorkerPool:
             info = await worker.stub.Info(worker_pb2.InfoRequest(), timeout=self.health_timeout_s)
         except grpc.aio.AioRpcError as exc:
             worker.num_failed_polls += 1
+            if worker.info is None and worker.num_failed_polls == 1:  # never joined: say so once
+                log.warning("worker %s not answering yet: %s", worker.name, exc.code().name)
             if exc.code() is grpc.StatusCode.UNAVAILABLE or \
                     worker.num_failed_polls >= MAX_SLOW_POLLS:
                 self.mark_failed(worker, f"health check: {exc.code().name} {exc.details()}")
