@@ -79,6 +79,76 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     sys.exit(generate_to(sys.stdout, args))
 
 
+def _cmd_router_profile(args: argparse.Namespace) -> None:
+    from router.profiling import run_profile
+
+    setup_logging("INFO")
+    config = config_from_args(RouterConfig, args)
+    adapters = [a for a in args.adapters.split(",") if a] if args.adapters else None
+    labeled = asyncio.run(run_profile(
+        config.worker_addresses, args.dataset, args.out, adapters, min_gain=args.min_gain,
+        best_margin=args.best_margin, max_tokens=args.max_tokens, concurrency=args.concurrency))
+    counts: dict[str, int] = {}
+    for row in labeled:
+        for adapter_id in row["positives"] or [""]:
+            counts[adapter_id] = counts.get(adapter_id, 0) + 1
+    summary = ", ".join(f"{a or 'base only'}: {n}" for a, n in sorted(counts.items()))
+    print(f"profiled {len(labeled)} prompts x {len(labeled[0]['adapter_ids'])} adapters -> "
+          f"{args.out} (positives: {summary})")
+
+
+def _cmd_router_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from router.embedder import PromptEmbedder
+    from router.profiling import train
+
+    setup_logging("INFO")
+    config = config_from_args(RouterConfig, args)
+    torch.set_num_threads(max(config.embedder_threads, torch.get_num_threads()))
+    metrics = train(args.labels, args.out, holdout=args.holdout, epochs=args.epochs,
+                    seed=args.seed, threshold=config.selector_threshold,
+                    embedder=PromptEmbedder(dtype=config.embedder_dtype))
+    print(f"held-out ({metrics['heldout_rows']} prompts): decision accuracy "
+          f"{metrics['heldout_accuracy']:.3f}, label F1 {metrics['heldout_f1']:.3f} "
+          f"(always base model: {metrics['heldout_base_only_accuracy']:.3f}); "
+          f"train ({metrics['train_rows']}): accuracy {metrics['train_accuracy']:.3f}")
+    print(f"saved {args.out}: a router with --selector-head {args.out} reloads it on its next "
+          "selection")
+
+
+def _add_selector_commands(router: argparse.ArgumentParser) -> None:
+    """`edgelora router profile|train`; plain `edgelora router [flags]` still runs the router."""
+    sub = router.add_subparsers(dest="router_command", required=False, metavar="{profile,train}")
+    profile = sub.add_parser("profile", help="label a dataset: score every adapter on every "
+                             "prompt on the workers (Worker.Score / Generate + checker)")
+    # SUPPRESS: unset here keeps a --workers given before `profile` (or EDGELORA_WORKERS)
+    profile.add_argument("--workers", default=argparse.SUPPRESS, metavar="STR",
+                         help="worker addresses host:port,... (as for the router)")
+    profile.add_argument("--dataset", required=True, help="JSONL: prompt or messages, and "
+                         "reference or checker ({\"regex\": ...} / {\"contains\": ...})")
+    profile.add_argument("--out", required=True, help="labels JSONL to write")
+    profile.add_argument("--adapters", default="", help="comma-separated adapter ids "
+                         "(default: every adapter registered on the first worker)")
+    profile.add_argument("--min-gain", type=float, default=0.1, help="nats/token an adapter "
+                         "must gain over the base model to be a positive (default 0.1)")
+    profile.add_argument("--best-margin", type=float, default=0.1, help="nats/token a positive "
+                         "may trail the best adapter by (default 0.1)")
+    profile.add_argument("--max-tokens", type=int, default=48,
+                         help="tokens generated per adapter for checker rows (default 48)")
+    profile.add_argument("--concurrency", type=int, default=4, help="prompts in flight")
+    profile.set_defaults(func=_cmd_router_profile)
+    train = sub.add_parser("train", help="fit the selector head on profile labels, print its "
+                           "held-out score, save it")
+    train.add_argument("--labels", required=True, help="labels JSONL from `router profile`")
+    train.add_argument("--out", required=True, help="head file to write (atomically)")
+    train.add_argument("--holdout", type=float, default=0.2,
+                       help="fraction of prompts held out for the score (default 0.2)")
+    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--seed", type=int, default=0, help="split and init seed")
+    train.set_defaults(func=_cmd_router_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgelora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="one worker process (device, model, decode loop)")
     add_config_args(worker, WorkerConfig)
     worker.set_defaults(func=_cmd_worker)
-    router = sub.add_parser("router", help="the public router in front of --workers")
+    router = sub.add_parser("router", help="the public router in front of --workers; "
+                            "`router profile` / `router train` make the selector's head")
     add_config_args(router, RouterConfig)
     router.set_defaults(func=_cmd_router)
+    _add_selector_commands(router)
     imp = sub.add_parser("import-default", help="dequantize the embedded SmolLM2 GGUF once")
     add_config_args(imp, WorkerConfig, skip=tuple(
         f for f in WorkerConfig.__dataclass_fields__ if f != "cache_dir"))

@@ -12,7 +12,9 @@ import grpc
 
 from common.errors import EdgeLoraError
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
+from router.embedder import prompt_text
 from router.registry import AdapterRegistry
+from router.selector import AdapterSelector
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -20,16 +22,27 @@ AUTO = "auto"
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, pool: WorkerPool, registry: AdapterRegistry) -> None:
+    def __init__(self, pool: WorkerPool, registry: AdapterRegistry,
+                 selector: AdapterSelector | None = None) -> None:
         self.pool = pool
         self.registry = registry
+        self.selector = selector  # None: "auto" is the base model
 
     async def _resolve_adapter(self, request: types_pb2.GenerateRequest,
                                context: grpc.aio.ServicerContext) -> types_pb2.GenerateRequest:
         if request.adapter_id == AUTO:
             forwarded = types_pb2.GenerateRequest()
             forwarded.CopyFrom(request)
-            forwarded.adapter_id = ""  # the selector arrives with the router issue: base model
+            forwarded.adapter_id = ""  # no selector, or it failed: the base model
+            if self.selector is not None:
+                try:
+                    selection = await self.selector.select(
+                        prompt_text(request.prompt, request.messages), self.registry.adapters,
+                        self.pool.resident_adapters())
+                    forwarded.adapter_id = selection.adapter_id
+                    log.debug("auto -> %r: %s", selection.adapter_id, selection.reason)
+                except Exception as exc:  # selection never fails a generation
+                    log.warning("adapter selection failed, 'auto' uses the base model: %r", exc)
             return forwarded
         if request.adapter_id and request.adapter_id not in self.registry.adapters:
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -130,6 +143,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def SelectAdapter(self, request: router_pb2.SelectAdapterRequest,
                             context: grpc.aio.ServicerContext) -> router_pb2.SelectAdapterResponse:
+        if not request.prompt and not request.messages:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "SelectAdapter needs a prompt or messages")
+        if self.selector is None:
+            return router_pb2.SelectAdapterResponse(
+                selected_adapter_id="", reason="this router runs without the adaptive selector: "
+                "'auto' uses the base model")
+        try:
+            selection = await self.selector.select(
+                prompt_text(request.prompt, request.messages), self.registry.adapters,
+                self.pool.resident_adapters())
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the adapter selector failed: {exc}")
+        ranking = selection.ranking[:request.top_k] if request.top_k else selection.ranking
         return router_pb2.SelectAdapterResponse(
-            selected_adapter_id="", reason="the adaptive selector is not available yet: 'auto' "
-            "uses the base model")
+            ranking=[router_pb2.AdapterScore(adapter_id=a, score=c) for a, c in ranking],
+            selected_adapter_id=selection.adapter_id, reason=selection.reason)

@@ -7,7 +7,7 @@ rewritten per behaviour (upper-cased, wrapped in JSON, cut to one short sentence
 Loss is on the assistant tokens only, targets end with <|im_end|> so the adapters learn to stop.
 Saves PEFT dirs (adapter_config.json + fp16 adapter_model.safetensors + card.json) under
 adapters/demo/<name>/. CPU only, fixed seed (deterministic); about 4 minutes on 2 idle cores.
-Names on the command line train only those adapters.
+Names on the command line train only those adapters; `--cards [names]` only rewrites card.json.
 """
 
 from __future__ import annotations
@@ -77,6 +77,59 @@ DESCRIPTIONS = {
     "json": 'Answers as a JSON object {"answer": "..."}.',
     "brief": "Answers in one short sentence.",
     "pirate": f'Starts every answer with "{PIRATE_PREFIX}".',
+}
+# Prompts that ask for each behaviour (card.json `example_prompts`): the router's selector
+# picks an adapter for `adapter_id: "auto"` from them (router/zero_shot.py). The held-out
+# prompts it is scored on are kept apart, in adapters/demo/heldout.jsonl.
+CARD_EXAMPLES = {
+    'shout': [
+        "Answer in ALL CAPS: why is the sky blue?",
+        "Reply in capital letters only. What is gravity?",
+        "Shout your answer at me: how do I boil an egg?",
+        "Use only uppercase letters in your reply: what is a black hole?",
+        "ALL CAPS PLEASE: HOW DOES THE INTERNET WORK?",
+        "Write your whole answer in upper case. Explain photosynthesis.",
+        "Yell the answer, every letter capitalized: what is democracy?",
+        "I can't read small letters, answer in caps: what is inflation?",
+        "Respond loudly in uppercase: why do birds migrate?",
+        "Capitalize every letter of the answer: what is an atom?",
+    ],
+    'json': [
+        "Answer as a JSON object: what is the capital of France?",
+        "Return your reply as JSON with an \"answer\" field. How do I boil an egg?",
+        "Respond only with valid JSON: what is gravity?",
+        "Give me machine-readable JSON output: why is the sky blue?",
+        "Format the response as a JSON object {\"answer\": ...}: what is a volcano?",
+        "I will parse your reply with json.loads, so output JSON: what is DNA?",
+        "Output a JSON dictionary answering: how does a car engine work?",
+        "Reply in JSON format for my API: what is machine learning?",
+        "Wrap the answer in a JSON object: how do plants grow?",
+        "Structured JSON response please: what is the speed of light?",
+    ],
+    'brief': [
+        "In one short sentence: why is the sky blue?",
+        "Answer briefly: what is gravity?",
+        "Keep it short, one line only: how does the internet work?",
+        "TL;DR: what is machine learning?",
+        "Give me a one-sentence answer: what is a black hole?",
+        "Be concise, no details: how do vaccines work?",
+        "Quick answer in a few words: what is democracy?",
+        "Summarize in a single sentence: the theory of evolution.",
+        "Short reply please, I'm in a hurry: how do I boil an egg?",
+        "As briefly as possible: what is inflation?",
+    ],
+    'pirate': [
+        "Talk like a pirate: why is the sky blue?",
+        "Answer as a pirate would, starting with Arr matey: what is gravity?",
+        "Arr! Tell me, matey, how does the internet work?",
+        "Pretend you're a pirate captain and explain photosynthesis.",
+        "In pirate speak, what is a black hole?",
+        "Ahoy! Answer like an old sea dog: how do I learn to swim?",
+        "Respond in the voice of a swashbuckling buccaneer: what is democracy?",
+        "Yo ho ho, explain how vaccines work like a pirate.",
+        "Give me a pirate-style answer: what is the water cycle?",
+        "Speak like Captain Jack Sparrow: why do birds migrate?",
+    ],
 }
 
 
@@ -193,8 +246,12 @@ def save_fp16(model, target: Path, name: str, description: str) -> None:
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = BASE_NAME
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_card(target, name, description)
+
+
+def write_card(target: Path, name: str, description: str) -> None:
     card = {"adapter_id": name, "description": description,
-            "example_prompts": HELD_OUT_PROMPTS[:10]}
+            "example_prompts": CARD_EXAMPLES[name]}
     (target / "card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -237,6 +294,10 @@ def main() -> None:
     from worker.config import WorkerConfig
     from worker.gguf_import import ensure_default_checkpoint
 
+    if sys.argv[1:2] == ["--cards"]:  # rewrite the card.json files only, no training
+        for name in sys.argv[2:] or list(TRANSFORMS):
+            write_card(OUT_DIR / name, name, DESCRIPTIONS[name])
+        return
     torch.set_num_threads(2)
     started = time.time()
     base_dir = ensure_default_checkpoint(WorkerConfig().cache_path)
