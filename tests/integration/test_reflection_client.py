@@ -7,6 +7,7 @@ packages fails, so its messages can only come from the descriptors the server se
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from google.protobuf import json_format
 
 from edgelora.client import build_request
-from edgelora.v1 import router_pb2_grpc, types_pb2
+from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from tests.conftest import ServeThread
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,3 +151,22 @@ def test_docs_grpcurl_command_works(grpcurl: list[str], tiny_server: ServeThread
         assert json.loads(replies[-1])["finishReason"] in ("stop", "length")
     if args[1] == "call" and args[2].endswith("Health/Check"):
         assert json.loads(replies[0]) == {"status": "SERVING"}
+
+
+def test_node_example_uses_only_names_the_proto_defines() -> None:
+    """examples/node-client reads proto/ at run time (keepCase): a renamed field or method would
+    only fail there, so its names are checked against the descriptors here."""
+    source = (REPO / "examples" / "node-client" / "client.js").read_text()
+    proto_file = re.search(r"loadSync\('([^']+)'", source).group(1)
+    assert (REPO / "proto" / proto_file).is_file()
+    router = router_pb2.DESCRIPTOR.services_by_name["Router"]
+    assert router.methods_by_name["GenerateStream"].server_streaming
+    assert "router.GenerateStream(" in source and "edgelora.v1.Router(" in source
+    fields = {f.name for message in (types_pb2.GenerateRequest, types_pb2.GenerateResponse,
+                                     types_pb2.ChatMessage, types_pb2.SamplingParams,
+                                     types_pb2.Usage)
+              for f in message.DESCRIPTOR.fields}
+    used = set(re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", source)) | set(
+        re.findall(r"\b(messages|role|content|params|text|usage)\b", source))
+    assert used, "no field names found"
+    assert used <= fields, used - fields
