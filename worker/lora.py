@@ -2,8 +2,8 @@
 
 For a fused projection y = x·Wᵀ, each token t adds Σ_sub (x_t·A_{s,sub}ᵀ)·B_{s,sub}ᵀ of its slot s
 (B is pre-scaled by lora_alpha / r). Slot 0 is all zeros: rows without an adapter. Two fast paths
-and a reference: gather (BGMV-style, one batched matmul for every token, for decode steps with many
-adapters) and segments (one matmul pair per run of same-adapter tokens, for prompt chunks).
+and a reference: pool (every slot at once, masked per token: decode steps with many adapters) and
+segments (one matmul pair per run of same-adapter tokens: prompt chunks, or few adapters).
 Never decides which adapter goes to which slot (adapter_memory does).
 """
 
@@ -22,8 +22,10 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
     "gate_up_proj": ("gate_proj", "up_proj"),
     "down_proj": ("down_proj",),
 }
-# Segment matmuls beat the gather once runs average this many tokens (prompt chunks).
+# Segment matmuls beat the pool once runs average this many tokens (prompt chunks).
 MIN_TOKENS_PER_SEGMENT = 4
+# The pool path reads every slot; it pays when the step's adapters fill this share of the pool.
+MIN_POOL_SHARE = 0.25
 
 
 def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -37,8 +39,10 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 class LoraSlots:
     """Device tensors for `num_slots` adapters of rank <= max_rank, allocated once at start.
 
-    Per layer and fused projection: A [num_slots + 1, num_sub, max_rank, in] and, per sub-module,
-    B [num_slots + 1, out_sub, max_rank]. Smaller ranks are zero-padded, which adds exact zeros.
+    Per layer and fused projection: A [num_sub, max_rank, num_slots + 1, in] and, per sub-module,
+    B [max_rank, num_slots + 1, out_sub]. Rank-major on purpose: the first r ranks of every slot
+    are one contiguous block, so the pool path multiplies by all slots without a copy. Smaller
+    ranks are zero-padded, which adds exact zeros.
     """
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
@@ -51,9 +55,9 @@ class LoraSlots:
             layer = {}
             for proj, subs in PROJECTIONS.items():
                 fan_in = shapes[subs[0]][0]
-                a = torch.zeros(num_slots + 1, len(subs), max_rank, fan_in, device=device,
+                a = torch.zeros(len(subs), max_rank, num_slots + 1, fan_in, device=device,
                                 dtype=dtype)
-                bs = [torch.zeros(num_slots + 1, shapes[s][1], max_rank, device=device,
+                bs = [torch.zeros(max_rank, num_slots + 1, shapes[s][1], device=device,
                                   dtype=dtype) for s in subs]
                 layer[proj] = (a, bs)
             self.layers.append(layer)
@@ -70,15 +74,22 @@ class LoraSlots:
         for i, layer in enumerate(self.layers):
             for proj, subs in PROJECTIONS.items():
                 a, bs = layer[proj]
-                a[slot].zero_()
+                a[:, :, slot].zero_()
                 for j, sub in enumerate(subs):
-                    bs[j][slot].zero_()
+                    bs[j][:, slot].zero_()
                     pair = weights.get((i, sub))
                     if pair is not None:
                         # non_blocking: host tensors are pinned on CUDA, so copies overlap compute
-                        a[slot, j, :rank].copy_(pair[0], non_blocking=True)
-                        bs[j][slot, :, :rank].copy_(pair[1], non_blocking=True)
+                        a[j, :rank, slot].copy_(pair[0], non_blocking=True)
+                        bs[j][:rank, slot].copy_(pair[1].T, non_blocking=True)
         self.ranks[slot] = rank
+
+    def read(self, slot: int, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one slot's padded weights: (A [max_rank, in], B [out, max_rank])."""
+        proj = next(p for p, subs in PROJECTIONS.items() if module in subs)
+        a, bs = self.layers[layer][proj]
+        j = PROJECTIONS[proj].index(module)
+        return a[j, :, slot], bs[j][:, slot].T
 
 
 @dataclass
@@ -90,6 +101,7 @@ class LoraBatch:
     rank: int                  # max rank of the slots in this step
     segments: list[tuple[int, int, int]]  # (start, end, slot) runs of adapter tokens
     use_segments: bool
+    pool_mask: torch.Tensor    # [T, 1, num_slots + 1]: one-hot of each token's slot
 
     @classmethod
     def build(cls, slots: LoraSlots, row_slots: list[int], row_lengths: list[int],
@@ -108,39 +120,53 @@ class LoraBatch:
         token_slots = torch.tensor([s for s, n in zip(row_slots, row_lengths, strict=True)
                                     for _ in range(n)], dtype=torch.long, device=device)
         num_adapter_tokens = sum(e - s for s, e, _ in segments)
-        use_segments = num_adapter_tokens >= MIN_TOKENS_PER_SEGMENT * len(segments)
+        # Long runs: a matmul pair per run is cheapest. Short runs over few of the pool's slots:
+        # still segments, as the pool path would read every slot for a handful of adapters.
+        use_segments = (num_adapter_tokens >= MIN_TOKENS_PER_SEGMENT * len(segments)
+                        or len(set(row_slots) - {0}) < MIN_POOL_SHARE * (slots.num_slots + 1))
         rank = max(slots.ranks[s] for s in row_slots)
-        return cls(slots, token_slots, rank, segments, use_segments)
+        dtype = slots.layers[0]["o_proj"][0].dtype
+        pool_mask = torch.nn.functional.one_hot(token_slots, slots.num_slots + 1).to(dtype)
+        return cls(slots, token_slots, rank, segments, use_segments, pool_mask.unsqueeze(1))
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y [T, out] of the base projection + each token's LoRA delta; x [T, in]."""
+        """y [T, out] of the base projection + each token's LoRA delta (in place); x [T, in]."""
         a, bs = self.slots.layers[layer][proj]
         if self.use_segments:
             return segment_delta(x, y, a, bs, self.segments, self.slots.ranks)
-        return y + gather_delta(x, self.token_slots, a, bs, self.rank)
+        return pool_delta(x, y, a, bs, self.pool_mask, self.rank)
 
 
-def gather_delta(x: torch.Tensor, token_slots: torch.Tensor, a: torch.Tensor,
-                 bs: list[torch.Tensor], rank: int) -> torch.Tensor:
-    """BGMV-style: gathers every token's A and B, two batched matmuls; -> delta [T, out]."""
-    num_tokens, num_sub = x.shape[0], a.shape[1]
-    a_t = a[token_slots, :, :rank].reshape(num_tokens, num_sub * rank, -1)  # [T, sub * r, in]
-    h = torch.bmm(a_t, x.unsqueeze(-1)).view(num_tokens, num_sub, rank, 1)  # [T, sub, r, 1]
-    outs = [torch.bmm(b[token_slots, :, :rank], h[:, j]) for j, b in enumerate(bs)]  # [T, out_j, 1]
-    return torch.cat(outs, dim=1).squeeze(-1)
+def pool_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
+               pool_mask: torch.Tensor, rank: int) -> torch.Tensor:
+    """Every token through every slot's first `rank` ranks, the other slots masked out.
+
+    Reads each slot's weights once per step (a per-token gather would copy them once per token)
+    in a few dense matmuls; the wasted products with other slots are cheap at decode batch sizes.
+    """
+    num_tokens = x.shape[0]
+    offset = 0
+    for j, b in enumerate(bs):
+        h = x @ a[j, :rank].flatten(0, 1).T                       # [T, r * (S + 1)]
+        h = h.view(num_tokens, rank, -1).mul_(pool_mask)           # keep each token's slot
+        out = b.shape[-1]
+        y[:, offset:offset + out].addmm_(h.view(num_tokens, -1), b[:rank].flatten(0, 1))
+        offset += out
+    return y
 
 
 def segment_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
                   segments: list[tuple[int, int, int]], ranks: list[int]) -> torch.Tensor:
-    """One matmul pair per run of same-adapter tokens; adds into a copy of y [T, out]."""
-    y = y.clone()
+    """One matmul pair per sub-module and run of same-adapter tokens; adds into y [T, out]."""
     for start, end, slot in segments:
         r = ranks[slot]
         xs = x[start:end]                                           # [n, in]
-        h = xs @ a[slot, :, :r].reshape(-1, xs.shape[1]).T          # [n, sub * r]
-        delta = torch.cat([h[:, j * r:(j + 1) * r] @ b[slot, :, :r].T for j, b in enumerate(bs)],
-                          dim=1)                                    # [n, out]
-        y[start:end] += delta
+        offset = 0
+        for j, b in enumerate(bs):
+            out = b.shape[-1]
+            h = xs @ a[j, :r, slot].T                               # [n, r]
+            y[start:end, offset:offset + out].addmm_(h, b[:r, slot])
+            offset += out
     return y
 
 

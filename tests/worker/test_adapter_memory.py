@@ -108,23 +108,23 @@ def assert_slot_holds(memory: AdapterMemory, slot: int, spec: AdapterSpec) -> No
     scaling = spec.lora_alpha / spec.rank
     r = spec.rank
     assert memory.slots.ranks[slot] == r, (memory.slots.ranks, slot, r)
-    for layer, tensors in enumerate(memory.slots.layers):
+    for layer in range(len(memory.slots.layers)):
         for proj, subs in PROJECTIONS.items():
-            a, bs = tensors[proj]
-            for j, sub in enumerate(subs):
+            for sub in subs:
+                a, b = memory.slots.read(slot, layer, sub)
                 kind = "mlp" if proj in ("gate_up_proj", "down_proj") else "self_attn"
                 key = f"base_model.model.model.layers.{layer}.{kind}.{sub}"
                 where = f"slot {slot} layer {layer} {sub} of {spec.adapter_id}"
                 if sub in spec.target_modules:
                     a_ref = raw[f"{key}.lora_A.weight"]
                     b_ref = raw[f"{key}.lora_B.weight"] * scaling
-                    assert torch.equal(a[slot, j, :r], a_ref), f"{where}: A differs"
-                    torch.testing.assert_close(bs[j][slot, :, :r], b_ref, rtol=1e-6, atol=0,
+                    assert torch.equal(a[:r], a_ref), f"{where}: A differs"
+                    torch.testing.assert_close(b[:, :r], b_ref, rtol=1e-6, atol=0,
                                                msg=lambda m, w=where: f"{w}: B: {m}")
                 else:
-                    assert not a[slot, j, :r].any() and not bs[j][slot].any(), f"{where}: not 0"
-                assert not a[slot, j, r:].any(), f"{where}: A padding not zero"
-                assert not bs[j][slot, :, r:].any(), f"{where}: B padding not zero"
+                    assert not a[:r].any() and not b.any(), f"{where}: not 0"
+                assert not a[r:].any(), f"{where}: A padding not zero"
+                assert not b[:, r:].any(), f"{where}: B padding not zero"
 
 
 def corrupt_data(spec: AdapterSpec) -> None:

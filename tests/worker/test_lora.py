@@ -108,7 +108,7 @@ def assert_matches_reference(batch: LoraBatch, ref: Reference, device: str, seed
             expected = y + reference_delta(x, token_slots, ref[(layer, proj)])
             for use_segments in (True, False):
                 batch.use_segments = use_segments
-                got = batch.apply(layer, proj, x, y)
+                got = batch.apply(layer, proj, x, y.clone())
                 err = (got - expected).abs().amax(dim=1)
                 bad = [(t, token_slots[t], float(err[t])) for t in range(len(token_slots))
                        if err[t] > 1e-5]
@@ -161,20 +161,21 @@ def test_base_rows_get_exactly_y() -> None:
     x, y = torch.randn(9, 64), torch.randn(9, 256)  # gate_up: 2 x intermediate
     for use_segments in (True, False):
         batch.use_segments = use_segments
-        got = batch.apply(0, "gate_up_proj", x, y)
+        got = batch.apply(0, "gate_up_proj", x, y.clone())
         assert torch.equal(got[[0, 1, 2, 5, 6, 7, 8]], y[[0, 1, 2, 5, 6, 7, 8]]), use_segments
 
 
-def test_apply_does_not_modify_y() -> None:
+def test_apply_adds_into_y_in_place() -> None:
+    # The model hands apply() the fresh output of the base matmul: no copy is needed.
     slots, _ = filled_slots("cpu")
     batch = LoraBatch.build(slots, [4, 4], [5, 5], torch.device("cpu"))
     assert batch is not None
     x, y = torch.randn(10, 64), torch.randn(10, 128)
-    before = y.clone()
     for use_segments in (True, False):
         batch.use_segments = use_segments
-        batch.apply(1, "qkv_proj", x, y)
-        assert torch.equal(y, before), use_segments
+        before = y.clone()
+        got = batch.apply(1, "qkv_proj", x, y)
+        assert got is y and not torch.equal(y, before), use_segments
 
 
 # --- LoraBatch.build metadata ------------------------------------------------------------------
@@ -209,27 +210,39 @@ def test_rank_is_max_rank_of_slots_present(row_slots: list[int], rank: int) -> N
     assert batch is not None and batch.rank == rank, (row_slots, batch and batch.rank)
 
 
-def test_use_segments_for_long_runs_gather_for_decode() -> None:
+def test_segments_for_long_runs_pool_for_decode_over_many_slots() -> None:
     slots, _ = filled_slots("cpu")
     decode = LoraBatch.build(slots, [1, 2, 3, 4, 5], [1] * 5, torch.device("cpu"))
     prefill = LoraBatch.build(slots, [1, 2], [MIN_TOKENS_PER_SEGMENT, 30], torch.device("cpu"))
     assert decode is not None and not decode.use_segments
     assert prefill is not None and prefill.use_segments
+    assert decode.pool_mask.shape == (5, 1, NUM_SLOTS + 1)
+    assert decode.pool_mask.squeeze(1).argmax(dim=1).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_segments_when_few_slots_of_a_big_pool_are_used() -> None:
+    # The pool path reads every slot: for one adapter in a pool of 32 it would read 33x the
+    # weights the step needs.
+    slots = LoraSlots(CFG, 32, 4, torch.device("cpu"), torch.float32)
+    slots.write(7, random_adapter(4, ALL, seed=0), 4)
+    decode = LoraBatch.build(slots, [7, 0, 7], [1, 1, 1], torch.device("cpu"))
+    assert decode is not None and decode.use_segments
 
 
 # --- LoraSlots ---------------------------------------------------------------------------------
 
 
-def test_slot_tensor_shapes_and_zero_slot() -> None:
+def test_slot_views_and_zero_slot() -> None:
     slots, _ = filled_slots("cpu")
     shapes = module_shapes(CFG)
-    for layer in slots.layers:
-        for proj, (a, bs) in layer.items():
-            subs = PROJECTIONS[proj]
-            assert a.shape == (NUM_SLOTS + 1, len(subs), MAX_RANK, shapes[subs[0]][0]), proj
-            assert [b.shape for b in bs] == [(NUM_SLOTS + 1, shapes[s][1], MAX_RANK)
-                                             for s in subs], proj
-            assert not a[0].any() and not any(b[0].any() for b in bs), f"slot 0 of {proj}"
+    for layer in range(CFG.num_layers):
+        for module in ALL:
+            fan_in, fan_out = shapes[module]
+            for slot in range(NUM_SLOTS + 1):
+                a, b = slots.read(slot, layer, module)
+                assert a.shape == (MAX_RANK, fan_in) and b.shape == (fan_out, MAX_RANK), module
+            a0, b0 = slots.read(0, layer, module)
+            assert not a0.any() and not b0.any(), f"slot 0 of {module}"
     assert slots.ranks == [0] + [ADAPTERS[s][0] for s in range(1, NUM_SLOTS + 1)]
     numel = sum(a.numel() + sum(b.numel() for b in bs)
                 for layer in slots.layers for a, bs in layer.values())
@@ -240,13 +253,15 @@ def test_slots_hold_what_was_written() -> None:
     slots = LoraSlots(CFG, NUM_SLOTS, MAX_RANK, torch.device("cpu"), torch.float32)
     weights = random_adapter(8, ("k_proj", "down_proj"), seed=3)
     slots.write(2, weights, 8)
-    for (layer, module), (a_ref, b_ref) in weights.items():
-        proj = next(p for p, subs in PROJECTIONS.items() if module in subs)
-        j = PROJECTIONS[proj].index(module)
-        a, bs = slots.layers[layer][proj]
-        assert torch.equal(a[2, j, :8], a_ref) and torch.equal(bs[j][2, :, :8], b_ref), module
-    untouched = slots.layers[0]["gate_up_proj"]
-    assert not untouched[0][2].any() and not any(b[2].any() for b in untouched[1])
+    for layer in range(CFG.num_layers):
+        for module in ALL:
+            a, b = slots.read(2, layer, module)
+            if (layer, module) in weights:
+                a_ref, b_ref = weights[(layer, module)]
+                assert torch.equal(a[:8], a_ref) and torch.equal(b[:, :8], b_ref), module
+                assert not a[8:].any() and not b[:, 8:].any(), f"padding of {module}"
+            else:
+                assert not a.any() and not b.any(), f"untargeted {module}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -255,15 +270,14 @@ def test_smaller_rank_overwrite_leaves_no_stale_values(device: str) -> None:
     small = random_adapter(2, ("q_proj",), seed=99)
     slots.write(4, small, 2)  # slot 4 held a rank-16 adapter on every module
     assert slots.ranks[4] == 2
-    for layer in slots.layers:
-        for proj, (a, bs) in layer.items():
-            if proj == "qkv_proj":
-                assert not a[4, 0, 2:].any() and not a[4, 1:].any(), "stale A in qkv_proj"
-                assert not bs[0][4, :, 2:].any(), "stale B of q_proj"
-                assert not bs[1][4].any() and not bs[2][4].any(), "stale B of k/v_proj"
+    for layer in range(CFG.num_layers):
+        for module in ALL:
+            a, b = slots.read(4, layer, module)
+            if module == "q_proj":
+                assert not a[2:].any() and not b[:, 2:].any(), f"stale ranks of {module}"
             else:
-                assert not a[4].any() and not any(b[4].any() for b in bs), f"stale {proj}"
-    # The gather path pads to the step's max rank (16 here): padding must add exact zeros.
+                assert not a.any() and not b.any(), f"stale {module}"
+    # The pool path pads to the step's max rank (16 here): padding must add exact zeros.
     new_ref = reference_weights({**{s: {} for s in ADAPTERS}, 4: small})
     for key, per_slot in ref.items():
         per_slot[4] = [(a.to(device), b.to(device)) for a, b in new_ref[key][4]]
