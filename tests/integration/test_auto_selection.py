@@ -71,7 +71,7 @@ def test_select_adapter_ranks_and_explains(stub) -> None:
         timeout=60)
     assert reply.selected_adapter_id == "pirate"  # the last user turn decides
     scores = [s.score for s in reply.ranking]
-    assert [s.adapter_id for s in reply.ranking][0] == "pirate" and len(scores) == len(NAMES)
+    assert reply.ranking[0].adapter_id == "pirate" and len(scores) == len(NAMES)
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     assert "pirate" in reply.reason and "zero-shot" in reply.reason
     top2 = stub.SelectAdapter(router_pb2.SelectAdapterRequest(prompt="What is rum?", top_k=2),
