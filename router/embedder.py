@@ -83,6 +83,7 @@ class PromptEmbedder:
         self.tokenizer = model.tokenizer
         # Our own pooling over the transformer: encode()'s per-call overhead is ~1.5 ms.
         self.model = model[0].auto_model.eval().to(pick_dtype(dtype))
+        self.model.pooler = None  # BERT's [CLS] pooler (a linear + tanh): mean pooling is ours
         self.dim: int = model.get_embedding_dimension()
 
     def _encode_ids(self, text: str, max_tokens: int) -> list[int]:
