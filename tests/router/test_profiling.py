@@ -141,3 +141,36 @@ def test_profile_train_and_reload_round_trip(server: ServeThread, tmp_path: Path
         assert plain.adapter_id == ""
     finally:
         server._call(runtime.stop(0))
+
+
+@pytest.mark.smollm2
+def test_demo_adapters_label_their_own_style(default_model_dir: Path, tmp_path: Path) -> None:
+    """The labeling rule on the real model and the real demo adapters: a reference written in an
+    adapter's style makes that adapter (alone) a positive; a plain answer makes none."""
+    import asyncio
+
+    from router.profiling import run_profile
+
+    server = ServeThread(WorkerConfig(model=str(default_model_dir), port=0, num_threads=1,
+                                      max_model_len=512, kv_cache_mb=64))
+    try:
+        demo = Path(__file__).resolve().parents[2] / "adapters" / "demo"
+        stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(server.address))
+        for name in ("shout", "json", "brief", "pirate"):
+            stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
+                adapter_id=name, path=str(demo / name)), timeout=60)
+        answer = "The sky looks blue because air scatters blue sunlight more than red light."
+        intended = {"Answer in capitals: why is the sky blue?": (answer.upper(), ["shout"]),
+                    "Answer in JSON: why is the sky blue?": (json.dumps({"answer": answer}),
+                                                             ["json"]),
+                    "Like a pirate: why is the sky blue?": ("Arr matey! " + answer, ["pirate"]),
+                    "Why is the sky blue?": (answer + " This is called Rayleigh scattering.", [])}
+        write_jsonl(tmp_path / "data.jsonl", [
+            {"messages": [{"role": "user", "content": p}], "reference": ref}
+            for p, (ref, _) in intended.items()])
+        labeled = asyncio.run(run_profile([server.worker_address], str(tmp_path / "data.jsonl"),
+                                          str(tmp_path / "labels.jsonl")))
+        assert {r["text"]: r["positives"] for r in labeled} == {
+            p: positives for p, (_, positives) in intended.items()}
+    finally:
+        server.stop()
