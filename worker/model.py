@@ -102,8 +102,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like the reference, then cast back: bf16 variance drifts.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm is one fused op; the spelled-out version is four.
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -129,9 +129,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"rope scaling {kind!r} is not supported (supported: linear, llama3)")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin; rotate_half(x)·sin = roll(x, half)·[-sin, sin]: three ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 class Attention(nn.Module):
@@ -150,12 +150,11 @@ class Attention(nn.Module):
                 k_cache: torch.Tensor, v_cache: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = fb.project(self.layer, "qkv_proj", self.qkv_proj, x)
-        q, k, v = qkv.split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)     # [T, nh, hd]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kvh, hd]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q_size, kv_size = self.split_sizes[0], self.split_sizes[1]
+        # q and k side by side as heads: one rotation for both
+        qk = apply_rope(qkv[:, :q_size + kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # [T, nh, hd], [T, kvh, hd]
+        v = qkv[:, q_size + kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache.index_copy_(0, fb.slot_mapping, k)
         v_cache.index_copy_(0, fb.slot_mapping, v)
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)  # [T, nh * hd]
@@ -220,8 +219,9 @@ class LlamaModel(nn.Module):
         """
         x = self.embed_tokens(input_ids)  # [T, hidden]
         freqs = fb.positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, hd], broadcast over heads
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos = freqs.cos().repeat(1, 2)[:, None, :].to(x.dtype)  # [T, 1, hd], broadcast over heads
+        sin = freqs.sin()
+        sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(x.dtype)  # signed for apply_rope
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, k_cache, v_cache, fb)
         return self.norm(x)
