@@ -15,7 +15,13 @@ log = logging.getLogger(__name__)
 def create_server(register: list[Callable[[grpc.aio.Server], None]], service_names: list[str],
                   host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """-> (server, bound port, health servicer); the caller starts the server."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),
+        # The router's channels ping to notice a dead worker fast; without these, a quiet stream
+        # (a long prompt chunk) could be cut by gRPC's ping-abuse rule.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ])
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()
