@@ -174,3 +174,20 @@ def test_demo_adapters_label_their_own_style(default_model_dir: Path, tmp_path: 
             p: positives for p, (_, positives) in intended.items()}
     finally:
         server.stop()
+
+
+def test_cli_router_still_runs_the_router_and_has_profile_and_train() -> None:
+    from edgelora.cli import build_parser
+
+    parser = build_parser()
+    plain = parser.parse_args(["router", "--port", "5", "--selector-margin", "0.2"])
+    assert plain.func.__name__ == "_cmd_router" and plain.port == 5
+    assert plain.selector_margin == 0.2
+    before = parser.parse_args(["router", "--workers", "h:1", "profile", "--dataset", "d",
+                                "--out", "o"])
+    after = parser.parse_args(["router", "profile", "--workers", "h:2", "--dataset", "d",
+                               "--out", "o"])
+    assert before.func.__name__ == after.func.__name__ == "_cmd_router_profile"
+    assert (before.workers, after.workers) == ("h:1", "h:2")
+    train = parser.parse_args(["router", "train", "--labels", "l", "--out", "o"])
+    assert train.func.__name__ == "_cmd_router_train" and train.holdout == 0.2
