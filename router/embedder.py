@@ -165,6 +165,7 @@ class EmbeddingBatcher:
                                             initargs=(num_threads,))
         self._pending: list[tuple[str, asyncio.Future]] = []
         self._draining = False
+        self._drain_task: asyncio.Task | None = None  # held: the loop keeps only weak refs
         self.num_batches = 0  # forwards run (tests and the benchmark read it)
 
     def _loaded(self) -> Any:
@@ -187,7 +188,7 @@ class EmbeddingBatcher:
         self._pending.append((text, future))
         if not self._draining:
             self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:

@@ -112,8 +112,11 @@ class AdapterSelector:
             changed = {a: c for a, c in cards.items() if self._cards.get(a) is not c}
             for adapter_id, card in changed.items():
                 texts = prototype_texts(card.description, list(card.example_prompts))
-                per_text = await self.batcher.run(lambda e, t: e.embed_segments(t), texts)
-                self._index.set(adapter_id, prototype_segments(per_text))
+                if texts:
+                    per_text = await self.batcher.run(lambda e, t: e.embed_segments(t), texts)
+                    self._index.set(adapter_id, prototype_segments(per_text))
+                else:  # nothing to embed (most tenants' adapters): no thread hop
+                    self._index.remove(adapter_id)
                 self._cards[adapter_id] = card
 
     async def reload_head_if_changed(self) -> None:
