@@ -114,7 +114,8 @@ class AdapterSelector:
                 texts = prototype_texts(card.description, list(card.example_prompts))
                 if texts:
                     per_text = await self.batcher.run(lambda e, t: e.embed_segments(t), texts)
-                    self._index.set(adapter_id, prototype_segments(per_text))
+                    self._index.set(adapter_id,
+                                    prototype_segments(per_text, self._index.background))
                 else:  # nothing to embed (most tenants' adapters): no thread hop
                     self._index.remove(adapter_id)
                 self._cards[adapter_id] = card

@@ -1,17 +1,19 @@
 """Zero-shot adapter confidences from each adapter's description and example prompts.
 
 Rule: embed the prompt and each of its clauses; for every clause take its best cosine to the
-adapter's prototypes (description + example prompts, each also split into clauses) minus its best
-cosine to the plain background prompts (router/plain_prompts.py); the adapter's contrast is the
-best clause's. A clause that is only the topic of the question ("what is a comet") is as close to
-plain prompts as to any example, so it scores ~0 or below; a clause that asks for the adapter's
-behaviour ("answer briefly") is close to the examples and to no plain prompt. The contrast maps
-to [0, 1] with a logistic: CENTER is where plain questions and style requests part (measured on
-the demo adapters: plain ~ -0.1, requests +0.1 .. +0.6), SCALE keeps a rival adapter whose
-examples share a generic clause ("... your answer ...", contrast ~0.2) well below a clear match
-(0.4+), so the residency margin does not swap them. Both were chosen on a dev set of 32 prompts
-kept apart from adapters/demo/heldout.jsonl (best decision accuracy, also with every adapter but
-the intended one resident).
+adapter's prototypes (description + the request clauses of its example prompts, see
+`prototype_segments`) minus its best cosine to the plain background prompts
+(router/plain_prompts.py); the adapter's contrast is the best clause's. A clause that is only the
+topic of the question ("what is a comet") is as close to plain prompts as to any example, so it
+scores ~0 or below; a clause that asks for the adapter's behaviour ("answer briefly") is close to
+the examples and to no plain prompt. The contrast maps to [0, 1] with a logistic: CENTER is where
+plain questions and style requests part (measured on the demo adapters: plain ~ -0.1, requests
++0.1 .. +0.6), SCALE keeps a rival adapter whose examples share a generic clause ("... your
+answer ...", contrast ~0.2) well below a clear match (0.4+), so the residency margin does not swap
+them. Both were chosen on a dev set of 42 prompts (adapters/demo/selector_dev.jsonl, some on the
+card examples' topics) kept apart from adapters/demo/heldout.jsonl: the middle of the range with
+the best decision accuracy, also with every adapter but the intended one resident (CENTER
+0.08..0.1, SCALE 0.07..0.1).
 
 Each adapter's score depends only on its own card and the fixed background, so registering one
 adapter never changes another's confidence. An adapter with no description and no examples has
@@ -22,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-CENTER = 0.1
-SCALE = 0.07
+CENTER = 0.09
+SCALE = 0.08
 
 
 def to_confidence(contrast: torch.Tensor) -> torch.Tensor:
@@ -34,14 +36,32 @@ def prototype_texts(description: str, example_prompts: list[str]) -> list[str]:
     return [t for t in [description, *example_prompts] if t.strip()]
 
 
-def prototype_segments(per_text: list[torch.Tensor]) -> torch.Tensor:
-    """The prototypes of one adapter from the embeddings of its prototype texts (rows: the whole
-    text, then its clauses): the description whole and split, each example prompt's clauses, and
-    its whole only when it has a single clause. The whole of "Answer briefly: why is the sky
-    blue?" mixes the request with a topic and would pull in plain questions on nearby topics;
-    its clause "Answer briefly" is the request alone."""
-    kept = [t if i == 0 or len(t) == 1 else t[1:] for i, t in enumerate(per_text)]
-    return torch.cat(kept) if kept else torch.empty(0)
+def prototype_segments(per_text: list[torch.Tensor], background: torch.Tensor) -> torch.Tensor:
+    """The prototypes of one adapter from the embeddings of its prototype texts (per_text[0] =
+    the description, then the example prompts; rows: the whole text, then its clauses).
+
+    Kept: the description, whole and split; each example's whole when it is a single clause;
+    and each example clause that is closer to a clause of another example than to any plain
+    prompt. Examples vary the topic and repeat the request in other words, so what recurs is
+    the request ("Answer briefly" ~ "As briefly as possible"), while a topic clause ("what is
+    the capital of France") is closer to some plain question and would otherwise pull in plain
+    questions on that topic. With fewer than two examples nothing recurs: all clauses are kept.
+    """
+    if not per_text:
+        return torch.empty(0)
+    examples = per_text[1:]
+    if len(examples) < 2:
+        return torch.cat(per_text)
+    kept = [per_text[0]]
+    owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(examples)])
+    pooled = torch.cat(examples)  # [num_example_segments, dim]
+    for i, segments in enumerate(examples):
+        clauses = segments if len(segments) == 1 else segments[1:]
+        support = clauses @ pooled.T  # [k, num_example_segments]
+        support[:, owner == i] = -1.0  # from another example only
+        plain = (clauses @ background.T).amax(dim=1)
+        kept.append(clauses[support.amax(dim=1) > plain])
+    return torch.cat(kept)
 
 
 class PrototypeIndex:

@@ -104,3 +104,33 @@ def test_a_new_adapter_is_selectable_at_once(stub, tiny_model_dir: Path, tmp_pat
     after = stub.SelectAdapter(router_pb2.SelectAdapterRequest(
         prompt="Please answer in French: where do penguins live?"), timeout=60)
     assert "french" not in {s.adapter_id for s in after.ranking}
+
+
+@pytest.mark.smollm2
+def test_auto_on_the_real_model_answers_in_the_asked_style(default_model_dir: Path) -> None:
+    """`--adapters-dir adapters/demo` (cards read from card.json), the real model: a chat request
+    with "auto" is served by the adapter its prompt asks for, and the answer shows it."""
+    from router.config import RouterConfig
+    from router.server import start_router
+    from scripts.demo_adapter_checks import check
+
+    server = ServeThread(WorkerConfig(model=str(default_model_dir), port=0, num_threads=1,
+                                      max_model_len=512, kv_cache_mb=64))
+    runtime = server._call(start_router(RouterConfig(port=0, workers=server.worker_address,
+                                                     adapters_dir=str(DEMO))))
+    try:
+        stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(f"127.0.0.1:{runtime.port}"))
+        asks = {"shout": "Answer in all capital letters: what is the capital of France?",
+                "json": "Give me the answer as a JSON object: what is the capital of France?",
+                "pirate": "Talk like a pirate: what is the capital of France?"}
+        for name, prompt in asks.items():
+            reply = stub.Generate(build_request(prompt, chat=True, adapter_id="auto",
+                                                max_tokens=40), timeout=120)
+            assert reply.adapter_id == name, (prompt, reply.adapter_id)
+            assert check(name, reply.text), (name, reply.text)
+        plain = stub.Generate(build_request("What is the capital of France?", chat=True,
+                                            adapter_id="auto", max_tokens=16), timeout=120)
+        assert plain.adapter_id == "" and "Paris" in plain.text
+    finally:
+        server._call(runtime.stop(0))
+        server.stop()
