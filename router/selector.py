@@ -132,7 +132,7 @@ class AdapterSelector:
             return
         self._head_stamp = stamp
         try:
-            self.head = await self.batcher.run(lambda _e: TrainedHead.load(self.head_path))
+            self.head = await self.batcher.run(_load_head, self.head_path)
         except Exception as exc:  # a bad file must not take selection down: keep the old head
             log.warning("selector head %s not loaded (keeping the previous one): %s",
                         self.head_path, exc)
@@ -190,6 +190,14 @@ class AdapterSelector:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("selector warm-up failed (retried on first use): %r", task.exception())
+
+
+def _load_head(embedder: Any, path: str) -> TrainedHead:
+    head = TrainedHead.load(path)
+    if head.weight.shape[1] != embedder.dim:
+        raise ValueError(f"the head takes {head.weight.shape[1]}-d embeddings, the embedder "
+                         f"makes {embedder.dim}-d ones: train it again with this embedder")
+    return head
 
 
 def _embed_texts(embedder: Any, texts: list[str]) -> torch.Tensor:

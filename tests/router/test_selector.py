@@ -119,6 +119,9 @@ def test_head_takes_over_its_adapters_and_reloads_on_change(batcher, tmp_path: P
         assert (await pick("What is a fossil?")).adapter_id == ""
         path.write_text("corrupt")  # keeps the last good head
         assert (await pick("What is a fossil?")).sources["json"] == "head"
+        TrainedHead(["shout"], torch.zeros(1, 16), torch.tensor([5.0])).save(path)  # wrong dim
+        wrong_dim = await pick("What is a fossil?")
+        assert wrong_dim.sources["json"] == "head" and wrong_dim.sources["shout"] == "zero-shot"
         # an adapter the head knows but that is not registered is never ranked
         constant_head("gone", 5.0).save(path)
         assert "gone" not in dict((await pick("What is a fossil?")).ranking)
