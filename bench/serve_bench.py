@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.llamacpp.server import LlamaServer
 from bench.serve_report import Results, format_table, plot, ratio_lines
-from bench.serve_targets import StreamFn
+from bench.serve_targets import EdgeloraServer, StreamFn
 from bench.workload import (
     SLO_TTFT_S,
     Record,
@@ -106,48 +107,54 @@ async def _drive(target: str, endpoint: str, prompts: Sequence[str], adapter_ids
 def run_target(target: str, args: argparse.Namespace, prompts: Sequence[str],
                per_scenario: dict[str, list[Request]], base_dir: Path) -> dict[str, dict]:
     """Launches the target (unless an address was given), runs every scenario, stops it."""
-    from bench.llamacpp.adapters import adapter_set
-
-    endpoint = args.edgelora_address if target == "edgelora" else args.llamacpp_url
     server = None
-    adapters = []
-    if not endpoint:
-        adapters = adapter_set(base_dir, args.num_adapters, args.demo_adapters, seed=args.seed)
-    started = time.perf_counter()
-    if target == "edgelora":
-        from bench.serve_targets import EdgeloraServer, edgelora_adapter_ids
-
-        if endpoint:
-            ids = args.adapter_ids.split(",") if args.adapter_ids else edgelora_adapter_ids(
-                endpoint)
-        else:
-            server = EdgeloraServer(args.threads, args.max_batch, max(a.rank for a in adapters),
-                                    args.device_slots, args.ours_arg,
-                                    args.out / "edgelora.log").start(adapters)
-            endpoint, ids = server.address, [a.name for a in adapters]
-    else:
-        from bench.llamacpp.convert import convert_adapters
-        from bench.llamacpp.server import LlamaServer, LlamaServerConfig, default_gguf
-        from bench.serve_targets import llamacpp_adapter_count
-
-        if not endpoint:
-            loras = convert_adapters([a.path for a in adapters], base_dir, args.lora_outtype)
-            server = LlamaServer(LlamaServerConfig(
-                default_gguf(), tuple(loras), parallel=args.max_batch, threads=args.threads,
-                ctx_per_slot=args.ctx_per_slot, extra_args=tuple(args.llamacpp_arg)),
-                args.out / "llamacpp.log").start()
-            endpoint = server.url
-        ids = [str(i) for i in range(llamacpp_adapter_count(endpoint))]
-    if len(ids) < args.num_adapters:
-        raise SystemExit(f"{target} at {endpoint} has {len(ids)} adapters, the workload needs "
-                         f"{args.num_adapters}")
-    print(f"{target}: ready at {endpoint} in {time.perf_counter() - started:.0f} s", flush=True)
     try:
+        started = time.perf_counter()
+        server, endpoint, ids = _launch(target, args, base_dir)
+        if len(ids) < args.num_adapters:
+            raise SystemExit(f"{target} at {endpoint} has {len(ids)} adapters, the workload "
+                             f"needs {args.num_adapters}")
+        print(f"{target}: ready at {endpoint} in {time.perf_counter() - started:.0f} s, load "
+              f"average {os.getloadavg()[0]:.1f}", flush=True)
         return asyncio.run(_drive(target, endpoint, prompts, ids, per_scenario,
                                   args.request_timeout_s, args.slo_ttft_s))
     finally:
         if server is not None:
             server.stop()
+
+
+def _launch(target: str, args: argparse.Namespace,
+            base_dir: Path) -> tuple[EdgeloraServer | LlamaServer | None, str, list[str]]:
+    """-> (the launched server or None, its endpoint, the ids of workload adapters 0..n-1)."""
+    from bench.llamacpp.adapters import adapter_set
+
+    endpoint = args.edgelora_address if target == "edgelora" else args.llamacpp_url
+    adapters = [] if endpoint else adapter_set(base_dir, args.num_adapters, args.demo_adapters,
+                                               seed=args.seed)
+    if target == "edgelora":
+        from bench.serve_targets import edgelora_adapter_ids
+
+        if endpoint:
+            ids = args.adapter_ids.split(",") if args.adapter_ids else edgelora_adapter_ids(
+                endpoint)
+            return None, endpoint, ids
+        server = EdgeloraServer(args.threads, args.max_batch, max(a.rank for a in adapters),
+                                args.device_slots, args.ours_arg,
+                                args.out / "edgelora.log").start(adapters)
+        return server, server.address, [a.name for a in adapters]
+
+    from bench.llamacpp.convert import convert_adapters
+    from bench.llamacpp.server import LlamaServerConfig, default_gguf
+    from bench.serve_targets import llamacpp_adapter_count
+
+    if endpoint:
+        return None, endpoint, [str(i) for i in range(llamacpp_adapter_count(endpoint))]
+    loras = convert_adapters([a.path for a in adapters], base_dir, args.lora_outtype)
+    server = LlamaServer(LlamaServerConfig(
+        default_gguf(), tuple(loras), parallel=args.max_batch, threads=args.threads,
+        ctx_per_slot=args.ctx_per_slot, extra_args=tuple(args.llamacpp_arg)),
+        args.out / "llamacpp.log").start()
+    return server, server.url, [str(i) for i in range(len(loras))]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,14 +26,14 @@ def _cell(fmt: str, value: Any) -> str:
 
 def format_table(results: Results, slo_ttft_s: float) -> str:
     head = f"{'scenario':<10}{'target':<11}" + "".join(f"{name:>10}" for name, _, _ in _COLUMNS)
-    lines = [head + f"{'len≠':>6}", "-" * (len(head) + 6)]
+    lines = [head + f"{'len!=':>6}", "-" * (len(head) + 6)]
     for scenario, targets in results.items():
         for target, result in targets.items():
             summary = result["summary"]
             lines.append(f"{scenario:<10}{target:<11}" + "".join(
                 f"{_cell(fmt, summary.get(key, math.nan)):>10}" for _, key, fmt in _COLUMNS)
                 + f"{result.get('mismatched', 0):>6}")
-    lines.append(f"SLO = share of requests with TTFT <= {slo_ttft_s:g} s; len≠ = requests whose "
+    lines.append(f"SLO = share of requests with TTFT <= {slo_ttft_s:g} s; len!= = requests whose "
                  "streamed token count differs from the requested output length")
     return "\n".join(lines)
 
@@ -60,8 +60,8 @@ def ratio_lines(results: Results, ours: str = "edgelora", theirs: str = "llamacp
 
 
 def _cdf(values: list[float]) -> tuple[list[float], list[float]]:
-    ordered = sorted(values)
-    return ordered, [(i + 1) / len(ordered) for i in range(len(ordered))]
+    ordered = sorted(values)  # starts at 0 so a post-step plot rises at the first value
+    return [ordered[0], *ordered], [0.0] + [(i + 1) / len(ordered) for i in range(len(ordered))]
 
 
 def plot(results: Results, path: Path, slo_ttft_s: float) -> Path:

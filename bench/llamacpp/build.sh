@@ -33,13 +33,34 @@ if [[ ! -d "$SRC/vendor/llama.cpp" ]]; then
     tar -xzf "$SDIST" -C "$ROOT/src"
 fi
 
+# The instruction sets of this CPU, as -march=native would pick them, except AMX: on these VMs
+# (Firecracker) the CPU flags list amx_tile/amx_int8 but ggml's AMX matmul segfaults on the first
+# Q4_1 multiplication (llama-bench and llama-server alike). LLAMACPP_NATIVE=1 keeps -march=native.
+isa_flags() {
+    local flags
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    local pairs="sse4_2:SSE42 f16c:F16C fma:FMA bmi2:BMI2 avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI
+        avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16"
+    local pair
+    for pair in $pairs; do
+        if [[ "$flags" == *" ${pair%%:*} "* ]]; then echo "-DGGML_${pair##*:}=ON"; else
+            echo "-DGGML_${pair##*:}=OFF"; fi
+    done
+    echo "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+}
+if [[ "${LLAMACPP_NATIVE:-0}" == 1 ]]; then
+    ARCH=(-DGGML_NATIVE=ON)
+else
+    read -r -a ARCH <<< "-DGGML_NATIVE=OFF $(isa_flags | tr '\n' ' ')"
+fi
+
 # Offline CPU build: no HTTPS (model download), no prebuilt web UI fetch, no tests/examples
-# we do not run. GGML_NATIVE tunes for this CPU, like a user building on the box would.
+# we do not run.
 cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja \
     -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
-    -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF >&2
+    "${ARCH[@]}" -DBUILD_SHARED_LIBS=OFF >&2
 cmake --build "$BUILD" -j "$JOBS" --target llama-server llama-bench >&2
 cp "$BUILD/bin/llama-server" "$BUILD/bin/llama-bench" "$BIN/"
 echo "built: $BIN" >&2

@@ -2,7 +2,7 @@
 per-request adapters.
 
 Quirks it handles (vendored llama.cpp 0c1e570, see DESIGN.md): every adapter must be given at
-start (`--lora`, one per adapter; the server knows them by position, id 0..n-1);
+start (`--lora a,b,...`; the server knows them by position, id 0..n-1);
 `--lora-init-without-apply` does not zero the global scales, so after /health says ok it POSTs
 every scale to 0 and checks them, otherwise a request naming one adapter would run with all the
 others applied too. Slots: `--parallel` = our max batch, each with `--ctx-per-slot` tokens.
@@ -55,9 +55,11 @@ class LlamaServerConfig:
                "--threads", str(self.threads), "--threads-batch", str(self.threads),
                "--ctx-size", str(self.parallel * self.ctx_per_slot), "--no-webui"]
         if self.loras:
-            cmd.append("--lora-init-without-apply")
-            for path in self.loras:
-                cmd += ["--lora", str(path)]
+            # one comma-separated --lora: a repeated flag draws a deprecation warning
+            paths = [str(path) for path in self.loras]
+            if any("," in path for path in paths):
+                raise ValueError(f"llama-server --lora cannot take a path with a comma: {paths}")
+            cmd += ["--lora-init-without-apply", "--lora", ",".join(paths)]
         return cmd + list(self.extra_args)
 
 

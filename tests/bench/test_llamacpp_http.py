@@ -191,5 +191,7 @@ def test_llama_server_command_has_every_adapter_and_slot_settings(tmp_path: Path
 
     assert value("--parallel") == "16" and value("--ctx-size") == str(16 * 512)
     assert value("--threads") == "2" and value("--port") == "8081"
-    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--lora"] == ["a.gguf", "b.gguf"]
+    assert value("--lora") == "a.gguf,b.gguf" and cmd.count("--lora") == 1
     assert "--lora-init-without-apply" in cmd
+    with pytest.raises(ValueError, match="comma"):
+        LlamaServerConfig(tmp_path / "m.gguf", (Path("a,b.gguf"),)).command(8081)
