@@ -39,9 +39,10 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 class LoraSlots:
     """Device tensors for `num_slots` adapters of rank <= max_rank, allocated once at start.
 
-    Per layer and fused projection: A [num_sub, max_rank, num_slots + 1, in] and, per sub-module,
+    Per layer and fused projection: A [max_rank, num_slots + 1, num_sub, in] and, per sub-module,
     B [max_rank, num_slots + 1, out_sub]. Rank-major on purpose: the first r ranks of every slot
-    are one contiguous block, so the pool path multiplies by all slots without a copy. Smaller
+    are one contiguous block, so the pool path multiplies by all slots in one matmul per side
+    without a copy, while one slot's rows stay contiguous vectors for the segment path. Smaller
     ranks are zero-padded, which adds exact zeros.
     """
 
@@ -55,7 +56,7 @@ class LoraSlots:
             layer = {}
             for proj, subs in PROJECTIONS.items():
                 fan_in = shapes[subs[0]][0]
-                a = torch.zeros(len(subs), max_rank, num_slots + 1, fan_in, device=device,
+                a = torch.zeros(max_rank, num_slots + 1, len(subs), fan_in, device=device,
                                 dtype=dtype)
                 bs = [torch.zeros(max_rank, num_slots + 1, shapes[s][1], device=device,
                                   dtype=dtype) for s in subs]
@@ -74,13 +75,13 @@ class LoraSlots:
         for i, layer in enumerate(self.layers):
             for proj, subs in PROJECTIONS.items():
                 a, bs = layer[proj]
-                a[:, :, slot].zero_()
+                a[:, slot].zero_()
                 for j, sub in enumerate(subs):
                     bs[j][:, slot].zero_()
                     pair = weights.get((i, sub))
                     if pair is not None:
                         # non_blocking: host tensors are pinned on CUDA, so copies overlap compute
-                        a[j, :rank, slot].copy_(pair[0], non_blocking=True)
+                        a[:rank, slot, j].copy_(pair[0], non_blocking=True)
                         bs[j][:rank, slot].copy_(pair[1].T, non_blocking=True)
         self.ranks[slot] = rank
 
@@ -89,7 +90,7 @@ class LoraSlots:
         proj = next(p for p, subs in PROJECTIONS.items() if module in subs)
         a, bs = self.layers[layer][proj]
         j = PROJECTIONS[proj].index(module)
-        return a[j, :, slot], bs[j][:, slot].T
+        return a[:, slot, j], bs[j][:, slot].T
 
 
 @dataclass
@@ -101,7 +102,7 @@ class LoraBatch:
     rank: int                  # max rank of the slots in this step
     segments: list[tuple[int, int, int]]  # (start, end, slot) runs of adapter tokens
     use_segments: bool
-    pool_mask: torch.Tensor    # [T, 1, num_slots + 1]: one-hot of each token's slot
+    pool_mask: torch.Tensor    # [T, 1, num_slots + 1, 1]: one-hot of each token's slot
 
     @classmethod
     def build(cls, slots: LoraSlots, row_slots: list[int], row_lengths: list[int],
@@ -127,7 +128,7 @@ class LoraBatch:
         rank = max(slots.ranks[s] for s in row_slots)
         dtype = slots.layers[0]["o_proj"][0].dtype
         pool_mask = torch.nn.functional.one_hot(token_slots, slots.num_slots + 1).to(dtype)
-        return cls(slots, token_slots, rank, segments, use_segments, pool_mask.unsqueeze(1))
+        return cls(slots, token_slots, rank, segments, use_segments, pool_mask[:, None, :, None])
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] of the base projection + each token's LoRA delta (in place); x [T, in]."""
@@ -142,30 +143,31 @@ def pool_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch
     """Every token through every slot's first `rank` ranks, the other slots masked out.
 
     Reads each slot's weights once per step (a per-token gather would copy them once per token)
-    in a few dense matmuls; the wasted products with other slots are cheap at decode batch sizes.
+    in 1 + num_sub matmuls; the wasted products with other slots are cheap at decode batch sizes.
     """
     num_tokens = x.shape[0]
+    h = x @ a[:rank].flatten(0, 2).T                                     # [T, r * (S+1) * sub]
+    h = h.view(num_tokens, rank, -1, len(bs)).mul_(pool_mask)           # [T, r, S+1, sub]
     offset = 0
     for j, b in enumerate(bs):
-        h = x @ a[j, :rank].flatten(0, 1).T                       # [T, r * (S + 1)]
-        h = h.view(num_tokens, rank, -1).mul_(pool_mask)           # keep each token's slot
         out = b.shape[-1]
-        y[:, offset:offset + out].addmm_(h.view(num_tokens, -1), b[:rank].flatten(0, 1))
+        y[:, offset:offset + out].addmm_(h[..., j].reshape(num_tokens, -1), b[:rank].flatten(0, 1))
         offset += out
     return y
 
 
 def segment_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
                   segments: list[tuple[int, int, int]], ranks: list[int]) -> torch.Tensor:
-    """One matmul pair per sub-module and run of same-adapter tokens; adds into y [T, out]."""
+    """One matmul for A and one per sub-module for B per run of same-adapter tokens; adds into
+    y [T, out]."""
     for start, end, slot in segments:
         r = ranks[slot]
         xs = x[start:end]                                           # [n, in]
+        h = (xs @ a[:r, slot].reshape(-1, xs.shape[1]).T).view(end - start, r, -1)  # [n, r, sub]
         offset = 0
         for j, b in enumerate(bs):
             out = b.shape[-1]
-            h = xs @ a[j, :r, slot].T                               # [n, r]
-            y[start:end, offset:offset + out].addmm_(h, b[:r, slot])
+            y[start:end, offset:offset + out].addmm_(h[:, :, j], b[:r, slot])
             offset += out
     return y
 
