@@ -19,7 +19,7 @@ from typing import IO
 
 from bench.llamacpp.adapters import REPO, BenchAdapter
 from bench.llamacpp.http_client import completion_token_counts, get_json
-from bench.llamacpp.server import free_port
+from bench.llamacpp.server import free_port, stop_process
 from bench.workload import Request
 
 StreamFn = Callable[[Request], AsyncIterator[int]]
@@ -80,16 +80,8 @@ class EdgeloraServer:
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: the CLI shuts its servers down cleanly
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        stop_process(self.process, self._log, timeout_s)
+        self._log = None
 
 
 def edgelora_adapter_ids(address: str) -> list[str]:

