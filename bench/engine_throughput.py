@@ -147,7 +147,8 @@ def main() -> None:
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one prefill token + decode tokens)")
 
-    engine, tokenizer, path = build_engine(args, "float32")  # also sets torch threads
+    engine, tokenizer, path = build_engine(args, "float32")
+    engine.bind_threads()  # this thread steps the engine
     prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens)
     print(f"model {path.name} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"prompt {args.prompt_tokens} tok | new {args.new_tokens} tok | batch {args.batch}")

@@ -84,6 +84,7 @@ def section_a(args: argparse.Namespace, path: Path, adapter_dirs: list[Path]) ->
                           max_batch_size=args.batch, num_threads=args.threads,
                           max_num_batched_tokens=max(1024, args.batch * args.prompt_tokens))
     engine, tokenizer, _ = build_engine(config, emit=lambda event: None)
+    engine.bind_threads()  # this thread steps the engine
     memory = engine.scheduler.adapters
     ids = [adapter_name(i) for i in range(args.batch)]
     for i, name in enumerate(ids):

@@ -26,7 +26,7 @@ class Engine:
                  make_detokenizer: Callable[[tuple[str, ...]], Detokenizer],
                  emit: Callable[[TokenEvent], None], num_threads: int = 0) -> None:
         self.scheduler = scheduler
-        # 0 = the count torch uses now; applied on the engine thread itself (see _loop)
+        # torch threads of the engine thread, set on that thread (see _loop); 0 = torch's count now
         self.num_threads = num_threads or torch.get_num_threads()
         self.runner = runner
         self.make_detokenizer = make_detokenizer
@@ -37,6 +37,11 @@ class Engine:
     def submit(self, message: AddRequest | Abort) -> None:
         """Thread-safe: the engine thread picks it up before its next step."""
         self._inbox.put(message)
+
+    def bind_threads(self) -> None:
+        """Gives the calling thread the engine's torch thread count: call it on whichever thread
+        will step() (the engine thread does in its loop; synchronous drivers call it first)."""
+        torch.set_num_threads(self.num_threads)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -59,9 +64,9 @@ class Engine:
         return True
 
     def _loop(self) -> None:
-        # OpenMP keeps one thread team per calling thread: set the count here, or the engine
-        # thread's forwards run on a team sized by whoever called first (measured 1.7x slower).
-        torch.set_num_threads(self.num_threads)
+        # OpenMP keeps thread counts per calling thread: set ours here, on the thread that runs
+        # the forwards (worker.server.build_engine leaves the loading thread at 1).
+        self.bind_threads()
         # Idle: block on the inbox. Work that cannot run yet (an adapter loading): poll briefly.
         timeout_s: float | None = None
         while self._drain_inbox(timeout_s):
