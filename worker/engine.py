@@ -40,8 +40,14 @@ class Engine:
 
     def bind_threads(self) -> None:
         """Gives the calling thread the engine's torch thread count: call it on whichever thread
-        will step() (the engine thread does in its loop; synchronous drivers call it first)."""
+        will step() (the engine thread does in its loop; synchronous drivers call it first).
+
+        Then runs one multi-threaded matmul at once: a thread whose first parallel work comes
+        after another thread's (the adapter loader's, say) ran small GEMMs 1.6x slower here.
+        """
         torch.set_num_threads(self.num_threads)
+        warm = torch.ones(512, 512)
+        warm @ warm
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
