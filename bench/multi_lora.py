@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -144,42 +144,25 @@ def section_b(args: argparse.Namespace, engine: Engine, base: Path, root: Path,
 # -- (c) the workload: ours over gRPC vs transformers + PEFT one at a time --
 async def serve_ours(args: argparse.Namespace, path: Path, adapter_dirs: list[Path],
                      requests: list[Request], prompts: list[str]) -> list[Record]:
+    """`edgelora serve` in its own process, as deployed: sharing this process would also share
+    OpenMP's per-thread state with transformers, which slows whichever runs second."""
     import grpc
 
-    from edgelora.client import build_request
-    from edgelora.v1 import router_pb2_grpc, types_pb2
-    from router.config import RouterConfig
-    from router.server import start_router
-    from worker.server import start_worker
+    from bench.llamacpp.adapters import BenchAdapter
+    from bench.serve_targets import EdgeloraServer, edgelora_stream
 
-    worker = await start_worker(WorkerConfig(
-        model=str(path), port=0, num_threads=args.threads, max_lora_rank=8,
-        device_adapter_slots=args.device_slots, max_batch_size=args.batch))
-    router = await start_router(RouterConfig(port=0, workers=f"127.0.0.1:{worker.port}"))
+    adapters = [BenchAdapter(adapter_name(i), d, 8) for i, d in enumerate(adapter_dirs)]
+    server = EdgeloraServer(threads=args.threads, max_batch=args.batch, max_rank=8,
+                            device_slots=args.device_slots,
+                            extra_args=["--model", str(path)]).start(adapters)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            for i, d in enumerate(adapter_dirs):
-                await stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
-                    adapter_id=adapter_name(i), path=str(d)))
-            await stub.Generate(build_request(prompts[0], max_tokens=4))  # warm-up, base model
-
-            async def stream(r: Request) -> AsyncIterator[int]:
-                async for chunk in stub.GenerateStream(build_request(
-                        prompts[r.index], adapter_id=adapter_name(r.adapter),
-                        max_tokens=r.output_len, temperature=0.0, ignore_eos=True)):
-                    yield len(chunk.token_ids)
-
-            records = await replay(requests, stream)
-            stats = worker.engine.scheduler.adapters.stats
-            print(f"    ours: adapter loads disk->host {stats.host.loads} "
-                  f"({stats.host.mean_load_ms:.0f} ms mean), host->device {stats.device.loads} "
-                  f"({stats.device.mean_load_ms:.0f} ms mean), device evictions "
-                  f"{stats.device.evictions}")
-            return records
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stream = edgelora_stream(channel, prompts, [a.name for a in adapters], 600.0)
+            warm_up = [Request(0, 0.0, 0, 8, 4)]  # the first forward pays one-off costs
+            await replay(warm_up, stream)
+            return await replay(requests, stream)
     finally:
-        await router.stop(0)
-        await worker.stop(0)
+        server.stop()
 
 
 def serve_hf(path: Path, adapter_dirs: list[Path], requests: list[Request],
@@ -281,6 +264,17 @@ def main() -> None:
     args = p.parse_args()
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
+    if len(args.sections) > 1:
+        # One process per section: OpenMP favours the first thread that runs parallel work, so
+        # (a) stepping on this thread would slow (c)'s engine thread (measured 1.6x).
+        argv, skip = [], False
+        for arg in sys.argv[1:]:
+            if not skip and not arg.startswith("--sections"):
+                argv.append(arg)
+            skip = arg == "--sections"
+        for section in args.sections:
+            subprocess.run([sys.executable, __file__, *argv, f"--sections={section}"], check=True)
+        return
 
     path = resolve_model_path("default", WorkerConfig().cache_path)
     with tempfile.TemporaryDirectory(prefix="edgelora-bench-") as tmp:
