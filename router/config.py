@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.routing import ROUTING_POLICIES
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -60,9 +62,9 @@ class RouterConfig:
         if self.embedder_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--embedder-dtype {self.embedder_dtype!r}: use auto, float32 or "
                              "bfloat16")
-        if self.routing not in ("affinity", "round-robin", "least-loaded"):
-            raise ValueError(f"--routing {self.routing!r}: use affinity, round-robin or "
-                             "least-loaded")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"--routing {self.routing!r}: use one of "
+                             f"{', '.join(ROUTING_POLICIES)}")
         if self.load_epsilon < 0:
             raise ValueError("--load-epsilon must be >= 0")
         if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
