@@ -102,10 +102,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         raise InvalidArgument("the prompt is empty: set prompt or messages")
 
     def _to_add_request(self, request: types_pb2.GenerateRequest) -> AddRequest:
-        if request.prompt and request.messages:
-            raise InvalidArgument("set either prompt or messages, not both")
-        options = sampling_from_pb(request.params, self.config.default_max_tokens)
         prompt_ids = self._encode_prompt(request)
+        options = sampling_from_pb(request.params, self.config.default_max_tokens)
         limit = self.info.max_model_len
         if len(prompt_ids) >= limit:
             raise InvalidArgument(f"the prompt has {len(prompt_ids)} tokens; this worker's context "
