@@ -10,8 +10,10 @@ Never decides which adapter goes to which slot (adapter_memory does).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 from worker.model import ModelConfig
 
@@ -48,7 +50,7 @@ class LoraSlots:
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        self.num_slots, self.max_rank = num_slots, max_rank
+        self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
         self.ranks = [0] * (num_slots + 1)  # host copy: rank of the adapter in each slot
         shapes = module_shapes(cfg)
         self.layers: list[dict[str, tuple[torch.Tensor, list[torch.Tensor]]]] = []
@@ -102,7 +104,12 @@ class LoraBatch:
     rank: int                  # max rank of the slots in this step
     segments: list[tuple[int, int, int]]  # (start, end, slot) runs of adapter tokens
     use_segments: bool
-    pool_mask: torch.Tensor    # [T, 1, num_slots + 1, 1]: one-hot of each token's slot
+
+    @cached_property
+    def pool_mask(self) -> torch.Tensor:
+        """[T, 1, num_slots + 1, 1]: one-hot of each token's slot (pool path only, built once)."""
+        one_hot = F.one_hot(self.token_slots, self.slots.num_slots + 1).to(self.slots.dtype)
+        return one_hot[:, None, :, None]
 
     @classmethod
     def build(cls, slots: LoraSlots, row_slots: list[int], row_lengths: list[int],
@@ -126,9 +133,7 @@ class LoraBatch:
         use_segments = (num_adapter_tokens >= MIN_TOKENS_PER_SEGMENT * len(segments)
                         or len(set(row_slots) - {0}) < MIN_POOL_SHARE * (slots.num_slots + 1))
         rank = max(slots.ranks[s] for s in row_slots)
-        dtype = slots.layers[0]["o_proj"][0].dtype
-        pool_mask = torch.nn.functional.one_hot(token_slots, slots.num_slots + 1).to(dtype)
-        return cls(slots, token_slots, rank, segments, use_segments, pool_mask[:, None, :, None])
+        return cls(slots, token_slots, rank, segments, use_segments)
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] of the base projection + each token's LoRA delta (in place); x [T, in]."""
