@@ -23,7 +23,8 @@ class WorkerConfig:
     port: int = field(default=50052, metadata=_help("worker gRPC port (0 = pick a free one)"))
     device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda' or 'cuda:N'"))
     dtype: str = field(default="auto", metadata=_help(
-        "'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16' or 'float16'"))
+        "'auto' (bfloat16 on CUDA and on CPUs with AMX, else float32), 'float32', 'bfloat16' "
+        "or 'float16'"))
     num_threads: int = field(default=0, metadata=_help(
         "torch CPU threads (0 = torch default); 1 keeps its speed when processes share cores"))
     max_batch_size: int = field(default=16, metadata=_help("most sequences in one forward pass"))

@@ -34,8 +34,9 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path, adapters: dict[str, Path]):
     engine, tokenizer, _ = build_engine(WorkerConfig(
-        model=str(tiny_model_dir), num_threads=1, max_model_len=512, kv_cache_mb=16,
-        max_lora_rank=16, device_adapter_slots=4, host_adapter_cache=4), emit=lambda e: None)
+        model=str(tiny_model_dir), dtype="float32", num_threads=1, max_model_len=512,
+        kv_cache_mb=16, max_lora_rank=16, device_adapter_slots=4, host_adapter_cache=4),
+        emit=lambda e: None)
     for name, path in adapters.items():
         engine.scheduler.adapters.register(read_adapter_spec(name, path))
     return engine, tokenizer

@@ -32,8 +32,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir: Path):
-    engine, tokenizer, _ = build_engine(
-        WorkerConfig(num_threads=1, max_batch_size=16, kv_cache_mb=128), emit=lambda e: None)
+    engine, tokenizer, _ = build_engine(  # float32: the reference the tests compare with
+        WorkerConfig(dtype="float32", num_threads=1, max_batch_size=16, kv_cache_mb=128),
+        emit=lambda e: None)
     return engine, tokenizer
 
 

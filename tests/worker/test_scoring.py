@@ -28,7 +28,7 @@ ADAPTERS = [("all-r8", 8, 16.0, ALL), ("attn-r4", 4, 8.0, ("q_proj", "v_proj", "
 PROMPT = "Question: what is the capital of France?\nAnswer:"
 REFERENCE = " The capital of France is Paris, a city on the Seine."
 LONG_REFERENCE = " " + " ".join(f"Step {i}: add the next number and carry on." for i in range(30))
-CONFIG = {"port": 0, "num_threads": 1, "max_model_len": 512, "kv_cache_mb": 16,
+CONFIG = {"port": 0, "dtype": "float32", "num_threads": 1, "max_model_len": 512, "kv_cache_mb": 16,
           "max_lora_rank": 8, "device_adapter_slots": 4, "host_adapter_cache": 4}
 
 
