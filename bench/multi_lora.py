@@ -80,10 +80,10 @@ def run_batch(engine: Engine, prompts: list[list[int]], adapters: list[str],
 
 
 def section_a(args: argparse.Namespace, path: Path, adapter_dirs: list[Path]) -> Engine:
-    config = WorkerConfig(model=str(path), device_adapter_slots=args.batch, max_lora_rank=8,
-                          max_batch_size=args.batch, num_threads=args.threads,
+    config = WorkerConfig(model=str(path), dtype=args.dtype, device_adapter_slots=args.batch,
+                          max_lora_rank=8, max_batch_size=args.batch, num_threads=args.threads,
                           max_num_batched_tokens=max(1024, args.batch * args.prompt_tokens))
-    engine, tokenizer, _ = build_engine(config, emit=lambda event: None)
+    engine, tokenizer, info = build_engine(config, emit=lambda event: None)
     engine.bind_threads()  # this thread steps the engine
     memory = engine.scheduler.adapters
     ids = [adapter_name(i) for i in range(args.batch)]
@@ -100,7 +100,7 @@ def section_a(args: argparse.Namespace, path: Path, adapter_dirs: list[Path]) ->
     runs = [[run_batch(engine, prompts, a, args.new_tokens) for a in cases.values()]
             for _ in range(args.repeats)]  # interleaved: load from elsewhere hits all alike
     best = [max(column) for column in zip(*runs, strict=True)]
-    print(f"\n(a) decode, batch {args.batch}, prompt {args.prompt_tokens} tok, "
+    print(f"\n(a) decode, {info.dtype}, batch {args.batch}, prompt {args.prompt_tokens} tok, "
           f"{args.new_tokens} new tok, greedy, best of {args.repeats}")
     print(f"{'case':<20}{'tok/s':>9}{'ms/step':>9}{'prefill ms':>12}")
     for name, (tps, prefill) in zip(cases, best, strict=True):
@@ -154,7 +154,8 @@ async def serve_ours(args: argparse.Namespace, path: Path, adapter_dirs: list[Pa
     adapters = [BenchAdapter(adapter_name(i), d, 8) for i, d in enumerate(adapter_dirs)]
     server = EdgeloraServer(threads=args.threads, max_batch=args.batch, max_rank=8,
                             device_slots=args.device_slots,
-                            extra_args=["--model", str(path)]).start(adapters)
+                            extra_args=["--model", str(path), "--dtype", args.dtype]
+                            ).start(adapters)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stream = edgelora_stream(channel, prompts, [a.name for a in adapters], 600.0)
@@ -244,6 +245,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch threads for every system")
+    p.add_argument("--dtype", default="auto", help="(a)/(c) our worker's --dtype (auto: bf16 "
+                   "with AMX, else fp32); transformers+PEFT runs fp32, its faster CPU dtype")
     p.add_argument("--sections", default="abc", help="which of (a), (b), (c) to run")
     p.add_argument("--seed", type=int, default=0, help="workload, prompts and adapters")
     p.add_argument("--batch", type=int, default=16, help="(a) batch; (a)/(c) max batch size")

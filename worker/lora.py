@@ -1,7 +1,7 @@
 """Batched multi-LoRA: the device slot pool, per-step LoRA metadata and the delta ops.
 
 For a fused projection y = x·Wᵀ, each token t adds Σ_sub (x_t·A_{s,sub}ᵀ)·B_{s,sub}ᵀ of its slot s
-(B is pre-scaled by lora_alpha / r). Slot 0 is all zeros: rows without an adapter. Two fast paths
+(B is pre-scaled by lora_alpha / r). Slot 0 means no adapter and has no storage. Two fast paths
 and a reference: pool (every slot at once, masked per token: decode steps with many adapters) and
 segments (one matmul pair per run of same-adapter tokens: prompt chunks, or few adapters).
 Never decides which adapter goes to which slot (adapter_memory does).
@@ -9,7 +9,7 @@ Never decides which adapter goes to which slot (adapter_memory does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -41,11 +41,11 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 class LoraSlots:
     """Device tensors for `num_slots` adapters of rank <= max_rank, allocated once at start.
 
-    Per layer and fused projection: A [max_rank, num_slots + 1, num_sub, in] and, per sub-module,
-    B [max_rank, num_slots + 1, out_sub]. Rank-major on purpose: the first r ranks of every slot
-    are one contiguous block, so the pool path multiplies by all slots in one matmul per side
-    without a copy, while one slot's rows stay contiguous vectors for the segment path. Smaller
-    ranks are zero-padded, which adds exact zeros.
+    Per layer and fused projection: A [max_rank, num_slots, num_sub, in] and, per sub-module,
+    B [max_rank, num_slots, out_sub]; slot s (1-based) is index s - 1. Rank-major on purpose: the
+    first r ranks of every slot are one contiguous block, so the pool path multiplies by all slots
+    in one matmul per side without a copy, while one slot's rows stay contiguous vectors for the
+    segment path. Smaller ranks are zero-padded, which adds exact zeros.
     """
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
@@ -58,9 +58,9 @@ class LoraSlots:
             layer = {}
             for proj, subs in PROJECTIONS.items():
                 fan_in = shapes[subs[0]][0]
-                a = torch.zeros(max_rank, num_slots + 1, len(subs), fan_in, device=device,
+                a = torch.zeros(max_rank, num_slots, len(subs), fan_in, device=device,
                                 dtype=dtype)
-                bs = [torch.zeros(max_rank, num_slots + 1, shapes[s][1], device=device,
+                bs = [torch.zeros(max_rank, num_slots, shapes[s][1], device=device,
                                   dtype=dtype) for s in subs]
                 layer[proj] = (a, bs)
             self.layers.append(layer)
@@ -74,25 +74,27 @@ class LoraSlots:
               rank: int) -> None:
         """Copies one adapter (host tensors from read_adapter_weights) into `slot`."""
         assert 1 <= slot <= self.num_slots and rank <= self.max_rank
+        index = slot - 1
         for i, layer in enumerate(self.layers):
             for proj, subs in PROJECTIONS.items():
                 a, bs = layer[proj]
-                a[:, slot].zero_()
+                a[:, index].zero_()
                 for j, sub in enumerate(subs):
-                    bs[j][:, slot].zero_()
+                    bs[j][:, index].zero_()
                     pair = weights.get((i, sub))
                     if pair is not None:
                         # non_blocking: host tensors are pinned on CUDA, so copies overlap compute
-                        a[:rank, slot, j].copy_(pair[0], non_blocking=True)
-                        bs[j][:rank, slot].copy_(pair[1].T, non_blocking=True)
+                        a[:rank, index, j].copy_(pair[0], non_blocking=True)
+                        bs[j][:rank, index].copy_(pair[1].T, non_blocking=True)
         self.ranks[slot] = rank
 
     def read(self, slot: int, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one slot's padded weights: (A [max_rank, in], B [out, max_rank])."""
+        """Views of one slot's padded weights (slot >= 1): (A [max_rank, in], B [out, max_rank])."""
         proj = next(p for p, subs in PROJECTIONS.items() if module in subs)
         a, bs = self.layers[layer][proj]
         j = PROJECTIONS[proj].index(module)
-        return a[:, slot, j], bs[j][:, slot].T
+        assert 1 <= slot <= self.num_slots
+        return a[:, slot - 1, j], bs[j][:, slot - 1].T
 
 
 @dataclass
@@ -104,12 +106,24 @@ class LoraBatch:
     rank: int                  # max rank of the slots in this step
     segments: list[tuple[int, int, int]]  # (start, end, slot) runs of adapter tokens
     use_segments: bool
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @cached_property
-    def pool_mask(self) -> torch.Tensor:
-        """[T, 1, num_slots + 1, 1]: one-hot of each token's slot (pool path only, built once)."""
-        one_hot = F.one_hot(self.token_slots, self.slots.num_slots + 1).to(self.slots.dtype)
-        return one_hot[:, None, :, None]
+    def slot_one_hot(self) -> torch.Tensor:
+        """[T, num_slots]: one-hot of each token's slot; rows without an adapter are all zero."""
+        one_hot = F.one_hot(self.token_slots, self.slots.num_slots + 1)[:, 1:]
+        return one_hot.to(self.slots.dtype)
+
+    def pool_mask(self, num_sub: int) -> torch.Tensor:
+        """[T, rank * num_slots * num_sub]: the one-hot laid out like the pool path's h.
+
+        Expanded once per step and shape: a broadcast multiply costs 5-9x a flat one here."""
+        mask = self._masks.get(num_sub)
+        if mask is None:
+            t, s = self.slot_one_hot.shape
+            mask = self.slot_one_hot[:, None, :, None].expand(t, self.rank, s, num_sub)
+            mask = self._masks[num_sub] = mask.reshape(t, -1)
+        return mask
 
     @classmethod
     def build(cls, slots: LoraSlots, row_slots: list[int], row_lengths: list[int],
@@ -131,7 +145,7 @@ class LoraBatch:
         # Long runs: a matmul pair per run is cheapest. Short runs over few of the pool's slots:
         # still segments, as the pool path would read every slot for a handful of adapters.
         use_segments = (num_adapter_tokens >= MIN_TOKENS_PER_SEGMENT * len(segments)
-                        or len(set(row_slots) - {0}) < MIN_POOL_SHARE * (slots.num_slots + 1))
+                        or len(set(row_slots) - {0}) < MIN_POOL_SHARE * slots.num_slots)
         rank = max(slots.ranks[s] for s in row_slots)
         return cls(slots, token_slots, rank, segments, use_segments)
 
@@ -140,7 +154,7 @@ class LoraBatch:
         a, bs = self.slots.layers[layer][proj]
         if self.use_segments:
             return segment_delta(x, y, a, bs, self.segments, self.slots.ranks)
-        return pool_delta(x, y, a, bs, self.pool_mask, self.rank)
+        return pool_delta(x, y, a, bs, self.pool_mask(len(bs)), self.rank)
 
 
 def pool_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],
@@ -149,10 +163,11 @@ def pool_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch
 
     Reads each slot's weights once per step (a per-token gather would copy them once per token)
     in 1 + num_sub matmuls; the wasted products with other slots are cheap at decode batch sizes.
+    pool_mask [T, rank * S * sub] is LoraBatch.pool_mask.
     """
     num_tokens = x.shape[0]
-    h = x @ a[:rank].flatten(0, 2).T                                     # [T, r * (S+1) * sub]
-    h = h.view(num_tokens, rank, -1, len(bs)).mul_(pool_mask)           # [T, r, S+1, sub]
+    h = (x @ a[:rank].flatten(0, 2).T).mul_(pool_mask)                  # [T, r * S * sub]
+    h = h.view(num_tokens, rank, -1, len(bs))                           # [T, r, S, sub]
     offset = 0
     for j, b in enumerate(bs):
         out = b.shape[-1]
@@ -168,11 +183,11 @@ def segment_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[to
     for start, end, slot in segments:
         r = ranks[slot]
         xs = x[start:end]                                           # [n, in]
-        h = (xs @ a[:r, slot].reshape(-1, xs.shape[1]).T).view(end - start, r, -1)  # [n, r, sub]
+        h = (xs @ a[:r, slot - 1].reshape(-1, xs.shape[1]).T).view(end - start, r, -1)  # [n,r,sub]
         offset = 0
         for j, b in enumerate(bs):
             out = b.shape[-1]
-            y[start:end, offset:offset + out].addmm_(h[:, :, j], b[:r, slot])
+            y[start:end, offset:offset + out].addmm_(h[:, :, j], b[:r, slot - 1])
             offset += out
     return y
 

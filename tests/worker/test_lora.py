@@ -212,12 +212,13 @@ def test_rank_is_max_rank_of_slots_present(row_slots: list[int], rank: int) -> N
 
 def test_segments_for_long_runs_pool_for_decode_over_many_slots() -> None:
     slots, _ = filled_slots("cpu")
-    decode = LoraBatch.build(slots, [1, 2, 3, 4, 5], [1] * 5, torch.device("cpu"))
+    decode = LoraBatch.build(slots, [1, 2, 3, 4, 5, 0], [1] * 6, torch.device("cpu"))
     prefill = LoraBatch.build(slots, [1, 2], [MIN_TOKENS_PER_SEGMENT, 30], torch.device("cpu"))
     assert decode is not None and not decode.use_segments
     assert prefill is not None and prefill.use_segments
-    one_hot = decode.pool_mask.reshape(5, NUM_SLOTS + 1)
-    assert one_hot.argmax(dim=1).tolist() == [1, 2, 3, 4, 5] and one_hot.sum().item() == 5
+    one_hot = decode.slot_one_hot
+    assert one_hot.shape == (6, NUM_SLOTS)  # no column for slot 0: it has no storage
+    assert one_hot[:5].argmax(dim=1).tolist() == [0, 1, 2, 3, 4] and one_hot.sum().item() == 5
 
 
 def test_segments_when_few_slots_of_a_big_pool_are_used() -> None:
@@ -232,17 +233,15 @@ def test_segments_when_few_slots_of_a_big_pool_are_used() -> None:
 # --- LoraSlots ---------------------------------------------------------------------------------
 
 
-def test_slot_views_and_zero_slot() -> None:
+def test_slot_views_and_sizes() -> None:
     slots, _ = filled_slots("cpu")
     shapes = module_shapes(CFG)
     for layer in range(CFG.num_layers):
         for module in ALL:
             fan_in, fan_out = shapes[module]
-            for slot in range(NUM_SLOTS + 1):
+            for slot in range(1, NUM_SLOTS + 1):
                 a, b = slots.read(slot, layer, module)
                 assert a.shape == (MAX_RANK, fan_in) and b.shape == (fan_out, MAX_RANK), module
-            a0, b0 = slots.read(0, layer, module)
-            assert not a0.any() and not b0.any(), f"slot 0 of {module}"
     assert slots.ranks == [0] + [ADAPTERS[s][0] for s in range(1, NUM_SLOTS + 1)]
     numel = sum(a.numel() + sum(b.numel() for b in bs)
                 for layer in slots.layers for a, bs in layer.values())
