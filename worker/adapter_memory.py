@@ -68,13 +68,26 @@ class AdapterMemory:
     # -- registry (disk tier) --
     def register(self, spec: AdapterSpec) -> None:
         """Validates the spec against this base model (header only) and makes it servable."""
-        if spec.rank > self.slots.max_rank:
-            raise InvalidArgument(f"adapter {spec.adapter_id!r} has rank {spec.rank}; this worker "
-                                  f"serves ranks up to {self.slots.max_rank} (--max-lora-rank)")
+        self._check_rank(spec)
         check_adapter_shapes(spec, self.shapes, self.num_layers)
         with self._lock:
             self._forget(spec.adapter_id)
             self.registry[spec.adapter_id] = spec
+
+    def register_loaded(self, spec: AdapterSpec, weights: HostWeights) -> None:
+        """Registers an adapter whose weights are already in host memory, in
+        read_adapter_weights' format, with no file behind them (bench/gpu_decode.py's random
+        adapters of an 8B model). The host tier must keep them: a later disk read would fail."""
+        self._check_rank(spec)
+        with self._lock:
+            self._forget(spec.adapter_id)
+            self.registry[spec.adapter_id] = spec
+            self.host[spec.adapter_id] = weights
+
+    def _check_rank(self, spec: AdapterSpec) -> None:
+        if spec.rank > self.slots.max_rank:
+            raise InvalidArgument(f"adapter {spec.adapter_id!r} has rank {spec.rank}; this worker "
+                                  f"serves ranks up to {self.slots.max_rank} (--max-lora-rank)")
 
     def unregister(self, adapter_id: str) -> bool:
         with self._lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,10 @@ from worker.gguf_import import resolve_model_path
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.lora import LoraSlots, module_shapes
+from worker.model import LlamaModel
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
-from worker.sequence import TokenEvent
+from worker.sequence import Detokenizer, TokenEvent
 from worker.service import WorkerInfo, WorkerService
 from worker.tokenizer import Tokenizer
 
@@ -76,14 +77,29 @@ def build_engine(config: WorkerConfig,
     path = resolve_model_path(config.model, config.cache_path)
     model = load_model(path, device, dtype)
     tokenizer = Tokenizer(path)
-    cfg = model.config
+    engine, max_model_len = assemble_engine(config, model, tokenizer.detokenizer,
+                                            tokenizer.eos_token_ids, emit, num_threads)
+    info = WorkerInfo(model=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
+                      max_model_len=max_model_len)
+    return engine, tokenizer, info
+
+
+def assemble_engine(config: WorkerConfig, model: LlamaModel,
+                    make_detokenizer: Callable[[tuple[str, ...]], Detokenizer],
+                    eos_token_ids: Sequence[int], emit: Callable[[TokenEvent], None],
+                    num_threads: int = 0) -> tuple[Engine, int]:
+    """The Engine around a loaded model (on its device, in its dtype), sized by `config`.
+
+    -> (engine, max_model_len: the prompt + completion limit after the KV cache's cap)."""
+    weight = model.embed_tokens.weight
+    device, dtype, cfg = weight.device, weight.dtype, model.config
     num_blocks = KVCache.num_blocks_for(config.kv_cache_mb, cfg, config.kv_block_size, dtype)
     kv_cache = KVCache(cfg, num_blocks, config.kv_block_size, device, dtype)
     max_model_len = min(config.max_model_len, cfg.max_position_embeddings,
                         num_blocks * config.kv_block_size)
     log.info("KV cache: %d blocks of %d tokens (%d MiB); max_model_len %d", num_blocks,
              config.kv_block_size, config.kv_cache_mb, max_model_len)
-    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
+    eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos_token_ids]))
     lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype)
     adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),
                              cfg.num_layers, pin_memory=device.type == "cuda")
@@ -93,9 +109,8 @@ def build_engine(config: WorkerConfig,
     scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
                           config.max_num_batched_tokens, config.max_queue, eos, adapters)
     runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots)
-    info = WorkerInfo(model=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
-                      max_model_len=max_model_len)
-    return Engine(scheduler, runner, tokenizer.detokenizer, emit, num_threads), tokenizer, info
+    engine = Engine(scheduler, runner, make_detokenizer, emit, num_threads)
+    return engine, max_model_len
 
 
 async def start_worker(config: WorkerConfig) -> WorkerRuntime:

@@ -282,6 +282,24 @@ def test_acquire_writes_the_weights_into_a_slot(make_memory: MakeMemory,
     assert_tiers(memory, r1="device", r8="device", r16="device")
 
 
+def test_register_loaded_serves_weights_without_a_file(make_memory: MakeMemory,
+                                                      make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    spec = make_adapter("mem", rank=4)
+    weights = adapter_memory.read_adapter_weights(spec, memory.shapes, memory.num_layers)
+    (Path(spec.path) / WEIGHTS_FILE).unlink()  # nothing on disk to fall back on
+    memory.register_loaded(spec, weights)
+    assert_tiers(memory, mem="host")
+    slot = memory.acquire("mem")  # no load, no wait: already in the host tier
+    for (layer, module), (a, b) in weights.items():
+        got_a, got_b = memory.slots.read(slot, layer, module)
+        assert torch.equal(got_a[:4], a) and torch.equal(got_b[:, :4], b), (layer, module)
+    assert memory.stats.host.loads == 0 and memory.stats.device.loads == 1
+    with pytest.raises(InvalidArgument, match="--max-lora-rank"):
+        big = make_adapter("big", rank=MAX_RANK * 2)
+        memory.register_loaded(big, {})
+
+
 def test_acquire_before_can_acquire_raises(make_memory: MakeMemory,
                                            make_adapter: MakeAdapter) -> None:
     memory = make_memory()
