@@ -172,7 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--num-adapters", type=int, default=32)
     w.add_argument("--alpha", type=float, default=1.0, help="popularity skew")
     w.add_argument("--rule", choices=("zipf", "edgelora"), default="zipf")
-    w.add_argument("--rate", type=float, default=2.0, help="mean arrival rate, req/s")
+    w.add_argument("--rate", type=float, default=4.0, help="mean arrival rate, req/s (4 keeps "
+                   "both servers saturated on 2 cores)")
     w.add_argument("--cv", type=float, default=1.5, help="inter-arrival coeff. of variation")
     for name, lo, hi in (("input", 8, 128), ("output", 8, 256)):
         w.add_argument(f"--{name}-min", type=int, default=lo, help=f"shortest {name}, tokens")
@@ -183,9 +184,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--seed", type=int, default=0, help="workload, prompts and random adapters")
     s = p.add_argument_group("servers")
     s.add_argument("--threads", type=int, default=2, help="ours --num-threads, llama.cpp -t")
-    s.add_argument("--max-batch", type=int, default=16, help="ours --max-batch-size, llama.cpp "
+    s.add_argument("--max-batch", type=int, default=32, help="ours --max-batch-size, llama.cpp "
                    "--parallel")
-    s.add_argument("--device-slots", type=int, default=16, help="ours --device-adapter-slots")
+    s.add_argument("--device-slots", type=int, default=32, help="ours --device-adapter-slots "
+                   "(llama.cpp holds every adapter)")
     s.add_argument("--demo-adapters", action="store_true", help="demo adapters first, then "
                    "random r=8 ones")
     s.add_argument("--lora-outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"))

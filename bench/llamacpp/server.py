@@ -58,7 +58,7 @@ class LlamaServerConfig:
     loras: tuple[Path, ...] = ()
     host: str = "127.0.0.1"
     port: int = 0                 # 0: a free port
-    parallel: int = 16            # slots = our max batch size
+    parallel: int = 32            # slots = our max batch size
     threads: int = 2
     ctx_per_slot: int = 512       # the DESIGN.md workload needs <= 128 + 256 per request
     extra_args: tuple[str, ...] = field(default=())
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--demo", action="store_true", help="the demo adapters first, then random r=8")
     p.add_argument("--seed", type=int, default=0, help="random adapters' seed")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--parallel", type=int, default=16, help="slots (our max batch size)")
+    p.add_argument("--parallel", type=int, default=32, help="slots (our max batch size)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx-per-slot", type=int, default=512)
     args = p.parse_args(argv)
