@@ -165,9 +165,17 @@ class Attention(nn.Module):
             qg = q.index_select(0, g.token_idx.view(-1)).view(rows, q_len, *q.shape[1:])
             kg = k_cache.index_select(0, g.kv_slots.view(-1)).view(rows, ctx_len, *k.shape[1:])
             vg = v_cache.index_select(0, g.kv_slots.view(-1)).view(rows, ctx_len, *v.shape[1:])
-            qg, kg, vg = qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
-            og = og.transpose(1, 2).reshape(rows * q_len, -1)  # [rows * Lq, nh * hd]
+            kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [rows, kvh, Lk, hd]
+            if q_len == 1:
+                # Decode: the query heads sharing a KV head attend as that head's queries, so
+                # each K/V row is read once, not once per head (enable_gqa: 1.15-1.65x slower).
+                qg = qg.view(rows, self.num_kv_heads, -1, self.head_dim)  # [rows, kvh, g, hd]
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
+                og = og.reshape(rows, -1)                                 # [rows, nh * hd]
+            else:
+                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg, vg, attn_mask=g.mask,
+                                                    enable_gqa=True)
+                og = og.transpose(1, 2).reshape(rows * q_len, -1)         # [rows * Lq, nh * hd]
             out.index_copy_(0, g.dst, og.index_select(0, g.src))
         return fb.project(self.layer, "o_proj", self.o_proj, out)
 

@@ -19,6 +19,9 @@ from worker.scoring import row_log_likelihoods, scored_positions
 
 # Token reported for scoring rows: they sample nothing, and postprocess never reads it.
 NO_TOKEN = -1
+# Fixed cost of one more attention group (its gathers, SDPA and scatter in every layer), in
+# padded context tokens of one row: split decode rows only where that saves more padding.
+GROUP_COST_TOKENS = 256
 
 
 def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: int,
@@ -48,6 +51,26 @@ def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: 
     return AttentionGroup(as_tensor(token_idx), kv_slots, mask, as_tensor(src), as_tensor(dst))
 
 
+def split_by_context(rows: list[int], items: list[ScheduledSeq]) -> list[list[int]]:
+    """Decode rows cut into groups of similar context length, fewest padded tokens first.
+
+    A group pads every row's KV gather and attention to its longest context; each group also
+    costs a fixed GROUP_COST_TOKENS. Optimal over the rows sorted by length (n <= max batch).
+    """
+    rows = sorted(rows, key=lambda i: items[i].seq.num_computed_tokens)
+    lengths = [items[i].seq.num_computed_tokens + 1 for i in rows]
+    best, cut = [0] + [0] * len(rows), [0] * (len(rows) + 1)
+    for end in range(1, len(rows) + 1):
+        # rows[start:end] as the last group costs (end - start) * lengths[end - 1]
+        best[end], cut[end] = min((best[start] + (end - start) * lengths[end - 1]
+                                   + GROUP_COST_TOKENS, start) for start in range(end))
+    groups, end = [], len(rows)
+    while end:
+        groups.append(rows[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int,
                  device: torch.device, lora_slots: LoraSlots | None = None) -> None:
@@ -74,13 +97,12 @@ class ModelRunner:
         last_idx = [off + it.num_new_tokens - 1
                     for off, it in zip(offsets, batch.items, strict=True)]
         # Decode rows (one query) and prompt chunks attend in separate groups so that a long
-        # chunk never pads every decode row to its length.
-        groups = []
-        for is_decode in (True, False):
-            rows = [i for i, it in enumerate(batch.items) if (it.num_new_tokens == 1) == is_decode]
-            if rows:
-                groups.append(_attention_group([batch.items[i] for i in rows],
-                                               [offsets[i] for i in rows], bs, self.device))
+        # chunk never pads every decode row to its length; decode rows split further by length.
+        decode = [i for i, it in enumerate(batch.items) if it.num_new_tokens == 1]
+        prompt = [i for i, it in enumerate(batch.items) if it.num_new_tokens > 1]
+        groups = [_attention_group([batch.items[i] for i in rows], [offsets[i] for i in rows],
+                                   bs, self.device)
+                  for rows in [*split_by_context(decode, batch.items), prompt] if rows]
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)

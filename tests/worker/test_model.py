@@ -90,6 +90,23 @@ def test_mixed_step_rows_do_not_interfere(tiny_model_dir: Path) -> None:
     assert_close(lc, hf_logits(tiny_model_dir, c), "prefill row c")
 
 
+def test_decode_rows_of_far_apart_lengths_split_into_groups_and_match(tiny_model_dir: Path,
+                                                                      ) -> None:
+    prompts = [list(range(500, 500 + n)) for n in (3, 5, 150, 160, 4)]
+    h = Harness(tiny_model_dir, num_blocks=128)
+    seqs = [new_seq(i, ids[:-1]) for i, ids in enumerate(prompts)]
+    h.logits([(seq, len(seq.token_ids)) for seq in seqs])
+    for seq, ids in zip(seqs, prompts, strict=True):
+        seq.token_ids.append(ids[-1])
+    steps = [(seq, 1) for seq in seqs]
+    for seq, n in steps:
+        h.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
+    _, fb, _ = h.runner.prepare(Batch([ScheduledSeq(seq, n) for seq, n in steps]))
+    assert [g.token_idx.shape[0] for g in fb.groups] == [3, 2]  # short rows apart from long ones
+    for ids, got in zip(prompts, h.logits(steps), strict=True):
+        assert_close(got, hf_logits(tiny_model_dir, ids)[-1:], f"decode at length {len(ids)}")
+
+
 @pytest.mark.parametrize("variant", ["llama3_rope", "untied_mistral_heads", "qwen2_bias"])
 def test_architecture_variants_match_transformers(tmp_path: Path, default_model_dir: Path,
                                                   variant: str) -> None:
