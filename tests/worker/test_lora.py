@@ -14,6 +14,7 @@ from worker.loader import read_model_config
 from worker.lora import (
     MIN_TOKENS_PER_SEGMENT,
     PROJECTIONS,
+    DeltaPath,
     LoraBatch,
     LoraSlots,
     module_shapes,
@@ -106,13 +107,13 @@ def assert_matches_reference(batch: LoraBatch, ref: Reference, device: str, seed
             x = torch.randn(len(token_slots), fan_in, generator=gen).to(device)
             y = torch.randn(len(token_slots), fan_out, generator=gen).to(device)
             expected = y + reference_delta(x, token_slots, ref[(layer, proj)])
-            for use_segments in (True, False):
-                batch.use_segments = use_segments
+            for path in DeltaPath:
+                batch.path = path
                 got = batch.apply(layer, proj, x, y.clone())
                 err = (got - expected).abs().amax(dim=1)
                 bad = [(t, token_slots[t], float(err[t])) for t in range(len(token_slots))
                        if err[t] > 1e-5]
-                assert not bad, (f"{label} layer {layer} {proj} use_segments={use_segments}: "
+                assert not bad, (f"{label} layer {layer} {proj} path {path}: "
                                  f"(token, slot, max error) {bad[:8]}")
                 assert got.shape == y.shape and got.dtype == y.dtype
 
@@ -159,10 +160,10 @@ def test_base_rows_get_exactly_y() -> None:
     batch = LoraBatch.build(slots, [0, 2, 0], [3, 2, 4], torch.device("cpu"))
     assert batch is not None
     x, y = torch.randn(9, 64), torch.randn(9, 256)  # gate_up: 2 x intermediate
-    for use_segments in (True, False):
-        batch.use_segments = use_segments
+    for path in DeltaPath:
+        batch.path = path
         got = batch.apply(0, "gate_up_proj", x, y.clone())
-        assert torch.equal(got[[0, 1, 2, 5, 6, 7, 8]], y[[0, 1, 2, 5, 6, 7, 8]]), use_segments
+        assert torch.equal(got[[0, 1, 2, 5, 6, 7, 8]], y[[0, 1, 2, 5, 6, 7, 8]]), path
 
 
 def test_apply_adds_into_y_in_place() -> None:
@@ -171,11 +172,11 @@ def test_apply_adds_into_y_in_place() -> None:
     batch = LoraBatch.build(slots, [4, 4], [5, 5], torch.device("cpu"))
     assert batch is not None
     x, y = torch.randn(10, 64), torch.randn(10, 128)
-    for use_segments in (True, False):
-        batch.use_segments = use_segments
+    for path in DeltaPath:
+        batch.path = path
         before = y.clone()
         got = batch.apply(1, "qkv_proj", x, y)
-        assert got is y and not torch.equal(y, before), use_segments
+        assert got is y and not torch.equal(y, before), path
 
 
 # --- LoraBatch.build metadata ------------------------------------------------------------------
@@ -214,20 +215,28 @@ def test_segments_for_long_runs_pool_for_decode_over_many_slots() -> None:
     slots, _ = filled_slots("cpu")
     decode = LoraBatch.build(slots, [1, 2, 3, 4, 5, 0], [1] * 6, torch.device("cpu"))
     prefill = LoraBatch.build(slots, [1, 2], [MIN_TOKENS_PER_SEGMENT, 30], torch.device("cpu"))
-    assert decode is not None and not decode.use_segments
-    assert prefill is not None and prefill.use_segments
-    one_hot = decode.slot_one_hot
+    assert decode is not None and decode.path == DeltaPath.POOL
+    assert prefill is not None and prefill.path == DeltaPath.SEGMENTS
+    one_hot = decode.one_hot(DeltaPath.POOL)
     assert one_hot.shape == (6, NUM_SLOTS)  # no column for slot 0: it has no storage
     assert one_hot[:5].argmax(dim=1).tolist() == [0, 1, 2, 3, 4] and one_hot.sum().item() == 5
 
 
-def test_segments_when_few_slots_of_a_big_pool_are_used() -> None:
-    # The pool path reads every slot: for one adapter in a pool of 32 it would read 33x the
-    # weights the step needs.
+def test_decode_over_few_slots_of_a_big_pool_copies_the_used_ones() -> None:
+    # The pool path reads every slot: for 2 adapters in a pool of 32 it would read 16x the
+    # weights the step needs; one adapter alone takes the segment path.
     slots = LoraSlots(CFG, 32, 4, torch.device("cpu"), torch.float32)
-    slots.write(7, random_adapter(4, ALL, seed=0), 4)
-    decode = LoraBatch.build(slots, [7, 0, 7], [1, 1, 1], torch.device("cpu"))
-    assert decode is not None and decode.use_segments
+    for slot in (7, 20):
+        slots.write(slot, random_adapter(4, ALL, seed=slot), 4)
+    one = LoraBatch.build(slots, [7, 0, 7], [1, 1, 1], torch.device("cpu"))
+    two = LoraBatch.build(slots, [20, 0, 7, 20], [1, 1, 1, 1], torch.device("cpu"))
+    assert one is not None and one.path == DeltaPath.SEGMENTS
+    assert two is not None and two.path == DeltaPath.USED and two.used == [7, 20]
+    one_hot = two.one_hot(DeltaPath.USED)  # columns: slot 7, slot 20
+    assert one_hot.tolist() == [[0, 1], [0, 0], [1, 0], [0, 1]]
+    assert two.used_index.tolist() == [6, 19]
+    many = LoraBatch.build(slots, list(range(1, 12)), [1] * 11, torch.device("cpu"))
+    assert many is not None and many.path == DeltaPath.POOL  # 11 of 32: over MAX_USED_SHARE
 
 
 # --- LoraSlots ---------------------------------------------------------------------------------
