@@ -8,6 +8,7 @@ from pathlib import Path
 from bench.serve_bench import parse_args, result_of, scenario_requests
 from bench.serve_report import format_table, plot, ratio_lines
 from bench.workload import Record, Request, generate_workload
+from worker.config import WorkerConfig
 
 
 def _result(tokens_per_request: int, latency: float, ttft: float, n: int = 4) -> dict:
@@ -50,4 +51,6 @@ def test_single_scenario_puts_every_request_on_adapter_zero() -> None:
 def test_cli_defaults_match_the_issue() -> None:
     args = parse_args([])
     assert args.targets == ["edgelora", "llamacpp"] and args.scenarios == ["mixed", "single"]
-    assert (args.num_adapters, args.threads, args.max_batch, args.rate) == (32, 2, 16, 2.0)
+    # llama.cpp's --parallel is our max batch, the worker's default; 4 req/s saturates both
+    assert (args.num_adapters, args.threads, args.rate) == (32, 2, 4.0)
+    assert args.max_batch == args.device_slots == WorkerConfig().max_batch_size
