@@ -148,7 +148,9 @@ def main() -> None:
         parser.error("--new-tokens must be at least 2 (one prefill token + decode tokens)")
 
     engine, tokenizer, path = build_engine(args, "float32")
-    engine.bind_threads()  # this thread steps the engine
+    # build_engine loads on one thread; bind_threads (after the last build) restores --threads
+    engine16 = build_engine(args, "bfloat16")[0] if args.bf16 else None
+    engine.bind_threads()  # this thread steps both engines
     prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens)
     print(f"model {path.name} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"prompt {args.prompt_tokens} tok | new {args.new_tokens} tok | batch {args.batch}")
@@ -162,8 +164,7 @@ def main() -> None:
     systems = [lambda: run_hf(hf_model, prompts[0], args.new_tokens, pad_id)]
     systems += [lambda b=b: run_ours(engine, tokenizer, prompts[:b], args.new_tokens)
                 for b in dict.fromkeys([1, args.batch])]
-    if args.bf16:
-        engine16 = build_engine(args, "bfloat16")[0]
+    if engine16 is not None:
         systems += [lambda b=b: run_ours(engine16, tokenizer, prompts[:b], args.new_tokens,
                                          "ours bf16") for b in dict.fromkeys([1, args.batch])]
     for system in systems:  # warm-up
