@@ -218,7 +218,13 @@ def test_kill_worker_during_load_then_rejoin(cluster, tiny_model_dir: Path, tmp_
         held = worker_pb2_grpc.WorkerStub(channel).ListAdapters(types_pb2.ListAdaptersRequest(),
                                                                 timeout=10)
     assert sorted(a.adapter_id for a in held.adapters) == ADAPTER_IDS
-    for adapter_id in ADAPTER_IDS:  # affinity sends about half the adapters to each worker
+    # Affinity pins each adapter to one worker, and all 4 land on the survivor 1 time in 16:
+    # 12 aliases of the same files make that 1 in 65536.
+    aliases = [f"{adapter_id}-alias{k}" for k in range(3) for adapter_id in ADAPTER_IDS]
+    for alias in aliases:
+        stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
+            adapter_id=alias, path=str(tmp_path / alias.split("-alias")[0])), timeout=30)
+    for adapter_id in ADAPTER_IDS + aliases:
         reply = stub.Generate(build_request("Hello", adapter_id=adapter_id, max_tokens=4,
                                             ignore_eos=True), timeout=60)
         assert reply.adapter_id == adapter_id and len(reply.token_ids) == 4
