@@ -82,7 +82,7 @@ class AdapterMemory:
         with self._lock:
             self._forget(spec.adapter_id)
             self.registry[spec.adapter_id] = spec
-            self.host[spec.adapter_id] = weights
+            self._keep_in_host(spec.adapter_id, weights)
 
     def _check_rank(self, spec: AdapterSpec) -> None:
         if spec.rank > self.slots.max_rank:
@@ -145,13 +145,17 @@ class AdapterMemory:
         except Exception as exc:  # unreadable file, out of memory: this adapter only
             self._errors[adapter_id] = f"adapter {adapter_id!r} failed to load: {exc}"
             return None
-        self.host[adapter_id] = weights
+        self._keep_in_host(adapter_id, weights)
         self._from_disk.add(adapter_id)
+        return weights
+
+    def _keep_in_host(self, adapter_id: str, weights: HostWeights) -> None:
+        """Newest in the host LRU; the least recently used go beyond host_capacity."""
+        self.host[adapter_id] = weights
         while len(self.host) > self.host_capacity:
             evicted, _ = self.host.popitem(last=False)
             self._from_disk.discard(evicted)
             self.stats.host.evictions += 1
-        return weights
 
     # -- device tier --
     def error(self, adapter_id: str) -> EdgeLoraError | None:
