@@ -5,6 +5,8 @@ For a fused projection y = x·Wᵀ, each token t adds Σ_sub (x_t·A_{s,sub}ᵀ)
 paths (DeltaPath) and a reference: pool (every slot at once, masked per token: decode steps over
 many adapters), used (the same on copies of the step's slots: decode over a few of a big pool)
 and segments (one matmul pair per run of same-adapter tokens: prompt chunks, or one adapter).
+A step's decode rows (the leading single-token rows) take one of the three; its prompt chunks
+always take segments.
 Never decides which adapter goes to which slot (adapter_memory does).
 """
 
@@ -110,35 +112,49 @@ class DeltaPath(StrEnum):
 
 @dataclass
 class LoraBatch:
-    """One step's LoRA metadata: which slot each flat token uses, and which path adds them."""
+    """One step's LoRA metadata: which slot each flat token uses, and which path adds them.
+
+    `path` serves the first `num_decode_tokens` tokens (the step's leading decode rows); the
+    tokens after them (prompt chunks) always take segments, so that a prompt chunk sharing a
+    step with many decode rows neither forces a matmul pair per decode row nor runs its tokens
+    through every slot.
+    """
 
     slots: LoraSlots
     token_slots: torch.Tensor  # [T] slot per token (0 = no adapter)
     rank: int                  # max rank of the slots in this step
-    segments: list[tuple[int, int, int]]  # (start, end, slot) runs of adapter tokens
-    used: list[int]            # the slots of this step, ascending
+    segments: list[tuple[int, int, int]]  # (start, end, slot) runs; none crosses num_decode_tokens
+    used: list[int]            # the slots of the decode rows, ascending
+    num_decode_tokens: int
     path: DeltaPath
     _masks: dict[tuple[DeltaPath, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @cached_property
     def used_index(self) -> torch.Tensor:
         """[u] storage index of each used slot."""
-        return torch.tensor([s - 1 for s in self.used], device=self.token_slots.device)
+        return torch.tensor([s - 1 for s in self.used], dtype=torch.long,
+                            device=self.token_slots.device)
+
+    @cached_property
+    def prompt_segments(self) -> list[tuple[int, int, int]]:
+        """The segments after the decode rows."""
+        return [s for s in self.segments if s[0] >= self.num_decode_tokens]
 
     def one_hot(self, path: DeltaPath) -> torch.Tensor:
-        """[T, columns]: each token's column among the pool's slots (POOL) or the used ones
-        (USED); rows without an adapter are all zero."""
+        """[D, columns]: each decode token's column among the pool's slots (POOL) or the used
+        ones (USED); rows without an adapter are all zero."""
+        token_slots = self.token_slots[:self.num_decode_tokens]
         if path == DeltaPath.POOL:
-            columns, num_columns = self.token_slots, self.slots.num_slots
+            columns, num_columns = token_slots, self.slots.num_slots
         else:
             lookup = torch.zeros(self.slots.num_slots + 1, dtype=torch.long,
-                                 device=self.token_slots.device)
+                                 device=token_slots.device)
             lookup[self.used] = torch.arange(1, len(self.used) + 1, device=lookup.device)
-            columns, num_columns = lookup[self.token_slots], len(self.used)
+            columns, num_columns = lookup[token_slots], len(self.used)
         return F.one_hot(columns, num_columns + 1)[:, 1:].to(self.slots.dtype)
 
     def pool_mask(self, num_sub: int) -> torch.Tensor:
-        """[T, rank * columns * num_sub]: the one-hot laid out like the pool path's h.
+        """[D, rank * columns * num_sub]: the one-hot laid out like the pool path's h.
 
         Expanded once per step and shape: a broadcast multiply costs 5-9x a flat one here."""
         key = (self.path, num_sub)
@@ -147,48 +163,57 @@ class LoraBatch:
             one_hot = self.one_hot(self.path)
             t, columns = one_hot.shape
             mask = one_hot[:, None, :, None].expand(t, self.rank, columns, num_sub)
-            mask = self._masks[key] = mask.reshape(t, -1)
+            mask = self._masks[key] = mask.reshape(t, self.rank * columns * num_sub)
         return mask
 
     @classmethod
     def build(cls, slots: LoraSlots, row_slots: list[int], row_lengths: list[int],
               device: torch.device) -> LoraBatch | None:
-        """None when no row uses an adapter: the step then skips LoRA entirely."""
+        """None when no row uses an adapter: the step then skips LoRA entirely.
+
+        The leading rows of length 1 are the decode rows (the runner puts them first)."""
         if not any(row_slots):
             return None
+        num_decode = next((i for i, n in enumerate(row_lengths) if n != 1), len(row_lengths))
         segments: list[tuple[int, int, int]] = []
         start = 0
         for slot, n in zip(row_slots, row_lengths, strict=True):
-            if slot and segments and segments[-1][2] == slot and segments[-1][1] == start:
+            joins = segments and segments[-1][2] == slot and segments[-1][1] == start
+            if slot and joins and start != num_decode:
                 segments[-1] = (segments[-1][0], start + n, slot)
             elif slot:
                 segments.append((start, start + n, slot))
             start += n
         token_slots = torch.tensor([s for s, n in zip(row_slots, row_lengths, strict=True)
                                     for _ in range(n)], dtype=torch.long, device=device)
-        used = sorted(set(row_slots) - {0})
-        num_adapter_tokens = sum(e - s for s, e, _ in segments)
-        # Long runs (prompt chunks) or one adapter: a matmul pair per run is cheapest. Decode
-        # rows over several adapters: the pool path, on copies of the used slots while they are
-        # few (reading every slot would cost more than the copies).
-        if num_adapter_tokens >= MIN_TOKENS_PER_SEGMENT * len(segments) or len(used) == 1:
+        used = sorted(set(row_slots[:num_decode]) - {0})
+        decode_segments = [end - start for start, end, _ in segments if end <= num_decode]
+        # Decode rows over one adapter, or long runs of one: a matmul pair per run is cheapest.
+        # Over several adapters: the pool path, on copies of the used slots while they are few
+        # (reading every slot would cost more than the copies).
+        if len(used) <= 1 or sum(decode_segments) >= MIN_TOKENS_PER_SEGMENT * len(decode_segments):
             path = DeltaPath.SEGMENTS
         elif len(used) <= MAX_USED_SHARE * slots.num_slots:
             path = DeltaPath.USED
         else:
             path = DeltaPath.POOL
         rank = max(slots.ranks[s] for s in row_slots)
-        return cls(slots, token_slots, rank, segments, used, path)
+        return cls(slots, token_slots, rank, segments, used, num_decode, path)
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] of the base projection + each token's LoRA delta (in place); x [T, in]."""
         a, bs = self.slots.layers[layer][proj]
         if self.path == DeltaPath.SEGMENTS:
             return segment_delta(x, y, a, bs, self.segments, self.slots.ranks)
+        decode = self.num_decode_tokens
+        segment_delta(x, y, a, bs, self.prompt_segments, self.slots.ranks)
+        if not decode:
+            return y
         if self.path == DeltaPath.USED:
             a = a[:self.rank].index_select(1, self.used_index)
             bs = [b[:self.rank].index_select(1, self.used_index) for b in bs]
-        return pool_delta(x, y, a, bs, self.pool_mask(len(bs)), self.rank)
+        pool_delta(x[:decode], y[:decode], a, bs, self.pool_mask(len(bs)), self.rank)
+        return y
 
 
 def pool_delta(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bs: list[torch.Tensor],

@@ -116,9 +116,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[int]:
-        # Rows of one adapter side by side: their tokens form one segment for the LoRA matmuls.
+        # Decode rows first, then prompt chunks (LoraBatch gives each part its own path); within
+        # each, rows of one adapter side by side form one segment for the LoRA matmuls.
         # postprocess pairs tokens with batch.items, so sorting in place keeps them matched.
-        batch.items.sort(key=lambda it: it.seq.slot)
+        batch.items.sort(key=lambda it: (it.num_new_tokens > 1, it.seq.slot))
         input_ids, fb, last_idx = self.prepare(batch)
         hidden = self.model(input_ids, fb, self.kv_cache.layers)       # [T, hidden]
         if any(it.seq.is_scoring for it in batch.items):

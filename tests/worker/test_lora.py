@@ -196,7 +196,10 @@ def test_segments_merge_adjacent_same_slot_rows() -> None:
     batch = LoraBatch.build(slots, [2, 2, 0, 2, 3, 3, 2], [1, 2, 3, 4, 5, 6, 1],
                             torch.device("cpu"))
     assert batch is not None
-    assert batch.segments == [(0, 3, 2), (6, 10, 2), (10, 21, 3), (21, 22, 2)], batch.segments
+    # the decode row (the leading length-1 row) never joins the prompt chunk after it
+    assert batch.num_decode_tokens == 1
+    assert batch.segments == [(0, 1, 2), (1, 3, 2), (6, 10, 2), (10, 21, 3), (21, 22, 2)], \
+        batch.segments
     expected = [2] * 3 + [0] * 3 + [2] * 4 + [3] * 11 + [2]
     assert batch.token_slots.tolist() == expected
     assert batch.token_slots.dtype == torch.long
@@ -220,6 +223,20 @@ def test_segments_for_long_runs_pool_for_decode_over_many_slots() -> None:
     one_hot = decode.one_hot(DeltaPath.POOL)
     assert one_hot.shape == (6, NUM_SLOTS)  # no column for slot 0: it has no storage
     assert one_hot[:5].argmax(dim=1).tolist() == [0, 1, 2, 3, 4] and one_hot.sum().item() == 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_rows_take_the_pool_while_prompt_chunks_take_segments(device: str) -> None:
+    # A prompt chunk sharing a step with decode rows over many adapters: one matmul pair per
+    # decode row (all segments) cost 3x the step here, and the pool would run the chunk's
+    # tokens through every slot.
+    slots, ref = filled_slots(device)
+    batch = LoraBatch.build(slots, [1, 2, 3, 4, 5, 0, 2, 3, 1], [1] * 7 + [30, 12],
+                            torch.device(device))
+    assert batch is not None and batch.path == DeltaPath.POOL and batch.num_decode_tokens == 7
+    assert batch.prompt_segments == [(7, 37, 3), (37, 49, 1)]
+    assert batch.one_hot(DeltaPath.POOL).shape == (7, NUM_SLOTS)
+    assert_matches_reference(batch, ref, device, seed=9, label="decode rows + prompt chunks")
 
 
 def test_decode_over_few_slots_of_a_big_pool_copies_the_used_ones() -> None:
