@@ -8,6 +8,7 @@ loads files.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,13 +65,15 @@ class ModelConfig:
 
 @dataclass
 class AttentionGroup:
-    """Rows attended together: all decode rows (Lq = 1), or all prompt chunks padded to one Lq."""
+    """Rows attended together: decode rows (Lq = 1), or all prompt chunks padded to one Lq."""
 
     token_idx: torch.Tensor  # [rows, Lq] flat token index of each query (padding: a real one)
     kv_slots: torch.Tensor   # [rows, Lk] KV-cache slot of each context position (padding -> 0)
-    mask: torch.Tensor       # [rows, 1, Lq, Lk] bool, True = may attend
+    mask: torch.Tensor | None  # [rows, 1, Lq, Lk] bool, True = may attend; None with ctx_lens
     src: torch.Tensor        # [tokens_in_group] index into the [rows * Lq] padded outputs ...
     dst: torch.Tensor        # [tokens_in_group] ... and where each lands among the flat tokens
+    # [rows] context length of each decode row: set when ForwardBatch.decode_attention reads them
+    ctx_lens: torch.Tensor | None = None
 
 
 class LoraDelta(Protocol):
@@ -87,6 +90,9 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [num_tokens] KV-cache slot each token's k/v is written to
     groups: list[AttentionGroup]
     lora: LoraDelta | None = None  # None: no token in this step uses an adapter
+    # (q [rows, nh, hd], k_cache, v_cache, kv_slots, ctx_lens, scale) -> [rows, nh, hd]: the
+    # paged decode kernel (worker.paged_attention) for groups with ctx_lens
+    decode_attention: Callable[..., torch.Tensor] | None = None
 
     def project(self, layer: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """linear(x) plus the LoRA delta of each token's adapter."""
@@ -140,6 +146,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
         # One matmul for q, k and v: three small GEMMs cost more dispatch than one larger one.
@@ -159,6 +166,11 @@ class Attention(nn.Module):
         v_cache.index_copy_(0, fb.slot_mapping, v)
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)  # [T, nh * hd]
         for g in fb.groups:
+            if g.ctx_lens is not None:  # decode rows, read where they lie in the paged cache
+                qg = q.index_select(0, g.token_idx.view(-1))                 # [rows, nh, hd]
+                og = fb.decode_attention(qg, k_cache, v_cache, g.kv_slots, g.ctx_lens, self.scale)
+                out.index_copy_(0, g.dst, og.view(og.shape[0], -1))
+                continue
             rows, q_len = g.token_idx.shape
             ctx_len = g.kv_slots.shape[1]
             # index_select on flat indices: ~3x faster than advanced indexing on CPU

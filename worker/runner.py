@@ -13,6 +13,7 @@ import torch
 from worker.kv_cache import KVCache
 from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
+from worker.paged_attention import DecodeAttention
 from worker.sampler import make_sampling_tensors, sample
 from worker.scheduler import Batch, ScheduledSeq
 from worker.scoring import row_log_likelihoods, scored_positions
@@ -25,8 +26,10 @@ GROUP_COST_TOKENS = 256
 
 
 def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: int,
-                     device: torch.device) -> AttentionGroup:
-    """Pads the rows of `items` to one query length and one context length."""
+                     device: torch.device, paged_decode: bool = False) -> AttentionGroup:
+    """Pads the rows of `items` to one query length and one context length.
+
+    paged_decode: decode rows for the paged kernel, which takes each row's length, not a mask."""
     q_len = max(it.num_new_tokens for it in items)
     max_blocks = max(len(it.seq.block_table) for it in items)
     token_idx, query_pos, tables, src, dst = [], [], [], [], []
@@ -46,6 +49,10 @@ def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: 
     positions = torch.arange(ctx_len, device=device)                  # [Lk]
     block_tables = as_tensor(tables)                                  # [rows, max_blocks]
     kv_slots = block_tables[:, positions // block_size] * block_size + positions % block_size
+    if paged_decode:
+        ctx_lens = as_tensor([it.seq.num_computed_tokens + 1 for it in items])
+        return AttentionGroup(as_tensor(token_idx), kv_slots, None, as_tensor(src),
+                              as_tensor(dst), ctx_lens)
     qpos = as_tensor(query_pos)                                       # [rows, Lq]
     mask = (positions[None, None, :] <= qpos[:, :, None])[:, None]    # [rows, 1, Lq, Lk]
     return AttentionGroup(as_tensor(token_idx), kv_slots, mask, as_tensor(src), as_tensor(dst))
@@ -73,8 +80,10 @@ def split_by_context(rows: list[int], items: list[ScheduledSeq]) -> list[list[in
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int,
-                 device: torch.device, lora_slots: LoraSlots | None = None) -> None:
+                 device: torch.device, lora_slots: LoraSlots | None = None,
+                 decode_attention: DecodeAttention | None = None) -> None:
         self.model = model
+        self.decode_attention = decode_attention
         self.kv_cache = kv_cache
         self.lora_slots = lora_slots
         self.block_size = block_size
@@ -97,12 +106,15 @@ class ModelRunner:
         last_idx = [off + it.num_new_tokens - 1
                     for off, it in zip(offsets, batch.items, strict=True)]
         # Decode rows (one query) and prompt chunks attend in separate groups so that a long
-        # chunk never pads every decode row to its length; decode rows split further by length.
+        # chunk never pads every decode row to its length. The paged kernel reads each decode
+        # row's own length; torch's path splits decode rows further by length.
         decode = [i for i, it in enumerate(batch.items) if it.num_new_tokens == 1]
         prompt = [i for i, it in enumerate(batch.items) if it.num_new_tokens > 1]
+        paged = self.decode_attention is not None
+        decode_groups = [decode] if paged else split_by_context(decode, batch.items)
         groups = [_attention_group([batch.items[i] for i in rows], [offsets[i] for i in rows],
-                                   bs, self.device)
-                  for rows in [*split_by_context(decode, batch.items), prompt] if rows]
+                                   bs, self.device, paged_decode=paged and rows is decode)
+                  for rows in [*decode_groups, prompt] if rows]
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -111,7 +123,7 @@ class ModelRunner:
             self.lora_slots, [it.seq.slot for it in batch.items],
             [it.num_new_tokens for it in batch.items], self.device)
         fb = ForwardBatch(positions=as_tensor(positions), slot_mapping=as_tensor(slots),
-                          groups=groups, lora=lora)
+                          groups=groups, lora=lora, decode_attention=self.decode_attention)
         return as_tensor(input_ids), fb, as_tensor(last_idx)
 
     @torch.inference_mode()

@@ -14,6 +14,7 @@ import torch
 
 from common.server import create_server, mark_serving
 from edgelora.v1 import worker_pb2, worker_pb2_grpc
+from worker import paged_attention
 from worker.adapter_memory import AdapterMemory
 from worker.config import WorkerConfig
 from worker.engine import Engine
@@ -110,7 +111,11 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
              config.host_adapter_cache)
     scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
                           config.max_num_batched_tokens, config.max_queue, eos, adapters)
-    runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots)
+    decode_attention = paged_attention.decode_kernel() if device.type == "cpu" else None
+    log.info("decode attention: %s", "paged C++ kernel" if decode_attention is not None
+             else "torch gather + SDPA")
+    runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots,
+                         decode_attention)
     engine = Engine(scheduler, runner, make_detokenizer, emit, num_threads)
     return engine, max_model_len
 

@@ -10,6 +10,7 @@ import torch
 from tests.conftest import write_tiny_llama
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
+from worker.paged_attention import decode_kernel
 from worker.runner import ModelRunner
 from worker.scheduler import Batch, ScheduledSeq
 from worker.sequence import SamplingOptions, Sequence
@@ -17,17 +18,23 @@ from worker.sequence import SamplingOptions, Sequence
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]
 ATOL = 1e-4
+# decode attention: torch's gather + SDPA, or the paged C++ kernel (CPU workers)
+ATTENTION = ["torch", "paged"]
 
 
 class Harness:
     """Our model behind a real runner and paged KV cache, stepped by hand."""
 
-    def __init__(self, path: Path, device: str = "cpu", num_blocks: int = 64, block_size: int = 4):
+    def __init__(self, path: Path, device: str = "cpu", num_blocks: int = 64, block_size: int = 4,
+                 attention: str = "torch"):
         self.device = torch.device(device)
         self.model = load_model(path, self.device, torch.float32)
         self.blocks = BlockManager(num_blocks, block_size)
         kv = KVCache(self.model.config, num_blocks, block_size, self.device, torch.float32)
-        self.runner = ModelRunner(self.model, kv, block_size, self.device)
+        kernel = decode_kernel() if attention == "paged" else None
+        assert attention == "torch" or kernel is not None, "the paged kernel did not build"
+        self.runner = ModelRunner(self.model, kv, block_size, self.device,
+                                  decode_attention=kernel)
 
     @torch.inference_mode()
     def logits(self, steps: list[tuple[Sequence, int]]) -> list[torch.Tensor]:
@@ -69,18 +76,21 @@ def test_prefill_logits_match_transformers(tiny_model_dir: Path, device: str) ->
     assert_close(ours, hf_logits(tiny_model_dir, ids), "single prefill")
 
 
-def test_chunked_prefill_then_decode_match_transformers(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_chunked_prefill_then_decode_match_transformers(tiny_model_dir: Path,
+                                                        attention: str) -> None:
     ids = torch.randint(0, 49152, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = hf_logits(tiny_model_dir, ids)
-    h, seq = Harness(tiny_model_dir), new_seq(1, ids)
+    h, seq = Harness(tiny_model_dir, attention=attention), new_seq(1, ids)
     got = h.logits([(seq, 10)]) + h.logits([(seq, 7)])  # two prompt chunks over block borders
     got += [h.logits([(seq, 1)])[0] for _ in range(6)]  # then one token at a time
     assert_close(torch.cat(got), ref, "chunked prefill + decode")
 
 
-def test_mixed_step_rows_do_not_interfere(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_mixed_step_rows_do_not_interfere(tiny_model_dir: Path, attention: str) -> None:
     a, b, c = list(range(200, 231)), list(range(300, 305)), list(range(400, 412))
-    h = Harness(tiny_model_dir)
+    h = Harness(tiny_model_dir, attention=attention)
     sa, sb, sc = new_seq(1, a), new_seq(2, b), new_seq(3, c)
     h.logits([(sa, 30), (sb, 4)])
     # one step: two decodes of different lengths + a prompt chunk of a newcomer
@@ -90,10 +100,10 @@ def test_mixed_step_rows_do_not_interfere(tiny_model_dir: Path) -> None:
     assert_close(lc, hf_logits(tiny_model_dir, c), "prefill row c")
 
 
-def test_decode_rows_of_far_apart_lengths_split_into_groups_and_match(tiny_model_dir: Path,
-                                                                      ) -> None:
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_decode_rows_of_far_apart_lengths_match(tiny_model_dir: Path, attention: str) -> None:
     prompts = [list(range(500, 500 + n)) for n in (3, 5, 150, 160, 4)]
-    h = Harness(tiny_model_dir, num_blocks=128)
+    h = Harness(tiny_model_dir, num_blocks=128, attention=attention)
     seqs = [new_seq(i, ids[:-1]) for i, ids in enumerate(prompts)]
     h.logits([(seq, len(seq.token_ids)) for seq in seqs])
     for seq, ids in zip(seqs, prompts, strict=True):
@@ -102,7 +112,9 @@ def test_decode_rows_of_far_apart_lengths_split_into_groups_and_match(tiny_model
     for seq, n in steps:
         h.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
     _, fb, _ = h.runner.prepare(Batch([ScheduledSeq(seq, n) for seq, n in steps]))
-    assert [g.token_idx.shape[0] for g in fb.groups] == [3, 2]  # short rows apart from long ones
+    # torch's path splits the short rows from the long ones; the kernel reads each row's length
+    expected = [5] if attention == "paged" else [3, 2]
+    assert [g.token_idx.shape[0] for g in fb.groups] == expected
     for ids, got in zip(prompts, h.logits(steps), strict=True):
         assert_close(got, hf_logits(tiny_model_dir, ids)[-1:], f"decode at length {len(ids)}")
 

@@ -1,0 +1,69 @@
+"""worker.paged_attention: the C++ decode kernel against torch's gather + SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.paged_attention import decode_kernel, reference_decode_attention
+
+
+def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, lengths: list[int],
+               dtype: torch.dtype, seed: int, block_size: int = 16):
+    """A cache whose blocks are shuffled, each row's block table, and its queries."""
+    gen = torch.Generator().manual_seed(seed)
+    max_len = max(lengths)
+    blocks_per_row = -(-max_len // block_size)
+    num_blocks = rows * blocks_per_row + 3
+    k = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[:rows * blocks_per_row].view(rows, -1)
+    positions = torch.arange(max_len)
+    kv_slots = tables[:, positions // block_size] * block_size + positions % block_size
+    q = torch.randn(rows, num_heads, head_dim, generator=gen).to(dtype)
+    return q, k, v, kv_slots, torch.tensor(lengths)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    kernel = decode_kernel()
+    assert kernel is not None, "the kernel did not build (see the log): CPU workers need it"
+    return kernel
+
+
+# head_dim 64 takes the AVX-512 loops where the CPU has them; 8 the scalar loops
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"),
+                         [(9, 3, 64), (4, 4, 64), (8, 2, 8), (6, 1, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_gather_and_sdpa(kernel, num_heads: int, num_kv_heads: int,
+                                        head_dim: int, dtype: torch.dtype) -> None:
+    # lengths: a single token, under, at and over block borders, and long rows
+    lengths = [1, 2, 15, 16, 17, 33, 100, 257]
+    q, k, v, slots, lens = paged_case(len(lengths), num_heads, num_kv_heads, head_dim, lengths,
+                                      dtype, seed=num_heads * head_dim)
+    scale = head_dim ** -0.5
+    got = kernel(q, k, v, slots, lens, scale)
+    ref = reference_decode_attention(q.float(), k.float(), v.float(), slots, lens, scale)
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    err = (got.float() - ref).abs().max().item()
+    assert err <= tol, f"max abs error {err:.3g}"
+
+
+def test_positions_past_a_rows_length_are_never_read(kernel) -> None:
+    q, k, v, slots, lens = paged_case(3, 4, 2, 64, [5, 40, 9], torch.float32, seed=3)
+    before = kernel(q, k, v, slots, lens, 0.125)
+    padded = slots.clone()
+    for row, n in enumerate(lens.tolist()):
+        padded[row, n:] = 0  # what the runner pads with
+    k[0], v[0] = float("nan"), float("nan")  # slot 0 belongs to no row here
+    assert 0 not in slots[0, :5].tolist() + slots[1].tolist() + slots[2, :9].tolist()
+    assert torch.equal(kernel(q, k, v, padded, lens, 0.125), before)
+
+
+def test_bad_lengths_are_refused(kernel) -> None:
+    q, k, v, slots, _ = paged_case(2, 4, 2, 16, [4, 4], torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="ctx_lens"):
+        kernel(q, k, v, slots, torch.tensor([0, 4]), 0.25)
+    with pytest.raises(RuntimeError, match="ctx_lens"):
+        kernel(q, k, v, slots, torch.tensor([4, 5]), 0.25)
