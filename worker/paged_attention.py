@@ -55,3 +55,8 @@ def reference_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                          attn_mask=mask[:, None, None], scale=scale,
                                          enable_gqa=True)
     return out.view(rows, num_heads, head_dim)
+
+
+if __name__ == "__main__":  # `make setup` builds it ahead of the first worker start
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("paged attention kernel:", "ready" if decode_kernel() is not None else "unavailable")
