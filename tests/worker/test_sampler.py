@@ -66,6 +66,16 @@ def test_greedy_is_argmax(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_greedy_ties_take_the_lowest_token(device: str) -> None:
+    # bf16 logits tie often; the lowest id wins, as with argmax and transformers' generate
+    logits = torch.zeros(3, 49152)
+    logits[:, [7, 300, 49151]] = 2.0
+    logits[1, 5] = 2.0
+    logits = logits.to(torch.bfloat16).float().to(device)
+    assert sample(logits, _params(3, device, temperature=0.0)).tolist() == [7, 5, 7]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_reproducible_whatever_the_batch(device: str) -> None:
     g = torch.Generator().manual_seed(1)
     row = torch.randn(1, 200, generator=g).to(device)
