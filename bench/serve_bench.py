@@ -38,6 +38,7 @@ from bench.workload import (
     replay,
     summarize,
 )
+from worker.config import WorkerConfig
 
 TARGETS = ("edgelora", "llamacpp")
 SCENARIOS = ("mixed", "single")
@@ -184,10 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w.add_argument("--seed", type=int, default=0, help="workload, prompts and random adapters")
     s = p.add_argument_group("servers")
     s.add_argument("--threads", type=int, default=2, help="ours --num-threads, llama.cpp -t")
-    s.add_argument("--max-batch", type=int, default=32, help="ours --max-batch-size, llama.cpp "
-                   "--parallel")
-    s.add_argument("--device-slots", type=int, default=32, help="ours --device-adapter-slots "
-                   "(llama.cpp holds every adapter)")
+    s.add_argument("--max-batch", type=int, default=WorkerConfig().max_batch_size,
+                   help="ours --max-batch-size, llama.cpp --parallel")
+    s.add_argument("--device-slots", type=int, default=32, help="ours --device-adapter-slots: "
+                   "every workload adapter on the device, as llama.cpp holds them all")
     s.add_argument("--demo-adapters", action="store_true", help="demo adapters first, then "
                    "random r=8 ones")
     s.add_argument("--lora-outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"))
@@ -212,7 +213,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
-    from worker.config import WorkerConfig
     from worker.gguf_import import resolve_model_path
     from worker.tokenizer import Tokenizer
 

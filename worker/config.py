@@ -27,7 +27,8 @@ class WorkerConfig:
         "or 'float16'"))
     num_threads: int = field(default=0, metadata=_help(
         "torch CPU threads (0 = torch default); 1 keeps its speed when processes share cores"))
-    max_batch_size: int = field(default=32, metadata=_help("most sequences in one forward pass"))
+    max_batch_size: int = field(default=64, metadata=_help(
+        "most sequences in one forward pass (more amortize each step's weight reads)"))
     max_num_batched_tokens: int = field(default=512, metadata=_help(
         "token budget of one step: decodes take one each, prompt chunks fill the rest"))
     max_model_len: int = field(default=2048, metadata=_help(

@@ -51,6 +51,8 @@ def test_single_scenario_puts_every_request_on_adapter_zero() -> None:
 def test_cli_defaults_match_the_issue() -> None:
     args = parse_args([])
     assert args.targets == ["edgelora", "llamacpp"] and args.scenarios == ["mixed", "single"]
-    # llama.cpp's --parallel is our max batch, the worker's default; 4 req/s saturates both
+    # llama.cpp's --parallel is our max batch, the worker's default; 4 req/s saturates both;
+    # every adapter fits our device slots, as llama.cpp holds them all
     assert (args.num_adapters, args.threads, args.rate) == (32, 2, 4.0)
-    assert args.max_batch == args.device_slots == WorkerConfig().max_batch_size
+    assert args.max_batch == WorkerConfig().max_batch_size == 64
+    assert args.device_slots == args.num_adapters
