@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,16 @@ def run_ours(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]],
                   end - prefill_end, outputs)
 
 
+def without_paged_kernel(engine: Engine, run: Callable[[], Result]) -> Result:
+    """run() with the engine's decode attention on torch's gather + SDPA path."""
+    kernel = engine.runner.decode_attention
+    engine.runner.decode_attention = None
+    try:
+        return run()
+    finally:
+        engine.runner.decode_attention = kernel
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint directory")
@@ -167,6 +178,9 @@ def main() -> None:
     if engine16 is not None:
         systems += [lambda b=b: run_ours(engine16, tokenizer, prompts[:b], args.new_tokens,
                                          "ours bf16") for b in dict.fromkeys([1, args.batch])]
+        if engine16.runner.decode_attention is not None:  # the same, attention on torch's path
+            systems.append(lambda: without_paged_kernel(engine16, lambda: run_ours(
+                engine16, tokenizer, prompts, args.new_tokens, "bf16 torch-att")))
     for system in systems:  # warm-up
         system()
     # Interleaved, so that load from other processes hits every system alike.
@@ -186,6 +200,9 @@ def main() -> None:
               f"{r.decode_s:>10.2f}{r.tps:>10.1f}{r.decode_s / steps * 1e3:>9.1f}"
               f"{r.tps / hf.tps:>9.2f}x")
 
+    if results[-1].name == "bf16 torch-att":
+        print(f"\npaged decode kernel vs torch gather + SDPA, bf16 batch {args.batch}: "
+              f"{results[-2].tps / results[-1].tps:.2f}x decode tok/s")
     ours_b1 = results[1]
     same = sum(a == b for a, b in zip(ours_b1.outputs[0], hf.outputs[0], strict=True))
     print(f"\ngreedy tokens, ours batch 1 vs transformers: {same}/{args.new_tokens} identical"
