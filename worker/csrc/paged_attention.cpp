@@ -31,40 +31,30 @@ struct Task {
   }
 };
 
-// Scores q_i . k_t for every query head i and position t -> scores[i * len + t]. All heads of
-// a position are read together: a slot's heads are adjacent in memory.
-template <typename T>
-void scores_scalar(const Task<T>& a, float* scores) {
-  for (int64_t t = 0; t < a.len; ++t) {
-    for (int64_t kv = 0; kv < a.num_kv; ++kv) {
-      const T* k = a.at(a.k_cache, t, kv);
-      for (int64_t i = kv * a.g; i < (kv + 1) * a.g; ++i) {
-        const float* qi = a.q + i * a.hd;
-        float s = 0.f;
-        for (int64_t d = 0; d < a.hd; ++d) s += qi[d] * static_cast<float>(k[d]);
-        scores[i * a.len + t] = s;
-      }
+// Per-position inner loops, one set per instruction width: Ops::dot(q, k, hd) = q . k and
+// Ops::accumulate(p, stride, v, acc, g, hd): acc[j, :] += p[j * stride] * v for the g query heads
+// j sharing one KV head (v is read and converted once for all of them).
+struct ScalarOps {
+  template <typename T>
+  static float dot(const float* q, const T* k, int64_t hd) {
+    float s = 0.f;
+    for (int64_t d = 0; d < hd; ++d) s += q[d] * static_cast<float>(k[d]);
+    return s;
+  }
+
+  template <typename T>
+  static void accumulate(const float* p, int64_t stride, const T* v, float* acc, int64_t g,
+                         int64_t hd) {
+    for (int64_t j = 0; j < g; ++j) {
+      const float pj = p[j * stride];
+      for (int64_t d = 0; d < hd; ++d) acc[j * hd + d] += pj * static_cast<float>(v[d]);
     }
   }
-}
 
-// acc[i, :] = sum_t p[i, t] v_t
-template <typename T>
-void weighted_values_scalar(const Task<T>& a, const float* probs, float* acc) {
-  std::fill(acc, acc + a.num_kv * a.g * a.hd, 0.f);
-  for (int64_t t = 0; t < a.len; ++t) {
-    for (int64_t kv = 0; kv < a.num_kv; ++kv) {
-      const T* v = a.at(a.v_cache, t, kv);
-      for (int64_t i = kv * a.g; i < (kv + 1) * a.g; ++i) {
-        const float p = probs[i * a.len + t];
-        float* ai = acc + i * a.hd;
-        for (int64_t d = 0; d < a.hd; ++d) ai[d] += p * static_cast<float>(v[d]);
-      }
-    }
-  }
-}
+  static void softmax(float* s, int64_t len);
+};
 
-void softmax_scalar(float* s, int64_t len) {
+void ScalarOps::softmax(float* s, int64_t len) {
   const float m = *std::max_element(s, s + len);
   float sum = 0.f;
   for (int64_t t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - m));
@@ -96,41 +86,31 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-template <typename T>
-void scores_avx512(const Task<T>& a, float* scores) {
-  for (int64_t t = 0; t < a.len; ++t) {
-    for (int64_t kv = 0; kv < a.num_kv; ++kv) {
-      const T* k = a.at(a.k_cache, t, kv);
-      for (int64_t i = kv * a.g; i < (kv + 1) * a.g; ++i) {
-        __m512 s = _mm512_setzero_ps();
-        for (int64_t d = 0; d < a.hd; d += 16) {
-          s = _mm512_fmadd_ps(_mm512_loadu_ps(a.q + i * a.hd + d), load16(k + d), s);
-        }
-        scores[i * a.len + t] = _mm512_reduce_add_ps(s);
+// Needs hd % 16 == 0.
+struct Avx512Ops {
+  template <typename T>
+  static float dot(const float* q, const T* k, int64_t hd) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), s);
+    return _mm512_reduce_add_ps(s);
+  }
+
+  template <typename T>
+  static void accumulate(const float* p, int64_t stride, const T* v, float* acc, int64_t g,
+                         int64_t hd) {
+    for (int64_t d = 0; d < hd; d += 16) {
+      const __m512 vd = load16(v + d);
+      for (int64_t j = 0; j < g; ++j) {
+        float* a = acc + j * hd + d;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[j * stride]), vd, _mm512_loadu_ps(a)));
       }
     }
   }
-}
 
-template <typename T>
-void weighted_values_avx512(const Task<T>& a, const float* probs, float* acc) {
-  std::fill(acc, acc + a.num_kv * a.g * a.hd, 0.f);
-  for (int64_t t = 0; t < a.len; ++t) {
-    for (int64_t kv = 0; kv < a.num_kv; ++kv) {
-      const T* v = a.at(a.v_cache, t, kv);
-      for (int64_t d = 0; d < a.hd; d += 16) {
-        const __m512 vd = load16(v + d);
-        for (int64_t i = kv * a.g; i < (kv + 1) * a.g; ++i) {
-          float* ai = acc + i * a.hd + d;
-          const __m512 p = _mm512_set1_ps(probs[i * a.len + t]);
-          _mm512_storeu_ps(ai, _mm512_fmadd_ps(p, vd, _mm512_loadu_ps(ai)));
-        }
-      }
-    }
-  }
-}
+  static void softmax(float* s, int64_t len);
+};
 
-void softmax_avx512(float* s, int64_t len) {
+void Avx512Ops::softmax(float* s, int64_t len) {
   const float m = *std::max_element(s, s + len);
   const __m512 vm = _mm512_set1_ps(m);
   __m512 vsum = _mm512_setzero_ps();
@@ -149,6 +129,30 @@ void softmax_avx512(float* s, int64_t len) {
   for (; t < len; ++t) s[t] /= sum;
 }
 #endif
+
+// One task: scores q_i . k_t for every query head i and position t (all heads of a position
+// read together: a slot's heads are adjacent in memory), a softmax per head, then
+// acc[i, :] = sum_t p[i, t] v_t.
+template <typename Ops, typename T>
+void attend(const Task<T>& a, float* scores, float* acc) {
+  for (int64_t t = 0; t < a.len; ++t) {
+    for (int64_t kv = 0; kv < a.num_kv; ++kv) {
+      const T* k = a.at(a.k_cache, t, kv);
+      for (int64_t i = kv * a.g; i < (kv + 1) * a.g; ++i) {
+        scores[i * a.len + t] = Ops::dot(a.q + i * a.hd, k, a.hd);
+      }
+    }
+  }
+  for (int64_t i = 0; i < a.num_kv * a.g; ++i) Ops::softmax(scores + i * a.len, a.len);
+  std::fill(acc, acc + a.num_kv * a.g * a.hd, 0.f);
+  for (int64_t t = 0; t < a.len; ++t) {
+    for (int64_t kv = 0; kv < a.num_kv; ++kv) {
+      const int64_t i = kv * a.g;
+      Ops::accumulate(scores + i * a.len + t, a.len, a.at(a.v_cache, t, kv), acc + i * a.hd,
+                      a.g, a.hd);
+    }
+  }
+}
 
 template <typename T>
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -193,15 +197,11 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
       scores.resize(nq * a.len);
 #if defined(__AVX512F__)
       if (wide) {
-        scores_avx512(a, scores.data());
-        for (int64_t i = 0; i < nq; ++i) softmax_avx512(scores.data() + i * a.len, a.len);
-        weighted_values_avx512(a, scores.data(), acc.data());
+        attend<Avx512Ops>(a, scores.data(), acc.data());
       } else
 #endif
       {
-        scores_scalar(a, scores.data());
-        for (int64_t i = 0; i < nq; ++i) softmax_scalar(scores.data() + i * a.len, a.len);
-        weighted_values_scalar(a, scores.data(), acc.data());
+        attend<ScalarOps>(a, scores.data(), acc.data());
       }
       T* o = out_ptr + (r * nh + head * g) * hd;
       for (int64_t i = 0; i < nq * hd; ++i) o[i] = static_cast<T>(acc[i]);
