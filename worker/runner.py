@@ -110,11 +110,16 @@ class ModelRunner:
         # row's own length; torch's path splits decode rows further by length.
         decode = [i for i, it in enumerate(batch.items) if it.num_new_tokens == 1]
         prompt = [i for i, it in enumerate(batch.items) if it.num_new_tokens > 1]
-        paged = self.decode_attention is not None
-        decode_groups = [decode] if paged else split_by_context(decode, batch.items)
-        groups = [_attention_group([batch.items[i] for i in rows], [offsets[i] for i in rows],
-                                   bs, self.device, paged_decode=paged and rows is decode)
-                  for rows in [*decode_groups, prompt] if rows]
+
+        def group(rows: list[int], paged_decode: bool = False) -> AttentionGroup:
+            return _attention_group([batch.items[i] for i in rows], [offsets[i] for i in rows],
+                                    bs, self.device, paged_decode)
+
+        if self.decode_attention is not None:
+            groups = [group(decode, paged_decode=True)] if decode else []
+        else:
+            groups = [group(rows) for rows in split_by_context(decode, batch.items)]
+        groups += [group(prompt)] if prompt else []
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
