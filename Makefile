@@ -29,9 +29,9 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 model: $(VENV)/.installed
 	$(VENV)/bin/edgelora import-default
 
-# Compile the CPU paged-attention kernel once (~20 s; torch caches it, a no-op afterwards).
+# Compile the CPU kernels once (~40 s; torch caches them, a no-op afterwards).
 kernels: $(VENV)/.installed
-	$(PY) -m worker.paged_attention
+	$(PY) -m worker.cpu_kernels
 
 run: setup
 	$(VENV)/bin/edgelora serve --adapters-dir adapters/demo

@@ -5,7 +5,8 @@ written to a temporary directory (deleted at exit), --threads torch threads for 
   (a) decode tokens/s of --batch requests over --batch different adapters vs all on one adapter
       (and the base model), same prompts, greedy, --new-tokens each (ignore_eos); our Engine
       driven synchronously, adapters made device-resident by a warm-up request each first.
-      Target: mixed / same >= 0.85.
+      Target: mixed / same >= 0.85. On CPU, the mixed batch again on torch's LoRA paths instead
+      of the C++ kernel (worker.cpu_kernels), side by side.
   (b) adapter load times per adapter: disk -> host (read_adapter_weights, page cache warm) and
       host -> device slot (LoraSlots.write), r=8 and r=64, all 7 projection modules.
   (c) the DESIGN.md workload (Zipf alpha, Gamma cv, inputs/outputs uniform, --num-adapters r=8
@@ -93,11 +94,25 @@ def section_a(args: argparse.Namespace, path: Path, adapter_dirs: list[Path]) ->
                for i in range(args.batch)]
     run_batch(engine, prompts, ids, 2)  # one warm-up request per adapter: all device-resident
     assert all(memory.is_resident(name) for name in ids), "adapters not device-resident"
-    cases = {"base (no adapter)": [""] * args.batch, "same adapter": [ids[0]] * args.batch,
-             f"{args.batch} adapters": ids}
-    for adapters in cases.values():  # warm-up
-        run_batch(engine, prompts, adapters, args.new_tokens)
-    runs = [[run_batch(engine, prompts, a, args.new_tokens) for a in cases.values()]
+    slots = engine.runner.lora_slots
+    kernel = slots.kernel
+    # name -> (adapter per request, the LoRA kernel or None for torch's paths)
+    cases = {"base (no adapter)": ([""] * args.batch, kernel),
+             "same adapter": ([ids[0]] * args.batch, kernel),
+             f"{args.batch} adapters": (ids, kernel)}
+    if kernel is not None:  # the CPU kernel side by side with torch's paths
+        cases[f"{args.batch} ad., torch LoRA"] = (ids, None)
+
+    def run(case: tuple[list[str], object]) -> tuple[float, float]:
+        slots.kernel = case[1]
+        try:
+            return run_batch(engine, prompts, case[0], args.new_tokens)
+        finally:
+            slots.kernel = kernel
+
+    for case in cases.values():  # warm-up
+        run(case)
+    runs = [[run(case) for case in cases.values()]
             for _ in range(args.repeats)]  # interleaved: load from elsewhere hits all alike
     best = [max(column) for column in zip(*runs, strict=True)]
     print(f"\n(a) decode, {info.dtype}, batch {args.batch}, prompt {args.prompt_tokens} tok, "
@@ -109,6 +124,8 @@ def section_a(args: argparse.Namespace, path: Path, adapter_dirs: list[Path]) ->
     print(f"{'PASS' if ratio >= TARGET_MIXED else 'MISS'}  mixed / same adapter = {ratio:.3f} "
           f"(target >= {TARGET_MIXED}); base / same = {best[0][0] / best[1][0]:.3f}; "
           f"device loads {memory.stats.device.loads}, evictions {memory.stats.device.evictions}")
+    if kernel is not None:
+        print(f"LoRA kernel / torch's paths, {args.batch} adapters: {best[2][0] / best[3][0]:.2f}x")
     return engine
 
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, the real default model, and
-in-process worker/router servers on ephemeral ports."""
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, the real default model, the
+compiled CPU kernels, and in-process worker/router servers on ephemeral ports."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from worker import cpu_kernels as kernels
 from worker.config import WorkerConfig
 from worker.gguf_import import ensure_default_checkpoint
 
@@ -16,6 +17,14 @@ from worker.gguf_import import ensure_default_checkpoint
 torch.set_num_threads(1)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    """worker.cpu_kernels' module. CPU workers need it, so a failed build fails the tests."""
+    module = kernels.load()
+    assert module is not None, "the CPU kernels did not build (see the log)"
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,19 @@
 """Batched multi-LoRA: the device slot pool, per-step LoRA metadata and the delta ops.
 
 For a fused projection y = x·Wᵀ, each token t adds Σ_sub (x_t·A_{s,sub}ᵀ)·B_{s,sub}ᵀ of its slot s
-(B is pre-scaled by lora_alpha / r). Slot 0 means no adapter and has no storage. Three fast
-paths (DeltaPath) and a reference: pool (every slot at once, masked per token: decode steps over
-many adapters), used (the same on copies of the step's slots: decode over a few of a big pool)
-and segments (one matmul pair per run of same-adapter tokens: prompt chunks, or one adapter).
-A step's decode rows (the leading single-token rows) take one of the three; its prompt chunks
-always take segments.
+(B is pre-scaled by lora_alpha / r). Slot 0 means no adapter and has no storage. Four fast
+paths (DeltaPath) and a reference. On CPU, a C++ kernel (worker.cpu_kernels) takes every token of
+a step in one call per projection. torch's three serve CUDA, or a CPU without the kernel: pool
+(every slot at once, masked per token: decode steps over many adapters), used (the same on copies
+of the step's slots: decode over a few of a big pool) and segments (one matmul pair per run of
+same-adapter tokens: prompt chunks, or one adapter). There a step's decode rows (the leading
+single-token rows) take one of the three; its prompt chunks always take segments.
 Never decides which adapter goes to which slot (adapter_memory does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -33,6 +35,9 @@ MIN_TOKENS_PER_SEGMENT = 4
 # Up to this share of the pool in use, copying the used slots out beats reading every slot
 # (measured at 32 slots: fp32 up to ~14 used, bf16 up to ~10).
 MAX_USED_SHARE = 1 / 3
+# (y, x, A, [B_j], segments [n, 4] = (start, end, slot index, rank)): adds into y in place
+LoraKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor],
+                       torch.Tensor], None]
 
 
 def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -50,12 +55,14 @@ class LoraSlots:
     B [max_rank, num_slots, out_sub]; slot s (1-based) is index s - 1. Rank-major on purpose: the
     first r ranks of every slot are one contiguous block, so the pool path multiplies by all slots
     in one matmul per side without a copy, while one slot's rows stay contiguous vectors for the
-    segment path. Smaller ranks are zero-padded, which adds exact zeros.
+    segment path. Smaller ranks are zero-padded, which adds exact zeros. `kernel`: the CPU
+    segment kernel (cpu_kernels' lora_delta_), which every step then takes.
     """
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, kernel: LoraKernel | None = None) -> None:
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
+        self.kernel = kernel
         self.ranks = [0] * (num_slots + 1)  # host copy: rank of the adapter in each slot
         shapes = module_shapes(cfg)
         self.layers: list[dict[str, tuple[torch.Tensor, list[torch.Tensor]]]] = []
@@ -108,6 +115,7 @@ class DeltaPath(StrEnum):
     SEGMENTS = "segments"  # one matmul pair per run of same-adapter tokens
     USED = "used"          # the step's slots copied out of the pool, then the pool path on them
     POOL = "pool"          # every slot of the pool at once, the other slots masked per token
+    KERNEL = "kernel"      # every segment in one C++ call, each used slot read once (CPU)
 
 
 @dataclass
@@ -134,6 +142,12 @@ class LoraBatch:
         """[u] storage index of each used slot."""
         return torch.tensor([s - 1 for s in self.used], dtype=torch.long,
                             device=self.token_slots.device)
+
+    @cached_property
+    def segment_table(self) -> torch.Tensor:
+        """[n, 4] (start, end, storage index, rank) per segment: the kernel's input."""
+        return torch.tensor([(start, end, slot - 1, self.slots.ranks[slot])
+                             for start, end, slot in self.segments], dtype=torch.long)
 
     @cached_property
     def prompt_segments(self) -> list[tuple[int, int, int]]:
@@ -191,7 +205,10 @@ class LoraBatch:
         # Decode rows over one adapter, or long runs of one: a matmul pair per run is cheapest.
         # Over several adapters: the pool path, on copies of the used slots while they are few
         # (reading every slot would cost more than the copies).
-        if len(used) <= 1 or sum(decode_segments) >= MIN_TOKENS_PER_SEGMENT * len(decode_segments):
+        if slots.kernel is not None:
+            path = DeltaPath.KERNEL
+        elif (len(used) <= 1
+              or sum(decode_segments) >= MIN_TOKENS_PER_SEGMENT * len(decode_segments)):
             path = DeltaPath.SEGMENTS
         elif len(used) <= MAX_USED_SHARE * slots.num_slots:
             path = DeltaPath.USED
@@ -203,6 +220,9 @@ class LoraBatch:
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] of the base projection + each token's LoRA delta (in place); x [T, in]."""
         a, bs = self.slots.layers[layer][proj]
+        if self.path == DeltaPath.KERNEL:
+            self.slots.kernel(y, x, a, bs, self.segment_table)
+            return y
         if self.path == DeltaPath.SEGMENTS:
             return segment_delta(x, y, a, bs, self.segments, self.slots.ranks)
         decode = self.num_decode_tokens

@@ -14,7 +14,7 @@ import torch
 
 from common.server import create_server, mark_serving
 from edgelora.v1 import worker_pb2, worker_pb2_grpc
-from worker import paged_attention
+from worker import cpu_kernels
 from worker.adapter_memory import AdapterMemory
 from worker.config import WorkerConfig
 from worker.engine import Engine
@@ -103,7 +103,11 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
     log.info("KV cache: %d blocks of %d tokens (%d MiB); max_model_len %d", num_blocks,
              config.kv_block_size, config.kv_cache_mb, max_model_len)
     eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos_token_ids]))
-    lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype)
+    kernels = cpu_kernels.load() if device.type == "cpu" else None
+    log.info("CPU kernels: %s", "decode attention and LoRA deltas in C++" if kernels is not None
+             else "none, torch's paths")
+    lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype,
+                           kernels.lora_delta_ if kernels is not None else None)
     adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),
                              cfg.num_layers, pin_memory=device.type == "cuda")
     log.info("adapter memory: %d device slots up to rank %d (%d MiB), host cache %d adapters",
@@ -111,9 +115,7 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
              config.host_adapter_cache)
     scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
                           config.max_num_batched_tokens, config.max_queue, eos, adapters)
-    decode_attention = paged_attention.decode_kernel() if device.type == "cpu" else None
-    log.info("decode attention: %s", "paged C++ kernel" if decode_attention is not None
-             else "torch gather + SDPA")
+    decode_attention = kernels.paged_decode_attention if kernels is not None else None
     runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots,
                          decode_attention)
     engine = Engine(scheduler, runner, make_detokenizer, emit, num_threads)

@@ -1,5 +1,6 @@
-"""Tests for worker.lora: the slot pool, per-step LoraBatch metadata and both fast delta paths
-against the per-token reference (Punica-style: mixed ranks, module subsets and popularity)."""
+"""Tests for worker.lora: the slot pool, per-step LoraBatch metadata and every fast delta path
+(the C++ kernel of worker.cpu_kernels on CPU) against the per-token reference (Punica-style:
+mixed ranks, module subsets and popularity)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from worker import cpu_kernels
 from worker.loader import read_model_config
 from worker.lora import (
     MIN_TOKENS_PER_SEGMENT,
@@ -67,8 +69,17 @@ def reference_weights(adapters: dict[int, Weights], cfg: ModelConfig = CFG) -> R
     return ref
 
 
-def filled_slots(device: str) -> tuple[LoraSlots, Reference]:
-    slots = LoraSlots(CFG, NUM_SLOTS, MAX_RANK, torch.device(device), torch.float32)
+def lora_kernel():
+    kernels = cpu_kernels.load()
+    assert kernels is not None, "the CPU kernels did not build (see the log)"
+    return kernels.lora_delta_
+
+
+def filled_slots(device: str, kernel: bool = True) -> tuple[LoraSlots, Reference]:
+    """Slots 1..5 filled with ADAPTERS; on CPU with the C++ kernel unless kernel=False (then
+    build() picks among torch's paths)."""
+    slots = LoraSlots(CFG, NUM_SLOTS, MAX_RANK, torch.device(device), torch.float32,
+                      lora_kernel() if kernel and device == "cpu" else None)
     adapters = {slot: random_adapter(rank, modules, seed=slot)
                 for slot, (rank, modules) in ADAPTERS.items()}
     for slot, weights in adapters.items():
@@ -94,9 +105,14 @@ def popular_rows(mix: str, num_rows: int, rng: random.Random) -> list[int]:
     raise AssertionError(mix)
 
 
+def paths(slots: LoraSlots) -> list[DeltaPath]:
+    return [p for p in DeltaPath if p != DeltaPath.KERNEL or slots.kernel is not None]
+
+
 def assert_matches_reference(batch: LoraBatch, ref: Reference, device: str, seed: int,
                              label: str) -> None:
-    """apply() == y + reference_delta() for every layer and fused projection, both fast paths."""
+    """apply() == y + reference_delta() for every layer and fused projection, every fast path
+    (the kernel where the slots have it)."""
     token_slots = batch.token_slots.tolist()
     shapes = module_shapes(CFG)
     gen = torch.Generator().manual_seed(seed)
@@ -107,7 +123,7 @@ def assert_matches_reference(batch: LoraBatch, ref: Reference, device: str, seed
             x = torch.randn(len(token_slots), fan_in, generator=gen).to(device)
             y = torch.randn(len(token_slots), fan_out, generator=gen).to(device)
             expected = y + reference_delta(x, token_slots, ref[(layer, proj)])
-            for path in DeltaPath:
+            for path in paths(batch.slots):
                 batch.path = path
                 got = batch.apply(layer, proj, x, y.clone())
                 err = (got - expected).abs().amax(dim=1)
@@ -160,7 +176,7 @@ def test_base_rows_get_exactly_y() -> None:
     batch = LoraBatch.build(slots, [0, 2, 0], [3, 2, 4], torch.device("cpu"))
     assert batch is not None
     x, y = torch.randn(9, 64), torch.randn(9, 256)  # gate_up: 2 x intermediate
-    for path in DeltaPath:
+    for path in paths(slots):
         batch.path = path
         got = batch.apply(0, "gate_up_proj", x, y.clone())
         assert torch.equal(got[[0, 1, 2, 5, 6, 7, 8]], y[[0, 1, 2, 5, 6, 7, 8]]), path
@@ -172,11 +188,71 @@ def test_apply_adds_into_y_in_place() -> None:
     batch = LoraBatch.build(slots, [4, 4], [5, 5], torch.device("cpu"))
     assert batch is not None
     x, y = torch.randn(10, 64), torch.randn(10, 128)
-    for path in DeltaPath:
+    for path in paths(slots):
         batch.path = path
         before = y.clone()
         got = batch.apply(1, "qkv_proj", x, y)
         assert got is y and not torch.equal(y, before), path
+
+
+# --- the CPU kernel --------------------------------------------------------------------------
+
+
+def test_kernel_takes_every_step_when_the_slots_have_it() -> None:
+    slots, _ = filled_slots("cpu")
+    for row_slots, row_lengths in (([1, 2, 3, 4, 5, 0], [1] * 6), ([1, 2], [4, 30]),
+                                   ([3, 3, 1, 0, 2], [1, 1, 1, 9, 5]), ([4], [1])):
+        batch = LoraBatch.build(slots, row_slots, row_lengths, torch.device("cpu"))
+        assert batch is not None and batch.path == DeltaPath.KERNEL, (row_slots, row_lengths)
+    # (start, end, storage index, the slot's own rank): padding ranks are never multiplied
+    assert batch.segment_table.tolist() == [[0, 1, 3, 16]]
+    mixed = LoraBatch.build(slots, [3, 3, 1, 0, 2], [1, 1, 1, 9, 5], torch.device("cpu"))
+    assert mixed.segment_table.tolist() == [[0, 2, 2, 8], [2, 3, 0, 1], [12, 17, 1, 4]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_reads_only_its_slots_at_odd_sizes(dtype: torch.dtype) -> None:
+    # Sizes off the 16-lane width take the kernel's scalar tails; every slot no token uses is
+    # NaN, so a single read of one would show in the output.
+    cfg = ModelConfig(vocab_size=32, hidden_size=40, intermediate_size=72, num_layers=1,
+                      num_heads=3, num_kv_heads=1, head_dim=12)
+    slots = LoraSlots(cfg, 6, 8, torch.device("cpu"), dtype, lora_kernel())
+    for layer in slots.layers:
+        for a, bs in layer.values():
+            for t in (a, *bs):
+                t.fill_(float("nan"))
+    adapters = {slot: random_adapter(rank, ALL, seed=slot, cfg=cfg)
+                for slot, rank in ((2, 8), (5, 3))}
+    for slot, weights in adapters.items():
+        slots.write(slot, {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in weights.items()},
+                    8 if slot == 2 else 3)
+    ref = reference_weights({s: {k: (a.to(dtype).float(), b.to(dtype).float())
+                                 for k, (a, b) in w.items()} for s, w in adapters.items()}, cfg)
+    row_slots, row_lengths = [2, 5, 5, 0, 2, 5], [1, 1, 1, 1, 7, 19]
+    batch = LoraBatch.build(slots, row_slots, row_lengths, torch.device("cpu"))
+    assert batch is not None and batch.path == DeltaPath.KERNEL
+    token_slots = batch.token_slots.tolist()
+    shapes, gen = module_shapes(cfg), torch.Generator().manual_seed(0)
+    for proj, subs in PROJECTIONS.items():
+        x = torch.randn(len(token_slots), shapes[subs[0]][0], generator=gen).to(dtype)
+        y = torch.randn(len(token_slots), sum(shapes[s][1] for s in subs), generator=gen).to(dtype)
+        expected = y.float() + reference_delta(x.float(), token_slots, ref[(0, proj)])
+        got = batch.apply(0, proj, x, y.clone())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert got.dtype == dtype and torch.allclose(got.float(), expected, atol=tol, rtol=tol), \
+            (proj, (got.float() - expected).abs().max())
+
+
+def test_kernel_refuses_bad_segments() -> None:
+    slots, _ = filled_slots("cpu")
+    a, bs = slots.layers[0]["qkv_proj"]
+    x, y = torch.randn(6, 64), torch.randn(6, 128)
+    for bad in ([[3, 6, 0, 1], [0, 3, 1, 1]],   # out of order
+                [[0, 7, 0, 1]],                 # past the last token
+                [[0, 2, NUM_SLOTS, 1]],         # no such slot
+                [[0, 2, 0, MAX_RANK + 1]]):     # rank over the pool's
+        with pytest.raises(RuntimeError):
+            slots.kernel(y, x, a, bs, torch.tensor(bad))
 
 
 # --- LoraBatch.build metadata ------------------------------------------------------------------
@@ -215,7 +291,7 @@ def test_rank_is_max_rank_of_slots_present(row_slots: list[int], rank: int) -> N
 
 
 def test_segments_for_long_runs_pool_for_decode_over_many_slots() -> None:
-    slots, _ = filled_slots("cpu")
+    slots, _ = filled_slots("cpu", kernel=False)
     decode = LoraBatch.build(slots, [1, 2, 3, 4, 5, 0], [1] * 6, torch.device("cpu"))
     prefill = LoraBatch.build(slots, [1, 2], [MIN_TOKENS_PER_SEGMENT, 30], torch.device("cpu"))
     assert decode is not None and decode.path == DeltaPath.POOL
@@ -230,7 +306,7 @@ def test_decode_rows_take_the_pool_while_prompt_chunks_take_segments(device: str
     # A prompt chunk sharing a step with decode rows over many adapters: one matmul pair per
     # decode row (all segments) cost 3x the step here, and the pool would run the chunk's
     # tokens through every slot.
-    slots, ref = filled_slots(device)
+    slots, ref = filled_slots(device, kernel=False)
     batch = LoraBatch.build(slots, [1, 2, 3, 4, 5, 0, 2, 3, 1], [1] * 7 + [30, 12],
                             torch.device(device))
     assert batch is not None and batch.path == DeltaPath.POOL and batch.num_decode_tokens == 7

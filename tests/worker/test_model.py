@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import write_tiny_llama
+from worker import cpu_kernels
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
-from worker.paged_attention import decode_kernel
 from worker.runner import ModelRunner
 from worker.scheduler import Batch, ScheduledSeq
 from worker.sequence import SamplingOptions, Sequence
@@ -31,8 +31,9 @@ class Harness:
         self.model = load_model(path, self.device, torch.float32)
         self.blocks = BlockManager(num_blocks, block_size)
         kv = KVCache(self.model.config, num_blocks, block_size, self.device, torch.float32)
-        kernel = decode_kernel() if attention == "paged" else None
-        assert attention == "torch" or kernel is not None, "the paged kernel did not build"
+        kernels = cpu_kernels.load() if attention == "paged" else None
+        assert attention == "torch" or kernels is not None, "the CPU kernels did not build"
+        kernel = kernels.paged_decode_attention if kernels is not None else None
         self.runner = ModelRunner(self.model, kv, block_size, self.device,
                                   decode_attention=kernel)
 

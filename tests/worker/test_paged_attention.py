@@ -1,11 +1,11 @@
-"""worker.paged_attention: the C++ decode kernel against torch's gather + SDPA."""
+"""worker.paged_attention: the C++ decode kernel (worker.cpu_kernels) against gather + SDPA."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker.paged_attention import decode_kernel, reference_decode_attention
+from worker.paged_attention import reference_decode_attention
 
 
 def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, lengths: list[int],
@@ -25,10 +25,8 @@ def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, leng
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    kernel = decode_kernel()
-    assert kernel is not None, "the kernel did not build (see the log): CPU workers need it"
-    return kernel
+def kernel(cpu_kernels):
+    return cpu_kernels.paged_decode_attention
 
 
 # head_dim 64 takes the AVX-512 loops where the CPU has them; 8 the scalar loops

@@ -4,18 +4,21 @@
 // torch's path gathers every row's K and V into padded tensors first and then runs SDPA: that
 // copy cost as much as the attention itself. Here each (row, KV head) task reads its slots where
 // they lie, once, for all the query heads that share the KV head (GQA).
-#include <torch/extension.h>
 #include <omp.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
+
+using edgelora::FlushDenormals;
+#if defined(__AVX512F__)
+using edgelora::load16;
+#endif
 
 // One task: KV heads [head, head + num_kv) of one row, and the g query heads sharing each.
 template <typename T>
@@ -62,15 +65,6 @@ void ScalarOps::softmax(float* s, int64_t len) {
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // exp(x) for x <= 0: 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f = e^(f ln 2) by its
 // degree-6 Taylor polynomial (relative error < 1e-6); scalef applies 2^n. The scalar expf of
 // libm was a third of the kernel's time.
@@ -179,12 +173,7 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
     const int64_t chunk = (num_tasks + workers - 1) / workers;
     const int64_t begin = std::min(num_tasks, omp_get_thread_num() * chunk);
     const int64_t end = std::min(num_tasks, begin + chunk);
-#if defined(__x86_64__)
-    // Flush denormals (FTZ | DAZ) while we run: the probabilities of far-off positions underflow,
-    // and denormal arithmetic is many times slower.
-    const unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040);
-#endif
+    FlushDenormals flush;  // far-off positions' probabilities underflow
     const int64_t nq = per_task * g;  // query heads per task
     std::vector<float> qf(nq * hd), acc(nq * hd), scores;
     for (int64_t task = begin; task < end; ++task) {
@@ -206,9 +195,6 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
       T* o = out_ptr + (r * nh + head * g) * hd;
       for (int64_t i = 0; i < nq * hd; ++i) o[i] = static_cast<T>(acc[i]);
     }
-#if defined(__x86_64__)
-    _mm_setcsr(csr);
-#endif
   }
 }
 
@@ -243,9 +229,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
     default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
   }
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention over the paged KV cache (CPU)");
 }

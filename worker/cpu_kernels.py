@@ -1,0 +1,45 @@
+"""The worker's C++ CPU kernels (csrc/), compiled on the machine that runs them, once.
+
+- paged_decode_attention (csrc/paged_attention.cpp): decode attention read straight from the
+  paged KV cache. torch's path gathers each row's K and V into padded tensors first, then runs
+  SDPA; on CPU that copy costs about as much as the attention.
+- lora_delta_ (csrc/lora_delta.cpp): every segment's LoRA delta of one projection in one call,
+  reading each used slot once (worker.lora, DeltaPath.KERNEL).
+
+Built with the machine's C++ compiler on first use (~30 s; torch caches the build under
+$TORCH_EXTENSIONS_DIR, and `make setup` does it ahead of time). Without a compiler, or with
+EDGELORA_CPU_KERNELS=0, the worker keeps torch's paths; the reason is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp")
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled module, or None (disabled, or it failed to build: the reason is logged)."""
+    if os.environ.get("EDGELORA_CPU_KERNELS", "1") == "0":
+        return None
+    from torch.utils.cpp_extension import load as build
+
+    try:
+        return build("edgelora_cpu_kernels", [str(CSRC / s) for s in SOURCES],
+                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                     extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)])
+    except Exception as exc:  # no compiler, no headers: serve on torch's paths
+        log.warning("CPU kernels unavailable, using torch's paths: %s", exc)
+        return None
+
+
+if __name__ == "__main__":  # `make setup` builds them ahead of the first worker start
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("CPU kernels:", "ready" if load() is not None else "unavailable")

@@ -1,0 +1,52 @@
+// Shared by the CPU kernels: 16-lane float loads and stores of fp32 / bf16 / fp16 data, and a
+// scope that flushes denormals.
+#pragma once
+
+#include <torch/extension.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace edgelora {
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else  // round to nearest even, as c10::BFloat16(float) does
+  alignas(64) float f[16];
+  _mm512_store_ps(f, v);
+  for (int i = 0; i < 16; ++i) p[i] = c10::BFloat16(f[i]);
+#endif
+}
+inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
+// Flushes denormals (FTZ | DAZ) on this thread while in scope: tiny products (far-off attention
+// probabilities, small LoRA terms) would otherwise run denormal arithmetic, many times slower.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__)
+  FlushDenormals() : csr_(_mm_getcsr()) { _mm_setcsr(csr_ | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(csr_); }
+
+ private:
+  unsigned int csr_;
+#endif
+};
+
+}  // namespace edgelora
