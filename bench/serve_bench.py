@@ -225,12 +225,13 @@ def main(argv: list[str] | None = None) -> Results:
     prompts = [make_prompt(tokenizer, r.input_len, seed=args.seed * 100003 + r.index)
                for r in requests]
     per_scenario = {s: scenario_requests(requests, s) for s in args.scenarios}
+    idle_load = os.getloadavg()[0]  # before our servers start: other processes' share
     print(f"workload: {len(requests)} requests over {args.num_adapters} adapters "
           f"({len({r.adapter for r in requests})} used, {args.rule} alpha={args.alpha}), Gamma "
           f"rate {args.rate}/s cv {args.cv}, last arrival {requests[-1].arrival_s:.1f} s, input "
           f"U[{args.input_min},{args.input_max}], output U[{args.output_min},{args.output_max}] "
           f"({sum(r.output_len for r in requests)} output tokens); scenarios {args.scenarios}; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"load average {idle_load:.1f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results: Results = {s: {} for s in args.scenarios}
     for target in args.targets:
@@ -247,10 +248,11 @@ def main(argv: list[str] | None = None) -> Results:
             for error in result["errors"]:
                 print(f"error ({scenario}/{target}): {error}")
     print(f"plot: {plot(results, args.out / 'serve_bench.png', args.slo_ttft_s)}")
-    load = os.getloadavg()[0]
-    if load > args.threads + 0.5:
-        print(f"WARNING: load average {load:.1f} > {args.threads} threads: other processes "
-              "shared the cores, numbers are noisy")
+    # The load average after the run counts our own servers' threads, so only the one before
+    # any server started tells of other processes.
+    if idle_load > args.threads / 2:
+        print(f"WARNING: load average {idle_load:.1f} before the run (over half of "
+              f"{args.threads} threads): other processes shared the cores, numbers are noisy")
     return results
 
 
