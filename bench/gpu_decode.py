@@ -6,12 +6,13 @@ of --num-adapters random LoRA adapters (rank --rank, all 7 projections), greedy,
   * ours: worker.server.assemble_engine around the model, stepped synchronously; adapters go
     into the host tier and device slots up front (no files). Prefill = until every sequence has
     its first token; decode tok/s = tokens after that / time of the remaining steps (best of
-    --repeats).
+    --repeats). With a LoRA kernel (Triton on CUDA, C++ on CPU), the same runs again on torch's
+    LoRA paths, side by side.
   * transformers + PEFT: LlamaForCausalLM on views of our weights, PEFT holding the same
     adapters, one generate() over the batch with adapter_names= (one adapter per row); its
     prefill ends when its streamer sees the first token; one measured run.
   * bound: bytes per decode step = base weights (of the embedding only the batch's rows) + every
-    adapter's LoRA weights (the pool path reads each slot once a step) + the KV cache at the mean
+    adapter's LoRA weights (each read once a step) + the KV cache at the mean
     decode context; bound tok/s = batch / (bytes / peak bandwidth).
 Targets: ours / transformers+peft >= 20x decode tok/s; ours >= 50% of the bound.
 
@@ -366,6 +367,18 @@ def run(args: argparse.Namespace) -> Report:
     assert stats.evictions == 0 and stats.loads == args.num_adapters, "adapters left the device"
     print(f"\n{'system':<20}{'prefill ms':>12}{'decode tok/s':>13}{'ms/step':>10}{'of bound':>9}")
     print_row(ours, bound_tps)
+    slots = engine.runner.lora_slots
+    kernel = slots.kernel
+    if kernel is not None:  # the LoRA kernel side by side with torch's paths, same engine
+        slots.kernel = None
+        try:
+            torch_lora = max((run_ours(engine, prompts, adapter_ids, args.new_tokens, device)
+                              for _ in range(args.repeats)), key=lambda r: r.tps)
+        finally:
+            slots.kernel = kernel
+        torch_lora.name = "ours, torch LoRA"
+        print_row(torch_lora, bound_tps)
+        print(f"LoRA kernel / torch's paths: {ours.tps / torch_lora.tps:.2f}x decode tok/s")
     baseline = None
     if args.baseline:
         n = args.baseline_new_tokens or args.new_tokens

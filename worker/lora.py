@@ -2,12 +2,13 @@
 
 For a fused projection y = x·Wᵀ, each token t adds Σ_sub (x_t·A_{s,sub}ᵀ)·B_{s,sub}ᵀ of its slot s
 (B is pre-scaled by lora_alpha / r). Slot 0 means no adapter and has no storage. Four fast
-paths (DeltaPath) and a reference. On CPU, a C++ kernel (worker.cpu_kernels) takes every token of
-a step in one call per projection. torch's three serve CUDA, or a CPU without the kernel: pool
-(every slot at once, masked per token: decode steps over many adapters), used (the same on copies
-of the step's slots: decode over a few of a big pool) and segments (one matmul pair per run of
-same-adapter tokens: prompt chunks, or one adapter). There a step's decode rows (the leading
-single-token rows) take one of the three; its prompt chunks always take segments.
+paths (DeltaPath) and a reference. A kernel takes every token of a step in one call per
+projection: C++ on CPU (worker.cpu_kernels), Triton on CUDA (worker.lora_triton). torch's three
+serve where neither is available: pool (every slot at once, masked per token: decode steps over
+many adapters), used (the same on copies of the step's slots: decode over a few of a big pool)
+and segments (one matmul pair per run of same-adapter tokens: prompt chunks, or one adapter).
+There a step's decode rows (the leading single-token rows) take one of the three; its prompt
+chunks always take segments.
 Never decides which adapter goes to which slot (adapter_memory does).
 """
 
@@ -55,8 +56,8 @@ class LoraSlots:
     B [max_rank, num_slots, out_sub]; slot s (1-based) is index s - 1. Rank-major on purpose: the
     first r ranks of every slot are one contiguous block, so the pool path multiplies by all slots
     in one matmul per side without a copy, while one slot's rows stay contiguous vectors for the
-    segment path. Smaller ranks are zero-padded, which adds exact zeros. `kernel`: the CPU
-    segment kernel (cpu_kernels' lora_delta_), which every step then takes.
+    segment path. Smaller ranks are zero-padded, which adds exact zeros. `kernel`: the segment
+    kernel for the device (LoraKernel), which every step then takes.
     """
 
     def __init__(self, cfg: ModelConfig, num_slots: int, max_rank: int, device: torch.device,
@@ -115,7 +116,7 @@ class DeltaPath(StrEnum):
     SEGMENTS = "segments"  # one matmul pair per run of same-adapter tokens
     USED = "used"          # the step's slots copied out of the pool, then the pool path on them
     POOL = "pool"          # every slot of the pool at once, the other slots masked per token
-    KERNEL = "kernel"      # every segment in one C++ call, each used slot read once (CPU)
+    KERNEL = "kernel"      # every segment in one kernel call, each used slot read once
 
 
 @dataclass
@@ -147,7 +148,8 @@ class LoraBatch:
     def segment_table(self) -> torch.Tensor:
         """[n, 4] (start, end, storage index, rank) per segment: the kernel's input."""
         return torch.tensor([(start, end, slot - 1, self.slots.ranks[slot])
-                             for start, end, slot in self.segments], dtype=torch.long)
+                             for start, end, slot in self.segments], dtype=torch.long,
+                            device=self.token_slots.device)
 
     @cached_property
     def prompt_segments(self) -> list[tuple[int, int, int]]:

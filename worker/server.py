@@ -21,7 +21,7 @@ from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
-from worker.lora import LoraSlots, module_shapes
+from worker.lora import LoraKernel, LoraSlots, module_shapes
 from worker.model import LlamaModel
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
@@ -50,6 +50,17 @@ def native_bf16(device: torch.device) -> bool:
     """CUDA, or a CPU with AMX tiles: there bf16 runs our decode steps 1.6x and prefill 3x as
     fast as fp32 (bench/engine_throughput.py --bf16). Without AMX, fp32 kernels are the faster."""
     return device.type == "cuda" or torch.cpu._is_amx_tile_supported()
+
+
+def gpu_lora_kernel(device: torch.device, dtype: torch.dtype) -> LoraKernel | None:
+    """The Triton LoRA kernel once it passed its check on this GPU; None without Triton (CUDA
+    builds of torch bring it) or when the check failed (both logged)."""
+    try:
+        from worker import lora_triton
+    except ImportError as exc:
+        log.warning("no Triton (%s): LoRA deltas on torch's paths", exc)
+        return None
+    return lora_triton.checked_kernel(device, dtype)
 
 
 @dataclass
@@ -104,10 +115,14 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
              config.kv_block_size, config.kv_cache_mb, max_model_len)
     eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos_token_ids]))
     kernels = cpu_kernels.load() if device.type == "cpu" else None
-    log.info("CPU kernels: %s", "decode attention and LoRA deltas in C++" if kernels is not None
-             else "none, torch's paths")
+    lora_kernel = (gpu_lora_kernel(device, dtype) if device.type == "cuda"
+                   else kernels.lora_delta_ if kernels is not None else None)
+    log.info("decode attention: %s; LoRA deltas: %s",
+             "paged C++ kernel" if kernels is not None else "torch gather + SDPA",
+             "torch's paths" if lora_kernel is None else
+             "Triton kernel" if device.type == "cuda" else "C++ kernel")
     lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype,
-                           kernels.lora_delta_ if kernels is not None else None)
+                           lora_kernel)
     adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),
                              cfg.num_layers, pin_memory=device.type == "cuda")
     log.info("adapter memory: %d device slots up to rank %d (%d MiB), host cache %d adapters",

@@ -1,5 +1,6 @@
 """bench/gpu_decode.py on tiny shapes: the CPU smoke runs the code path of the GPU benchmark
-(engine, in-memory adapters, pool-path decode, transformers + PEFT baseline, bytes model)."""
+(engine, in-memory adapters, the LoRA kernel and torch's pool path, transformers + PEFT
+baseline, bytes model)."""
 
 from __future__ import annotations
 
@@ -62,11 +63,14 @@ def test_greedy_tokens_equal_peft_row_by_row(smoke) -> None:
     assert any(a != b for a, b in zip(other.outputs, report.baseline.outputs, strict=True))
 
 
-def test_decode_steps_take_the_pool_path(smoke) -> None:
-    # warm-up + 1 measured run, NEW - 1 decode steps each, 4 fused projections per layer;
-    # the prefill step takes the segment path
+def test_ours_runs_on_the_lora_kernel_then_on_torchs_pool_path(smoke) -> None:
+    # warm-up + 1 measured run on the C++ kernel (no pool_delta), then 1 run on torch's paths:
+    # NEW - 1 decode steps, 4 fused projections per layer (the prefill step takes segments)
     layers = gpu_decode.SHAPES["tiny"].num_layers
-    assert smoke[2] == 2 * (NEW - 1) * layers * 4
+    assert smoke[0].engine.runner.lora_slots.kernel is not None
+    assert smoke[2] == (NEW - 1) * layers * 4
+    assert re.search(r"^ours, torch LoRA .*\nLoRA kernel / torch's paths: [\d.]+x", smoke[1],
+                     re.MULTILINE), smoke[1]
 
 
 def test_bytes_model_matches_a_hand_count(smoke) -> None:

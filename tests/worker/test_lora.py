@@ -18,6 +18,7 @@ from worker.lora import (
     PROJECTIONS,
     DeltaPath,
     LoraBatch,
+    LoraKernel,
     LoraSlots,
     module_shapes,
     reference_delta,
@@ -210,13 +211,13 @@ def test_kernel_takes_every_step_when_the_slots_have_it() -> None:
     assert mixed.segment_table.tolist() == [[0, 2, 2, 8], [2, 3, 0, 1], [12, 17, 1, 4]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_reads_only_its_slots_at_odd_sizes(dtype: torch.dtype) -> None:
-    # Sizes off the 16-lane width take the kernel's scalar tails; every slot no token uses is
-    # NaN, so a single read of one would show in the output.
+def assert_kernel_reads_only_its_slots(kernel: LoraKernel, device: str,
+                                       dtype: torch.dtype) -> None:
+    """`kernel` (a LoraKernel) against the reference at sizes off every 16-lane width and tile,
+    every slot no token uses NaN, so a single read of one would show in the output."""
     cfg = ModelConfig(vocab_size=32, hidden_size=40, intermediate_size=72, num_layers=1,
                       num_heads=3, num_kv_heads=1, head_dim=12)
-    slots = LoraSlots(cfg, 6, 8, torch.device("cpu"), dtype, lora_kernel())
+    slots = LoraSlots(cfg, 6, 8, torch.device(device), dtype, kernel)
     for layer in slots.layers:
         for a, bs in layer.values():
             for t in (a, *bs):
@@ -226,21 +227,28 @@ def test_kernel_reads_only_its_slots_at_odd_sizes(dtype: torch.dtype) -> None:
     for slot, weights in adapters.items():
         slots.write(slot, {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in weights.items()},
                     8 if slot == 2 else 3)
-    ref = reference_weights({s: {k: (a.to(dtype).float(), b.to(dtype).float())
+    ref = reference_weights({s: {k: (a.to(dtype).float().to(device), b.to(dtype).float().to(device))
                                  for k, (a, b) in w.items()} for s, w in adapters.items()}, cfg)
     row_slots, row_lengths = [2, 5, 5, 0, 2, 5], [1, 1, 1, 1, 7, 19]
-    batch = LoraBatch.build(slots, row_slots, row_lengths, torch.device("cpu"))
+    batch = LoraBatch.build(slots, row_slots, row_lengths, torch.device(device))
     assert batch is not None and batch.path == DeltaPath.KERNEL
     token_slots = batch.token_slots.tolist()
     shapes, gen = module_shapes(cfg), torch.Generator().manual_seed(0)
     for proj, subs in PROJECTIONS.items():
-        x = torch.randn(len(token_slots), shapes[subs[0]][0], generator=gen).to(dtype)
-        y = torch.randn(len(token_slots), sum(shapes[s][1] for s in subs), generator=gen).to(dtype)
+        x = torch.randn(len(token_slots), shapes[subs[0]][0], generator=gen).to(device, dtype)
+        y = torch.randn(len(token_slots), sum(shapes[s][1] for s in subs),
+                        generator=gen).to(device, dtype)
         expected = y.float() + reference_delta(x.float(), token_slots, ref[(0, proj)])
         got = batch.apply(0, proj, x, y.clone())
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert got.dtype == dtype and torch.allclose(got.float(), expected, atol=tol, rtol=tol), \
             (proj, (got.float() - expected).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_reads_only_its_slots_at_odd_sizes(dtype: torch.dtype) -> None:
+    # sizes off the 16-lane width take the C++ kernel's scalar tails
+    assert_kernel_reads_only_its_slots(lora_kernel(), "cpu", dtype)
 
 
 def test_kernel_refuses_bad_segments() -> None:
