@@ -31,15 +31,19 @@ BLOCK_M, BLOCK_K, BLOCK_N = 16, 64, 64  # tl.dot needs every side >= 16
 
 
 @triton.jit
+def _segment_tile(seg_ptr, seg, tile, BLOCK_M: tl.constexpr):
+    """-> (the tile's first token, the segment's end, slot index, rank)."""
+    start = tl.load(seg_ptr + seg * 4)
+    return (start + tile * BLOCK_M, tl.load(seg_ptr + seg * 4 + 1),
+            tl.load(seg_ptr + seg * 4 + 2), tl.load(seg_ptr + seg * 4 + 3))
+
+
+@triton.jit
 def _shrink(x_ptr, a_ptr, h_ptr, seg_ptr, fan_in, x_stride, num_slots,
             SUB: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     seg, j, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(seg_ptr + seg * 4)
-    end = tl.load(seg_ptr + seg * 4 + 1)
-    slot = tl.load(seg_ptr + seg * 4 + 2)
-    rank = tl.load(seg_ptr + seg * 4 + 3)
-    row0 = start + tile * BLOCK_M
+    row0, end, slot, rank = _segment_tile(seg_ptr, seg, tile, BLOCK_M)
     if row0 < end:
         rows = row0 + tl.arange(0, BLOCK_M)
         ranks = tl.arange(0, RANK)
@@ -64,11 +68,7 @@ def _expand(y_ptr, h_ptr, b_ptr, seg_ptr, y_stride, offset, fan_out, num_slots, 
             SUB: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     seg, tile, col_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(seg_ptr + seg * 4)
-    end = tl.load(seg_ptr + seg * 4 + 1)
-    slot = tl.load(seg_ptr + seg * 4 + 2)
-    rank = tl.load(seg_ptr + seg * 4 + 3)
-    row0 = start + tile * BLOCK_M
+    row0, end, slot, rank = _segment_tile(seg_ptr, seg, tile, BLOCK_M)
     if row0 < end:
         rows = row0 + tl.arange(0, BLOCK_M)
         ranks = tl.arange(0, RANK)
