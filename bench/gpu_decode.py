@@ -6,8 +6,8 @@ of --num-adapters random LoRA adapters (rank --rank, all 7 projections), greedy,
   * ours: worker.server.assemble_engine around the model, stepped synchronously; adapters go
     into the host tier and device slots up front (no files). Prefill = until every sequence has
     its first token; decode tok/s = tokens after that / time of the remaining steps (best of
-    --repeats). With a LoRA kernel (Triton on CUDA, C++ on CPU), the same runs again on torch's
-    LoRA paths, side by side.
+    --repeats). Then the same runs again with the LoRA deltas, and then the decode attention, on
+    torch's paths instead of the kernels (Triton on CUDA, C++ on CPU), side by side.
   * transformers + PEFT: LlamaForCausalLM on views of our weights, PEFT holding the same
     adapters, one generate() over the batch with adapter_names= (one adapter per row); its
     prefill ends when its streamer sees the first token; one measured run.
@@ -324,7 +324,7 @@ def run_baseline(peft_model, prompts: list[list[int]], adapter_ids: list[str], n
 
 def print_row(r: Result, bound_tps: float | None) -> None:
     fraction = f"{r.tps / bound_tps:>9.1%}" if bound_tps else f"{'n/a':>9}"
-    print(f"{r.name:<20}{r.prefill_s * 1e3:>12.1f}{r.tps:>13.1f}"
+    print(f"{r.name:<24}{r.prefill_s * 1e3:>12.1f}{r.tps:>13.1f}"
           f"{r.decode_s / r.decode_steps * 1e3:>10.2f}{fraction}", flush=True)
 
 
@@ -365,20 +365,23 @@ def run(args: argparse.Namespace) -> Report:
     ours = max(runs, key=lambda r: r.tps)
     stats = engine.scheduler.adapters.stats.device
     assert stats.evictions == 0 and stats.loads == args.num_adapters, "adapters left the device"
-    print(f"\n{'system':<20}{'prefill ms':>12}{'decode tok/s':>13}{'ms/step':>10}{'of bound':>9}")
+    print(f"\n{'system':<24}{'prefill ms':>12}{'decode tok/s':>13}{'ms/step':>10}{'of bound':>9}")
     print_row(ours, bound_tps)
-    slots = engine.runner.lora_slots
-    kernel = slots.kernel
-    if kernel is not None:  # the LoRA kernel side by side with torch's paths, same engine
-        slots.kernel = None
+    # each kernel side by side with torch's path for its part, same engine
+    for label, owner, attr in (("torch LoRA", engine.runner.lora_slots, "kernel"),
+                               ("torch attention", engine.runner, "decode_attention")):
+        kernel = getattr(owner, attr)
+        if kernel is None:
+            continue
+        setattr(owner, attr, None)
         try:
-            torch_lora = max((run_ours(engine, prompts, adapter_ids, args.new_tokens, device)
-                              for _ in range(args.repeats)), key=lambda r: r.tps)
+            other = max((run_ours(engine, prompts, adapter_ids, args.new_tokens, device)
+                         for _ in range(args.repeats)), key=lambda r: r.tps)
         finally:
-            slots.kernel = kernel
-        torch_lora.name = "ours, torch LoRA"
-        print_row(torch_lora, bound_tps)
-        print(f"LoRA kernel / torch's paths: {ours.tps / torch_lora.tps:.2f}x decode tok/s")
+            setattr(owner, attr, kernel)
+        other.name = f"ours, {label}"
+        print_row(other, bound_tps)
+        print(f"  kernel / {label}: {ours.tps / other.tps:.2f}x decode tok/s")
     baseline = None
     if args.baseline:
         n = args.baseline_new_tokens or args.new_tokens

@@ -3,6 +3,7 @@ compiled CPU kernels, and in-process worker/router servers on ephemeral ports.""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from worker.gguf_import import ensure_default_checkpoint
 
 # Tests run several processes at once on 2 cores: torch with 2 threads collapses then.
 torch.set_num_threads(1)
+# Without a GPU the Triton kernels (worker/*_triton.py) run in Triton's interpreter, which reads
+# this when they are decorated and again when they run.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -23,6 +23,7 @@ from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.lora import LoraKernel, LoraSlots, module_shapes
 from worker.model import LlamaModel
+from worker.paged_attention import DecodeAttention
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
 from worker.sequence import Detokenizer, TokenEvent
@@ -52,15 +53,24 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" or torch.cpu._is_amx_tile_supported()
 
 
-def gpu_lora_kernel(device: torch.device, dtype: torch.dtype) -> LoraKernel | None:
-    """The Triton LoRA kernel once it passed its check on this GPU; None without Triton (CUDA
-    builds of torch bring it) or when the check failed (both logged)."""
+def device_kernels(device: torch.device,
+                   dtype: torch.dtype) -> tuple[DecodeAttention | None, LoraKernel | None]:
+    """The decode attention and LoRA kernels for the device: C++ on CPU (worker.cpu_kernels),
+    Triton on CUDA once each passed its check on this GPU. None for one that is missing (the
+    reason is logged): its work then takes torch's paths."""
+    if device.type == "cpu":
+        kernels = cpu_kernels.load()
+        return ((kernels.paged_decode_attention, kernels.lora_delta_) if kernels is not None
+                else (None, None))
+    if device.type != "cuda":
+        return None, None
     try:
-        from worker import lora_triton
-    except ImportError as exc:
-        log.warning("no Triton (%s): LoRA deltas on torch's paths", exc)
-        return None
-    return lora_triton.checked_kernel(device, dtype)
+        from worker import lora_triton, paged_attention_triton
+    except ImportError as exc:  # CUDA builds of torch bring Triton
+        log.warning("no Triton (%s): decode attention and LoRA deltas on torch's paths", exc)
+        return None, None
+    return (paged_attention_triton.checked_kernel(device, dtype),
+            lora_triton.checked_kernel(device, dtype))
 
 
 @dataclass
@@ -114,13 +124,11 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
     log.info("KV cache: %d blocks of %d tokens (%d MiB); max_model_len %d", num_blocks,
              config.kv_block_size, config.kv_cache_mb, max_model_len)
     eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos_token_ids]))
-    kernels = cpu_kernels.load() if device.type == "cpu" else None
-    lora_kernel = (gpu_lora_kernel(device, dtype) if device.type == "cuda"
-                   else kernels.lora_delta_ if kernels is not None else None)
+    decode_attention, lora_kernel = device_kernels(device, dtype)
+    language = "Triton" if device.type == "cuda" else "C++"
     log.info("decode attention: %s; LoRA deltas: %s",
-             "paged C++ kernel" if kernels is not None else "torch gather + SDPA",
-             "torch's paths" if lora_kernel is None else
-             "Triton kernel" if device.type == "cuda" else "C++ kernel")
+             f"paged {language} kernel" if decode_attention else "torch gather + SDPA",
+             f"{language} kernel" if lora_kernel else "torch's paths")
     lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype,
                            lora_kernel)
     adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),
@@ -130,7 +138,6 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
              config.host_adapter_cache)
     scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
                           config.max_num_batched_tokens, config.max_queue, eos, adapters)
-    decode_attention = kernels.paged_decode_attention if kernels is not None else None
     runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots,
                          decode_attention)
     engine = Engine(scheduler, runner, make_detokenizer, emit, num_threads)

@@ -64,13 +64,15 @@ def test_greedy_tokens_equal_peft_row_by_row(smoke) -> None:
 
 
 def test_ours_runs_on_the_lora_kernel_then_on_torchs_pool_path(smoke) -> None:
-    # warm-up + 1 measured run on the C++ kernel (no pool_delta), then 1 run on torch's paths:
-    # NEW - 1 decode steps, 4 fused projections per layer (the prefill step takes segments)
+    # warm-up + 1 measured run on the C++ kernels (no pool_delta), 1 run on torch's LoRA paths
+    # (NEW - 1 decode steps, 4 fused projections per layer; prefill takes segments), then 1 run
+    # with torch's attention and the LoRA kernel
     layers = gpu_decode.SHAPES["tiny"].num_layers
     assert smoke[0].engine.runner.lora_slots.kernel is not None
     assert smoke[2] == (NEW - 1) * layers * 4
-    assert re.search(r"^ours, torch LoRA .*\nLoRA kernel / torch's paths: [\d.]+x", smoke[1],
-                     re.MULTILINE), smoke[1]
+    for label in ("torch LoRA", "torch attention"):
+        assert re.search(rf"^ours, {label} .*\n  kernel / {label}: [\d.]+x", smoke[1],
+                         re.MULTILINE), smoke[1]
 
 
 def test_bytes_model_matches_a_hand_count(smoke) -> None:

@@ -1,19 +1,14 @@
 """worker.lora_triton: the Triton LoRA kernels against the per-token reference, compiled on a GPU
-and in Triton's interpreter on CPU (the same kernels, run by numpy)."""
+and in Triton's interpreter on CPU (the same kernels, run by numpy; tests/conftest.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 
 import pytest
 import torch
 
-# Without a GPU, Triton's interpreter: read when the kernels are decorated and when they run,
-# so it stays set (nothing else in the tests uses Triton).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 from tests.worker.test_lora import (
     DEVICES,
     assert_kernel_reads_only_its_slots,

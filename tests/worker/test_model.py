@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import write_tiny_llama
-from worker import cpu_kernels
+from worker import cpu_kernels, paged_attention_triton
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.runner import ModelRunner
@@ -18,8 +18,9 @@ from worker.sequence import SamplingOptions, Sequence
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]
 ATOL = 1e-4
-# decode attention: torch's gather + SDPA, or the paged C++ kernel (CPU workers)
-ATTENTION = ["torch", "paged"]
+# decode attention: torch's gather + SDPA, the paged C++ kernel (CPU workers) or the paged
+# Triton kernel (CUDA workers; here in Triton's interpreter)
+ATTENTION = ["torch", "paged", "triton"]
 
 
 class Harness:
@@ -31,9 +32,13 @@ class Harness:
         self.model = load_model(path, self.device, torch.float32)
         self.blocks = BlockManager(num_blocks, block_size)
         kv = KVCache(self.model.config, num_blocks, block_size, self.device, torch.float32)
-        kernels = cpu_kernels.load() if attention == "paged" else None
-        assert attention == "torch" or kernels is not None, "the CPU kernels did not build"
-        kernel = kernels.paged_decode_attention if kernels is not None else None
+        kernel = None
+        if attention == "paged":
+            kernels = cpu_kernels.load()
+            assert kernels is not None, "the CPU kernels did not build"
+            kernel = kernels.paged_decode_attention
+        elif attention == "triton":
+            kernel = paged_attention_triton.paged_decode_attention
         self.runner = ModelRunner(self.model, kv, block_size, self.device,
                                   decode_attention=kernel)
 
@@ -113,8 +118,8 @@ def test_decode_rows_of_far_apart_lengths_match(tiny_model_dir: Path, attention:
     for seq, n in steps:
         h.blocks.allocate(seq.block_table, seq.num_computed_tokens + n)
     _, fb, _ = h.runner.prepare(Batch([ScheduledSeq(seq, n) for seq, n in steps]))
-    # torch's path splits the short rows from the long ones; the kernel reads each row's length
-    expected = [5] if attention == "paged" else [3, 2]
+    # torch's path splits the short rows from the long ones; a kernel reads each row's length
+    expected = [3, 2] if attention == "torch" else [5]
     assert [g.token_idx.shape[0] for g in fb.groups] == expected
     for ids, got in zip(prompts, h.logits(steps), strict=True):
         assert_close(got, hf_logits(tiny_model_dir, ids)[-1:], f"decode at length {len(ids)}")

@@ -1,4 +1,5 @@
-"""worker.paged_attention: the C++ decode kernel (worker.cpu_kernels) against gather + SDPA."""
+"""worker.paged_attention's kernels against gather + SDPA: C++ (worker.cpu_kernels) and Triton
+(worker.paged_attention_triton: compiled on a GPU, else in Triton's interpreter)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,24 @@ def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, leng
     return q, k, v, kv_slots, torch.tensor(lengths)
 
 
-@pytest.fixture(scope="module")
-def kernel(cpu_kernels):
-    return cpu_kernels.paged_decode_attention
+def on_triton_device(*args):
+    """The Triton kernel on CUDA when there is one (else the interpreter, on CPU tensors)."""
+    from worker.paged_attention_triton import paged_decode_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    return paged_decode_attention(*moved).cpu()
 
 
-# head_dim 64 takes the AVX-512 loops where the CPU has them; 8 the scalar loops
+@pytest.fixture(scope="module", params=["cpp", "triton"])
+def kernel(request, cpu_kernels):
+    return cpu_kernels.paged_decode_attention if request.param == "cpp" else on_triton_device
+
+
+# head_dim 64 takes the C++ AVX-512 loops where the CPU has them, 8 and 12 the scalar loops;
+# 12 and groups of 3 are padded to powers of two in Triton
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"),
-                         [(9, 3, 64), (4, 4, 64), (8, 2, 8), (6, 1, 32)])
+                         [(9, 3, 64), (4, 4, 64), (8, 2, 8), (6, 1, 32), (6, 2, 12)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_gather_and_sdpa(kernel, num_heads: int, num_kv_heads: int,
                                         head_dim: int, dtype: torch.dtype) -> None:
@@ -59,7 +70,9 @@ def test_positions_past_a_rows_length_are_never_read(kernel) -> None:
     assert torch.equal(kernel(q, k, v, padded, lens, 0.125), before)
 
 
-def test_bad_lengths_are_refused(kernel) -> None:
+def test_bad_lengths_are_refused_by_the_cpp_kernel(cpu_kernels) -> None:
+    # (Triton's would have to sync the device to check: its caller, the runner, makes them)
+    kernel = cpu_kernels.paged_decode_attention
     q, k, v, slots, _ = paged_case(2, 4, 2, 16, [4, 4], torch.float32, seed=0)
     with pytest.raises(RuntimeError, match="ctx_lens"):
         kernel(q, k, v, slots, torch.tensor([0, 4]), 0.25)

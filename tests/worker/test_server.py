@@ -1,4 +1,4 @@
-"""worker.server: which device and dtype a config resolves to."""
+"""worker.server: which device, dtype and kernels a config resolves to."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.config import WorkerConfig
-from worker.server import pick_device
+from worker.server import device_kernels, pick_device
 
 
 @pytest.mark.parametrize(("amx", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
@@ -33,3 +33,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_cuda_is_bf16() -> None:
     assert pick_device(WorkerConfig(device="cuda")) == (torch.device("cuda"), torch.bfloat16)
+
+
+def test_cpu_workers_take_the_cpp_kernels(cpu_kernels, monkeypatch) -> None:
+    attention, lora = device_kernels(torch.device("cpu"), torch.bfloat16)
+    assert attention is cpu_kernels.paged_decode_attention and lora is cpu_kernels.lora_delta_
+    monkeypatch.setattr("worker.cpu_kernels.load", lambda: None)  # no compiler
+    assert device_kernels(torch.device("cpu"), torch.bfloat16) == (None, None)
+    assert device_kernels(torch.device("meta"), torch.float32) == (None, None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_workers_take_the_triton_kernels() -> None:
+    from worker import lora_triton, paged_attention_triton
+
+    assert device_kernels(torch.device("cuda"), torch.bfloat16) == (
+        paged_attention_triton.paged_decode_attention, lora_triton.lora_delta_)
