@@ -4,7 +4,8 @@ csrc/paged_attention.cpp, with its call (worker.paged_attention.DecodeAttention)
 torch's path gathers each decode row's K and V into padded tensors, writes them and reads them
 again in SDPA: about three times the cache bytes a step must read. Here a program per (row, KV
 head) reads that row's slots once, for all the query heads sharing the KV head (GQA), with an
-online softmax over blocks of positions. Row lengths stay on the device: no sync per step.
+online softmax over blocks of positions (flash decoding, without splitting a row's positions).
+Row lengths stay on the device: no sync per step.
 
 Without a GPU the same kernel runs in Triton's interpreter (TRITON_INTERPRET=1, the tests).
 """
@@ -26,7 +27,7 @@ BLOCK_N = 64  # positions per block of the online softmax
 @triton.jit
 def _decode(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, scale, slots_stride, num_kv,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr,
-            DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+            DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     row, kv = tl.program_id(0), tl.program_id(1)
     length = tl.load(lens_ptr + row)
     heads = tl.arange(0, GROUP_PAD)
@@ -49,13 +50,13 @@ def _decode(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, scale, slots_stri
         kv_mask = pos_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + at[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + at[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)              # [GROUP_PAD, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)        # [GROUP_PAD, BLOCK_N]
         scores = tl.where(pos_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         correction = tl.exp(m - m_new)
         total = total * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * correction[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
     out = acc / total[:, None]
     tl.store(out_ptr + q_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -75,10 +76,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if rows == 0:
         return out
     group = num_heads // num_kv
+    # The query heads of a KV head are padded to 16 rows for tl.dot (tensor cores: idle rows cost
+    # no bytes, and decode is bound by reading K and V). Tiles multiply as fp32, TF32 on the
+    # tensor cores: bf16/fp16 K and V are exact there, and Triton's interpreter has no bf16 dot.
     _decode[(rows, num_kv)](
         q, k_cache, v_cache, kv_slots, ctx_lens.contiguous(), out, scale, kv_slots.stride(0),
-        num_kv, GROUP=group, HEAD_DIM=head_dim, GROUP_PAD=triton.next_power_of_2(group),
-        DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_N=BLOCK_N)
+        num_kv, GROUP=group, HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
 
 
