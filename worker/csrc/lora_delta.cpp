@@ -77,15 +77,18 @@ void lora_delta(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a
   for (int64_t i = 0; i < static_cast<int64_t>(segs.size()); ++i) {
     for (int64_t k = 0; k < segs[i].rank; ++k) shrink.emplace_back(i, k);
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t task = 0; task < static_cast<int64_t>(shrink.size()); ++task) {
-    FlushDenormals flush;
-    const auto [i, k] = shrink[task];
-    const Segment& s = segs[i];
-    const T* rows = a_ptr + (k * num_slots + s.slot) * sub * in;
-    for (int64_t t = s.start; t < s.end; ++t) {
-      for (int64_t j = 0; j < sub; ++j) {
-        h[(t * max_rank + k) * sub + j] = dot(rows + j * in, x_ptr + t * x_stride, in);
+#pragma omp parallel
+  {
+    FlushDenormals flush;  // once per thread and region, not per task
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < static_cast<int64_t>(shrink.size()); ++task) {
+      const auto [i, k] = shrink[task];
+      const Segment& s = segs[i];
+      const T* rows = a_ptr + (k * num_slots + s.slot) * sub * in;
+      for (int64_t t = s.start; t < s.end; ++t) {
+        for (int64_t j = 0; j < sub; ++j) {
+          h[(t * max_rank + k) * sub + j] = dot(rows + j * in, x_ptr + t * x_stride, in);
+        }
       }
     }
   }
@@ -105,17 +108,20 @@ void lora_delta(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& a
       offset += out;
     }
   }
-#pragma omp parallel for schedule(static)
-  for (int64_t task = 0; task < static_cast<int64_t>(tasks.size()); ++task) {
+#pragma omp parallel
+  {
     FlushDenormals flush;
-    const ExpandTask& e = tasks[task];
-    const Segment& s = segs[e.seg];
-    const torch::Tensor& b = bs[e.j];
-    const int64_t out = b.size(2);
-    const T* b_ptr = b.data_ptr<T>() + s.slot * out + e.col;  // B_j[0, slot, col]
-    for (int64_t t = s.start; t < s.end; ++t) {
-      expand(y_ptr + t * y_stride + e.offset + e.col, h.data() + t * max_rank * sub + e.j, sub,
-             b_ptr, num_slots * out, s.rank, e.n);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < static_cast<int64_t>(tasks.size()); ++task) {
+      const ExpandTask& e = tasks[task];
+      const Segment& s = segs[e.seg];
+      const torch::Tensor& b = bs[e.j];
+      const int64_t out = b.size(2);
+      const T* b_ptr = b.data_ptr<T>() + s.slot * out + e.col;  // B_j[0, slot, col]
+      for (int64_t t = s.start; t < s.end; ++t) {
+        expand(y_ptr + t * y_stride + e.offset + e.col, h.data() + t * max_rank * sub + e.j, sub,
+               b_ptr, num_slots * out, s.rank, e.n);
+      }
     }
   }
 }
