@@ -204,9 +204,9 @@ class LoraBatch:
                                     for _ in range(n)], dtype=torch.long, device=device)
         used = sorted(set(row_slots[:num_decode]) - {0})
         decode_segments = [end - start for start, end, _ in segments if end <= num_decode]
-        # Decode rows over one adapter, or long runs of one: a matmul pair per run is cheapest.
-        # Over several adapters: the pool path, on copies of the used slots while they are few
-        # (reading every slot would cost more than the copies).
+        # Without a kernel: decode rows over one adapter, or long runs of one, take a matmul
+        # pair per run; over several adapters, the pool path, on copies of the used slots while
+        # they are few (reading every slot would cost more than the copies).
         if slots.kernel is not None:
             path = DeltaPath.KERNEL
         elif (len(used) <= 1

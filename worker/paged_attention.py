@@ -29,4 +29,3 @@ def reference_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                          attn_mask=mask[:, None, None], scale=scale,
                                          enable_gqa=True)
     return out.view(rows, num_heads, head_dim)
-
