@@ -20,9 +20,9 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -134,16 +134,6 @@ def run_ours(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]],
                   end - prefill_end, outputs)
 
 
-def without_paged_kernel(engine: Engine, run: Callable[[], Result]) -> Result:
-    """run() with the engine's decode attention on torch's gather + SDPA path."""
-    kernel = engine.runner.decode_attention
-    engine.runner.decode_attention = None
-    try:
-        return run()
-    finally:
-        engine.runner.decode_attention = kernel
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default", help="'default' or a checkpoint directory")
@@ -179,8 +169,12 @@ def main() -> None:
         systems += [lambda b=b: run_ours(engine16, tokenizer, prompts[:b], args.new_tokens,
                                          "ours bf16") for b in dict.fromkeys([1, args.batch])]
         if engine16.runner.decode_attention is not None:  # the same, attention on torch's path
-            systems.append(lambda: without_paged_kernel(engine16, lambda: run_ours(
-                engine16, tokenizer, prompts, args.new_tokens, "bf16 torch-att")))
+            def torch_attention() -> Result:
+                with mock.patch.object(engine16.runner, "decode_attention", None):
+                    return run_ours(engine16, tokenizer, prompts, args.new_tokens,
+                                    "bf16 torch-att")
+
+            systems.append(torch_attention)
     for system in systems:  # warm-up
         system()
     # Interleaved, so that load from other processes hits every system alike.

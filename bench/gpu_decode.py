@@ -31,6 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -370,15 +371,11 @@ def run(args: argparse.Namespace) -> Report:
     # each kernel side by side with torch's path for its part, same engine
     for label, owner, attr in (("torch LoRA", engine.runner.lora_slots, "kernel"),
                                ("torch attention", engine.runner, "decode_attention")):
-        kernel = getattr(owner, attr)
-        if kernel is None:
+        if getattr(owner, attr) is None:
             continue
-        setattr(owner, attr, None)
-        try:
+        with mock.patch.object(owner, attr, None):
             other = max((run_ours(engine, prompts, adapter_ids, args.new_tokens, device)
                          for _ in range(args.repeats)), key=lambda r: r.tps)
-        finally:
-            setattr(owner, attr, kernel)
         other.name = f"ours, {label}"
         print_row(other, bound_tps)
         print(f"  kernel / {label}: {ours.tps / other.tps:.2f}x decode tok/s")

@@ -29,6 +29,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -104,11 +105,8 @@ def section_a(args: argparse.Namespace, path: Path, adapter_dirs: list[Path]) ->
         cases[f"{args.batch} ad., torch LoRA"] = (ids, None)
 
     def run(case: tuple[list[str], object]) -> tuple[float, float]:
-        slots.kernel = case[1]
-        try:
+        with mock.patch.object(slots, "kernel", case[1]):
             return run_batch(engine, prompts, case[0], args.new_tokens)
-        finally:
-            slots.kernel = kernel
 
     for case in cases.values():  # warm-up
         run(case)
