@@ -24,12 +24,16 @@ if not torch.cuda.is_available():
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-@pytest.fixture(scope="session")
-def cpu_kernels():
+def built_cpu_kernels():
     """worker.cpu_kernels' module. CPU workers need it, so a failed build fails the tests."""
     module = kernels.load()
     assert module is not None, "the CPU kernels did not build (see the log)"
     return module
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels():
+    return built_cpu_kernels()
 
 
 @pytest.fixture(scope="session")

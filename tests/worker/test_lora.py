@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from worker import cpu_kernels
+from tests.conftest import built_cpu_kernels
 from worker.loader import read_model_config
 from worker.lora import (
     MIN_TOKENS_PER_SEGMENT,
@@ -70,17 +70,11 @@ def reference_weights(adapters: dict[int, Weights], cfg: ModelConfig = CFG) -> R
     return ref
 
 
-def lora_kernel():
-    kernels = cpu_kernels.load()
-    assert kernels is not None, "the CPU kernels did not build (see the log)"
-    return kernels.lora_delta_
-
-
 def filled_slots(device: str, kernel: bool = True) -> tuple[LoraSlots, Reference]:
     """Slots 1..5 filled with ADAPTERS; on CPU with the C++ kernel unless kernel=False (then
     build() picks among torch's paths)."""
     slots = LoraSlots(CFG, NUM_SLOTS, MAX_RANK, torch.device(device), torch.float32,
-                      lora_kernel() if kernel and device == "cpu" else None)
+                      built_cpu_kernels().lora_delta_ if kernel and device == "cpu" else None)
     adapters = {slot: random_adapter(rank, modules, seed=slot)
                 for slot, (rank, modules) in ADAPTERS.items()}
     for slot, weights in adapters.items():
@@ -248,7 +242,7 @@ def assert_kernel_reads_only_its_slots(kernel: LoraKernel, device: str,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_reads_only_its_slots_at_odd_sizes(dtype: torch.dtype) -> None:
     # sizes off the 16-lane width take the C++ kernel's scalar tails
-    assert_kernel_reads_only_its_slots(lora_kernel(), "cpu", dtype)
+    assert_kernel_reads_only_its_slots(built_cpu_kernels().lora_delta_, "cpu", dtype)
 
 
 def test_kernel_refuses_bad_segments() -> None:

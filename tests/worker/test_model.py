@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_tiny_llama
-from worker import cpu_kernels, paged_attention_triton
+from tests.conftest import built_cpu_kernels, write_tiny_llama
+from worker import paged_attention_triton
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.runner import ModelRunner
@@ -34,9 +34,7 @@ class Harness:
         kv = KVCache(self.model.config, num_blocks, block_size, self.device, torch.float32)
         kernel = None
         if attention == "paged":
-            kernels = cpu_kernels.load()
-            assert kernels is not None, "the CPU kernels did not build"
-            kernel = kernels.paged_decode_attention
+            kernel = built_cpu_kernels().paged_decode_attention
         elif attention == "triton":
             kernel = paged_attention_triton.paged_decode_attention
         self.runner = ModelRunner(self.model, kv, block_size, self.device,
