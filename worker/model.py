@@ -65,15 +65,18 @@ class ModelConfig:
 
 @dataclass
 class AttentionGroup:
-    """Rows attended together: decode rows (Lq = 1), or all prompt chunks padded to one Lq."""
+    """Rows attended together: decode rows (Lq = 1), or all prompt chunks padded to one Lq.
+
+    torch's path reads kv_slots and mask; the paged decode kernel (ForwardBatch.decode_attention)
+    reads block_tables and ctx_lens instead."""
 
     token_idx: torch.Tensor  # [rows, Lq] flat token index of each query (padding: a real one)
-    kv_slots: torch.Tensor   # [rows, Lk] KV-cache slot of each context position (padding -> 0)
-    mask: torch.Tensor | None  # [rows, 1, Lq, Lk] bool, True = may attend; None with ctx_lens
     src: torch.Tensor        # [tokens_in_group] index into the [rows * Lq] padded outputs ...
     dst: torch.Tensor        # [tokens_in_group] ... and where each lands among the flat tokens
-    # [rows] context length of each decode row: set when ForwardBatch.decode_attention reads them
-    ctx_lens: torch.Tensor | None = None
+    kv_slots: torch.Tensor | None = None  # [rows, Lk] KV-cache slot of each position (pad: 0)
+    mask: torch.Tensor | None = None      # [rows, 1, Lq, Lk] bool, True = may attend
+    block_tables: torch.Tensor | None = None  # [rows, B] each decode row's KV blocks
+    ctx_lens: torch.Tensor | None = None      # [rows] context length of each decode row
 
 
 class LoraDelta(Protocol):
@@ -90,9 +93,9 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [num_tokens] KV-cache slot each token's k/v is written to
     groups: list[AttentionGroup]
     lora: LoraDelta | None = None  # None: no token in this step uses an adapter
-    # (q [rows, nh, hd], k_cache, v_cache, kv_slots, ctx_lens, scale) -> [rows, nh, hd]: the
-    # paged decode kernel (worker.paged_attention) for groups with ctx_lens
+    # worker.paged_attention.DecodeAttention, for the groups with block tables
     decode_attention: Callable[..., torch.Tensor] | None = None
+    block_size: int = 1  # tokens per KV block in those tables
 
     def project(self, layer: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """linear(x) plus the LoRA delta of each token's adapter."""
@@ -166,9 +169,10 @@ class Attention(nn.Module):
         v_cache.index_copy_(0, fb.slot_mapping, v)
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)  # [T, nh * hd]
         for g in fb.groups:
-            if g.ctx_lens is not None:  # decode rows, read where they lie in the paged cache
+            if g.block_tables is not None:  # decode rows, read where they lie in the cache
                 qg = q.index_select(0, g.token_idx.view(-1))                 # [rows, nh, hd]
-                og = fb.decode_attention(qg, k_cache, v_cache, g.kv_slots, g.ctx_lens, self.scale)
+                og = fb.decode_attention(qg, k_cache, v_cache, g.block_tables, g.ctx_lens,
+                                         self.scale, fb.block_size)
                 out.index_copy_(0, g.dst, og.view(og.shape[0], -1))
                 continue
             rows, q_len = g.token_idx.shape

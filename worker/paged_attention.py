@@ -1,7 +1,8 @@
 """Decode attention read straight from the paged KV cache: the kernel's signature and reference.
 
-The kernel itself is C++ (csrc/paged_attention.cpp, built by worker.cpu_kernels); torch's path
-(worker.model) gathers each decode row's K and V into padded tensors, then runs SDPA.
+The kernels are C++ (csrc/paged_attention.cpp, built by worker.cpu_kernels) and Triton
+(worker.paged_attention_triton); torch's path (worker.model) gathers each decode row's K and V
+into padded tensors, then runs SDPA.
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# q [rows, nh, hd], k/v cache [slots, kvh, hd], kv_slots [rows, L], ctx_lens [rows], scale
+# q [rows, nh, hd], k/v cache [slots, kvh, hd], block_tables [rows, B], ctx_lens [rows], scale,
+# block_size: row r's position t lies at slot block_tables[r, t // block_size] * block_size
+# + t % block_size -> [rows, nh, hd]
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                            float], torch.Tensor]
+                            float, int], torch.Tensor]
+
+
+def table_slots(block_tables: torch.Tensor, block_size: int,
+                length: int | None = None) -> torch.Tensor:
+    """[rows, B] block tables -> [rows, length] the cache slot of each of the first `length`
+    positions (default: all B * block_size)."""
+    length = block_tables.shape[1] * block_size if length is None else length
+    positions = torch.arange(length, device=block_tables.device)
+    return block_tables[:, positions // block_size] * block_size + positions % block_size
 
 
 def reference_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               kv_slots: torch.Tensor, ctx_lens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """What the kernel computes, in torch: -> [rows, nh, hd]."""
+                               block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                               block_size: int) -> torch.Tensor:
+    """What the kernels compute, in torch: -> [rows, nh, hd]."""
     rows, num_heads, head_dim = q.shape
+    kv_slots = table_slots(block_tables, block_size)
     length = kv_slots.shape[1]
     k = k_cache.index_select(0, kv_slots.reshape(-1)).view(rows, length, -1, head_dim)
     v = v_cache.index_select(0, kv_slots.reshape(-1)).view(rows, length, -1, head_dim)

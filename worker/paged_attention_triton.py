@@ -25,7 +25,8 @@ BLOCK_N = 64  # positions per block of the online softmax
 
 
 @triton.jit
-def _decode(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, scale, slots_stride, num_kv,
+def _decode(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale, tables_stride, block_size,
+            num_kv,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_PAD: tl.constexpr,
             DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     row, kv = tl.program_id(0), tl.program_id(1)
@@ -44,7 +45,8 @@ def _decode(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, scale, slots_stri
     for n0 in range(0, length, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < length
-        slot = tl.load(slots_ptr + row * slots_stride + pos, mask=pos_ok, other=0)
+        block = tl.load(tables_ptr + row * tables_stride + pos // block_size, mask=pos_ok, other=0)
+        slot = block * block_size + pos % block_size
         # cache [slots, num_kv, HEAD_DIM]
         at = (slot * num_kv + kv) * HEAD_DIM
         kv_mask = pos_ok[:, None] & dim_ok[None, :]
@@ -64,14 +66,16 @@ def _decode(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, scale, slots_stri
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           kv_slots: torch.Tensor, ctx_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """q [rows, nh, hd]; caches [slots, kvh, hd] contiguous; kv_slots [rows, L] int64; ctx_lens
-    [rows] int64 in [1, L] (not checked here: that would sync the device) -> [rows, nh, hd]."""
+                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float,
+                           block_size: int) -> torch.Tensor:
+    """q [rows, nh, hd]; caches [slots, kvh, hd] contiguous; block_tables [rows, B] int64;
+    ctx_lens [rows] int64 in [1, B * block_size] (not checked here: that would sync the device)
+    -> [rows, nh, hd]. Every shape and argument is fixed by the batch size and the table width,
+    so a CUDA graph can capture the launch (worker.decode_graphs)."""
     rows, num_heads, head_dim = q.shape
     num_kv = k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and num_heads % num_kv == 0
-    q, kv_slots = q.contiguous(), kv_slots.contiguous()
+    q, block_tables = q.contiguous(), block_tables.contiguous()
     out = torch.empty_like(q)
     if rows == 0:
         return out
@@ -80,8 +84,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # no bytes, and decode is bound by reading K and V). Tiles multiply as fp32, TF32 on the
     # tensor cores: bf16/fp16 K and V are exact there, and Triton's interpreter has no bf16 dot.
     _decode[(rows, num_kv)](
-        q, k_cache, v_cache, kv_slots, ctx_lens.contiguous(), out, scale, kv_slots.stride(0),
-        num_kv, GROUP=group, HEAD_DIM=head_dim, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        q, k_cache, v_cache, block_tables, ctx_lens.contiguous(), out, scale,
+        block_tables.stride(0), block_size, num_kv, GROUP=group, HEAD_DIM=head_dim,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
         DIM_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
@@ -91,16 +96,16 @@ def checked_kernel(device: torch.device, dtype: torch.dtype) -> DecodeAttention 
     """paged_decode_attention once it matches the reference on a small case on `device`, else
     None (logged): the worker then keeps torch's gather + SDPA."""
     gen = torch.Generator().manual_seed(0)
-    rows, num_heads, num_kv, head_dim, lengths = 3, 6, 2, 64, [1, 70, 130]
+    rows, num_heads, num_kv, head_dim, lengths, block_size = 3, 6, 2, 64, [1, 70, 130], 16
     q = torch.randn(rows, num_heads, head_dim, generator=gen).to(device, dtype)
-    k = torch.randn(400, num_kv, head_dim, generator=gen).to(device, dtype)
-    v = torch.randn(400, num_kv, head_dim, generator=gen).to(device, dtype)
-    slots = torch.randperm(400, generator=gen)[:rows * 130].view(rows, 130).to(device)
+    k = torch.randn(480, num_kv, head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(480, num_kv, head_dim, generator=gen).to(device, dtype)
+    tables = torch.randperm(480 // block_size, generator=gen)[:rows * 9].view(rows, 9).to(device)
     lens = torch.tensor(lengths, device=device)
-    expected = reference_decode_attention(q.float(), k.float(), v.float(), slots, lens, 0.125)
+    args = (tables, lens, 0.125, block_size)
+    expected = reference_decode_attention(q.float(), k.float(), v.float(), *args)
     try:
-        error = float((paged_decode_attention(q, k, v, slots, lens, 0.125).float()
-                       - expected).abs().max())
+        error = float((paged_decode_attention(q, k, v, *args).float() - expected).abs().max())
     except Exception as exc:  # no compiler for this GPU, out of shared memory, ...
         log.warning("Triton decode attention unusable, using torch's gather + SDPA: %s", exc)
         return None

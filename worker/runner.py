@@ -13,7 +13,7 @@ import torch
 from worker.kv_cache import KVCache
 from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
-from worker.paged_attention import DecodeAttention
+from worker.paged_attention import DecodeAttention, table_slots
 from worker.sampler import make_sampling_tensors, sample
 from worker.scheduler import Batch, ScheduledSeq
 from worker.scoring import row_log_likelihoods, scored_positions
@@ -29,7 +29,7 @@ def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: 
                      device: torch.device, paged_decode: bool = False) -> AttentionGroup:
     """Pads the rows of `items` to one query length and one context length.
 
-    paged_decode: decode rows for the paged kernel, which takes each row's length, not a mask."""
+    paged_decode: decode rows for the paged kernel, which reads block tables and lengths."""
     q_len = max(it.num_new_tokens for it in items)
     max_blocks = max(len(it.seq.block_table) for it in items)
     token_idx, query_pos, tables, src, dst = [], [], [], [], []
@@ -46,16 +46,16 @@ def _attention_group(items: list[ScheduledSeq], offsets: list[int], block_size: 
     def as_tensor(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    positions = torch.arange(ctx_len, device=device)                  # [Lk]
     block_tables = as_tensor(tables)                                  # [rows, max_blocks]
-    kv_slots = block_tables[:, positions // block_size] * block_size + positions % block_size
     if paged_decode:
         ctx_lens = as_tensor([it.seq.num_computed_tokens + 1 for it in items])
-        return AttentionGroup(as_tensor(token_idx), kv_slots, None, as_tensor(src),
-                              as_tensor(dst), ctx_lens)
+        return AttentionGroup(as_tensor(token_idx), as_tensor(src), as_tensor(dst),
+                              block_tables=block_tables, ctx_lens=ctx_lens)
+    kv_slots = table_slots(block_tables, block_size, ctx_len)         # [rows, Lk]
+    positions = torch.arange(ctx_len, device=device)                  # [Lk]
     qpos = as_tensor(query_pos)                                       # [rows, Lq]
     mask = (positions[None, None, :] <= qpos[:, :, None])[:, None]    # [rows, 1, Lq, Lk]
-    return AttentionGroup(as_tensor(token_idx), kv_slots, mask, as_tensor(src), as_tensor(dst))
+    return AttentionGroup(as_tensor(token_idx), as_tensor(src), as_tensor(dst), kv_slots, mask)
 
 
 def split_by_context(rows: list[int], items: list[ScheduledSeq]) -> list[list[int]]:
@@ -128,7 +128,8 @@ class ModelRunner:
             self.lora_slots, [it.seq.slot for it in batch.items],
             [it.num_new_tokens for it in batch.items], self.device)
         fb = ForwardBatch(positions=as_tensor(positions), slot_mapping=as_tensor(slots),
-                          groups=groups, lora=lora, decode_attention=self.decode_attention)
+                          groups=groups, lora=lora, decode_attention=self.decode_attention,
+                          block_size=bs)
         return as_tensor(input_ids), fb, as_tensor(last_idx)
 
     @torch.inference_mode()

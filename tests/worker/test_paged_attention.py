@@ -11,7 +11,7 @@ from worker.paged_attention import reference_decode_attention
 
 def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, lengths: list[int],
                dtype: torch.dtype, seed: int, block_size: int = 16):
-    """A cache whose blocks are shuffled, each row's block table, and its queries."""
+    """A cache whose blocks are shuffled, each row's block table, its queries and lengths."""
     gen = torch.Generator().manual_seed(seed)
     max_len = max(lengths)
     blocks_per_row = -(-max_len // block_size)
@@ -19,10 +19,8 @@ def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, leng
     k = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     tables = torch.randperm(num_blocks, generator=gen)[:rows * blocks_per_row].view(rows, -1)
-    positions = torch.arange(max_len)
-    kv_slots = tables[:, positions // block_size] * block_size + positions % block_size
     q = torch.randn(rows, num_heads, head_dim, generator=gen).to(dtype)
-    return q, k, v, kv_slots, torch.tensor(lengths)
+    return q, k, v, tables, torch.tensor(lengths)
 
 
 def on_triton_device(*args):
@@ -44,15 +42,18 @@ def kernel(request, cpu_kernels):
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"),
                          [(9, 3, 64), (4, 4, 64), (8, 2, 8), (6, 1, 32), (6, 2, 12)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 1, 5])
 def test_kernel_matches_gather_and_sdpa(kernel, num_heads: int, num_kv_heads: int,
-                                        head_dim: int, dtype: torch.dtype) -> None:
+                                        head_dim: int, dtype: torch.dtype,
+                                        block_size: int) -> None:
     # lengths: a single token, under, at and over block borders, and long rows
     lengths = [1, 2, 15, 16, 17, 33, 100, 257]
-    q, k, v, slots, lens = paged_case(len(lengths), num_heads, num_kv_heads, head_dim, lengths,
-                                      dtype, seed=num_heads * head_dim)
+    q, k, v, tables, lens = paged_case(len(lengths), num_heads, num_kv_heads, head_dim, lengths,
+                                       dtype, seed=num_heads * head_dim, block_size=block_size)
     scale = head_dim ** -0.5
-    got = kernel(q, k, v, slots, lens, scale)
-    ref = reference_decode_attention(q.float(), k.float(), v.float(), slots, lens, scale)
+    got = kernel(q, k, v, tables, lens, scale, block_size)
+    ref = reference_decode_attention(q.float(), k.float(), v.float(), tables, lens, scale,
+                                     block_size)
     assert got.shape == q.shape and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
     err = (got.float() - ref).abs().max().item()
@@ -60,21 +61,32 @@ def test_kernel_matches_gather_and_sdpa(kernel, num_heads: int, num_kv_heads: in
 
 
 def test_positions_past_a_rows_length_are_never_read(kernel) -> None:
-    q, k, v, slots, lens = paged_case(3, 4, 2, 64, [5, 40, 9], torch.float32, seed=3)
-    before = kernel(q, k, v, slots, lens, 0.125)
-    padded = slots.clone()
+    block_size = 8
+    q, k, v, tables, lens = paged_case(3, 4, 2, 64, [5, 40, 9], torch.float32, seed=3,
+                                       block_size=block_size)
+    before = kernel(q, k, v, tables, lens, 0.125, block_size)
+    used = [-(-n // block_size) for n in lens.tolist()]
+    spare = min(set(range(k.shape[0] // block_size))
+                - {b for row, n in enumerate(used) for b in tables[row, :n].tolist()})
+    padded = tables.clone()
     for row, n in enumerate(lens.tolist()):
-        padded[row, n:] = 0  # what the runner pads with
-    k[0], v[0] = float("nan"), float("nan")  # slot 0 belongs to no row here
-    assert 0 not in slots[0, :5].tolist() + slots[1].tolist() + slots[2, :9].tolist()
-    assert torch.equal(kernel(q, k, v, padded, lens, 0.125), before)
+        padded[row, used[row]:] = spare  # the runner pads with block 0, which may be anyone's
+        last = int(tables[row, used[row] - 1]) * block_size
+        # the last block's slots past the row's length: stale in a real cache
+        stale = slice(last + (n - 1) % block_size + 1, last + block_size)
+        k[stale], v[stale] = float("nan"), float("nan")
+    k[spare * block_size:(spare + 1) * block_size] = float("nan")
+    v[spare * block_size:(spare + 1) * block_size] = float("nan")
+    assert torch.equal(kernel(q, k, v, padded, lens, 0.125, block_size), before)
 
 
 def test_bad_lengths_are_refused_by_the_cpp_kernel(cpu_kernels) -> None:
     # (Triton's would have to sync the device to check: its caller, the runner, makes them)
     kernel = cpu_kernels.paged_decode_attention
-    q, k, v, slots, _ = paged_case(2, 4, 2, 16, [4, 4], torch.float32, seed=0)
+    q, k, v, tables, _ = paged_case(2, 4, 2, 16, [4, 4], torch.float32, seed=0, block_size=4)
     with pytest.raises(RuntimeError, match="ctx_lens"):
-        kernel(q, k, v, slots, torch.tensor([0, 4]), 0.25)
+        kernel(q, k, v, tables, torch.tensor([0, 4]), 0.25, 4)
     with pytest.raises(RuntimeError, match="ctx_lens"):
-        kernel(q, k, v, slots, torch.tensor([4, 5]), 0.25)
+        kernel(q, k, v, tables, torch.tensor([4, 5]), 0.25, 4)  # past the one block
+    with pytest.raises(RuntimeError, match="block_size"):
+        kernel(q, k, v, tables, torch.tensor([4, 4]), 0.25, 0)

@@ -20,8 +20,8 @@ def test_checked_kernel_serves_a_kernel_that_agrees_and_refuses_one_that_does_no
                 is paged_attention_triton.paged_decode_attention)
     good = paged_attention_triton.paged_decode_attention
 
-    def one_position_short(q, k, v, slots, lens, scale):
-        return good(q, k, v, slots, (lens - 1).clamp(min=1), scale)
+    def one_position_short(q, k, v, tables, lens, scale, block_size):
+        return good(q, k, v, tables, (lens - 1).clamp(min=1), scale, block_size)
 
     def crashes(*args):
         raise RuntimeError("out of resource: shared memory")

@@ -4,7 +4,8 @@
 #include <vector>
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor kv_slots, torch::Tensor ctx_lens, double scale);
+                                     torch::Tensor block_tables, torch::Tensor ctx_lens, double scale,
+                                     int64_t block_size);
 void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor a, std::vector<torch::Tensor> bs,
                  torch::Tensor segments);
 

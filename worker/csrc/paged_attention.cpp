@@ -1,6 +1,7 @@
 // Decode attention read straight from the paged KV cache on CPU (worker/paged_attention.py).
 //
-// One query token per row; row r attends to the ctx_lens[r] cache slots kv_slots[r, :ctx_lens[r]].
+// One query token per row; row r attends to its first ctx_lens[r] positions, position t at cache
+// slot block_tables[r, t / block_size] * block_size + t % block_size.
 // torch's path gathers every row's K and V into padded tensors first and then runs SDPA: that
 // copy cost as much as the attention itself. Here each (row, KV head) task reads its slots where
 // they lie, once, for all the query heads that share the KV head (GQA).
@@ -26,7 +27,7 @@ struct Task {
   const float* q;       // [num_kv * g, hd] the task's query heads, pre-scaled, float
   const T* k_cache;     // [slots, kvh, hd]
   const T* v_cache;
-  const int64_t* slots; // [len]
+  const int64_t* slots; // [len] cache slot of each position
   int64_t len, kvh, head, num_kv, g, hd;
 
   const T* at(const T* cache, int64_t t, int64_t kv) const {
@@ -150,10 +151,11 @@ void attend(const Task<T>& a, float* scores, float* acc) {
 
 template <typename T>
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
-                      const torch::Tensor& v_cache, const torch::Tensor& kv_slots,
-                      const torch::Tensor& ctx_lens, double scale, torch::Tensor& out) {
+                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                      const torch::Tensor& ctx_lens, double scale, int64_t block_size,
+                      torch::Tensor& out) {
   const int64_t rows = q.size(0), nh = q.size(1), hd = q.size(2), kvh = k_cache.size(1);
-  const int64_t g = nh / kvh, max_len = kv_slots.size(1);
+  const int64_t g = nh / kvh, max_blocks = block_tables.size(1);
   const T* q_ptr = q.data_ptr<T>();
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   T* out_ptr = out.data_ptr<T>();
@@ -176,13 +178,19 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
     FlushDenormals flush;  // far-off positions' probabilities underflow
     const int64_t nq = per_task * g;  // query heads per task
     std::vector<float> qf(nq * hd), acc(nq * hd), scores;
+    std::vector<int64_t> slots;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / (kvh / per_task), head = task % (kvh / per_task) * per_task;
       const T* qr = q_ptr + (r * nh + head * g) * hd;
       for (int64_t i = 0; i < nq * hd; ++i) qf[i] = static_cast<float>(qr[i]) * scale;
-      const Task<T> a{qf.data(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-                      kv_slots.data_ptr<int64_t>() + r * max_len, lens[r], kvh, head, per_task,
-                      g, hd};
+      // The row's slots spelled out once: the loops below read each one per KV head.
+      const int64_t* table = block_tables.data_ptr<int64_t>() + r * max_blocks;
+      slots.resize(lens[r]);
+      for (int64_t t = 0; t < lens[r]; ++t) {
+        slots[t] = table[t / block_size] * block_size + t % block_size;
+      }
+      const Task<T> a{qf.data(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), slots.data(),
+                      lens[r], kvh, head, per_task, g, hd};
       scores.resize(nq * a.len);
 #if defined(__AVX512F__)
       if (wide) {
@@ -201,31 +209,37 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
 }  // namespace
 
 // q [rows, nh, hd]; k_cache, v_cache [slots, kvh, hd] (same dtype, CPU, contiguous);
-// kv_slots [rows, L] int64; ctx_lens [rows] int64 in [1, L]. -> [rows, nh, hd].
+// block_tables [rows, B] int64; ctx_lens [rows] int64 in [1, B * block_size]. -> [rows, nh, hd].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor kv_slots,
-                                     torch::Tensor ctx_lens, double scale) {
+                                     torch::Tensor v_cache, torch::Tensor block_tables,
+                                     torch::Tensor ctx_lens, double scale, int64_t block_size) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "bad ranks");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
               q.scalar_type() == v_cache.scalar_type(), "q, k and v dtypes differ");
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && q.size(2) == k_cache.size(2), "bad heads");
-  TORCH_CHECK(kv_slots.scalar_type() == torch::kLong && ctx_lens.scalar_type() == torch::kLong,
-              "kv_slots and ctx_lens must be int64");
-  TORCH_CHECK(kv_slots.size(0) == q.size(0) && ctx_lens.size(0) == q.size(0), "bad rows");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong &&
+              ctx_lens.scalar_type() == torch::kLong, "block_tables and ctx_lens must be int64");
+  TORCH_CHECK(block_tables.size(0) == q.size(0) && ctx_lens.size(0) == q.size(0), "bad rows");
+  TORCH_CHECK(block_size >= 1, "block_size must be at least 1");
   q = q.contiguous();
-  kv_slots = kv_slots.contiguous();
+  block_tables = block_tables.contiguous();
   ctx_lens = ctx_lens.contiguous();
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
   for (int64_t r = 0; r < q.size(0); ++r) {
-    TORCH_CHECK(lens[r] >= 1 && lens[r] <= kv_slots.size(1), "ctx_lens[", r, "] out of range");
+    TORCH_CHECK(lens[r] >= 1 && lens[r] <= block_tables.size(1) * block_size, "ctx_lens[", r,
+                "] out of range");
   }
   auto out = torch::empty_like(q);
+  const auto run = [&](auto element) {
+    decode_attention<decltype(element)>(q, k_cache, v_cache, block_tables, ctx_lens, scale,
+                                        block_size, out);
+  };
   switch (q.scalar_type()) {
-    case torch::kFloat: decode_attention<float>(q, k_cache, v_cache, kv_slots, ctx_lens, scale, out); break;
-    case torch::kBFloat16: decode_attention<c10::BFloat16>(q, k_cache, v_cache, kv_slots, ctx_lens, scale, out); break;
-    case torch::kHalf: decode_attention<c10::Half>(q, k_cache, v_cache, kv_slots, ctx_lens, scale, out); break;
+    case torch::kFloat: run(float{}); break;
+    case torch::kBFloat16: run(c10::BFloat16{}); break;
+    case torch::kHalf: run(c10::Half{}); break;
     default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
   }
   return out;
