@@ -6,8 +6,9 @@ of --num-adapters random LoRA adapters (rank --rank, all 7 projections), greedy,
   * ours: worker.server.assemble_engine around the model, stepped synchronously; adapters go
     into the host tier and device slots up front (no files). Prefill = until every sequence has
     its first token; decode tok/s = tokens after that / time of the remaining steps (best of
-    --repeats). Then the same runs again with the LoRA deltas, and then the decode attention, on
-    torch's paths instead of the kernels (Triton on CUDA, C++ on CPU), side by side.
+    --repeats). Then the same runs again side by side: with eager steps instead of CUDA graphs
+    (CUDA), and, on eager steps, with the LoRA deltas, then the decode attention, on torch's
+    paths instead of the kernels (Triton on CUDA, C++ on CPU).
   * transformers + PEFT: LlamaForCausalLM on views of our weights, PEFT holding the same
     adapters, one generate() over the batch with adapter_names= (one adapter per row); its
     prefill ends when its streamer sees the first token; one measured run.
@@ -368,17 +369,24 @@ def run(args: argparse.Namespace) -> Report:
     assert stats.evictions == 0 and stats.loads == args.num_adapters, "adapters left the device"
     print(f"\n{'system':<24}{'prefill ms':>12}{'decode tok/s':>13}{'ms/step':>10}{'of bound':>9}")
     print_row(ours, bound_tps)
-    # each kernel side by side with torch's path for its part, same engine
-    for label, owner, attr in (("torch LoRA", engine.runner.lora_slots, "kernel"),
-                               ("torch attention", engine.runner, "decode_attention")):
+    # side by side, same engine: eager steps instead of CUDA graphs; then, on eager steps (the
+    # graphs hold the kernels), each kernel against torch's path for its part
+    runner, eager = engine.runner, ours
+    for label, owner, attr in (("eager steps", runner, "graphs"),
+                               ("torch LoRA", runner.lora_slots, "kernel"),
+                               ("torch attention", runner, "decode_attention")):
         if getattr(owner, attr) is None:
             continue
-        with mock.patch.object(owner, attr, None):
+        with mock.patch.object(runner, "graphs", None), mock.patch.object(owner, attr, None):
             other = max((run_ours(engine, prompts, adapter_ids, args.new_tokens, device)
                          for _ in range(args.repeats)), key=lambda r: r.tps)
         other.name = f"ours, {label}"
         print_row(other, bound_tps)
-        print(f"  kernel / {label}: {ours.tps / other.tps:.2f}x decode tok/s")
+        if attr == "graphs":
+            eager = other
+            print(f"  CUDA graphs / eager steps: {ours.tps / other.tps:.2f}x decode tok/s")
+        else:
+            print(f"  kernel / {label}: {eager.tps / other.tps:.2f}x decode tok/s, both eager")
     baseline = None
     if args.baseline:
         n = args.baseline_new_tokens or args.new_tokens

@@ -43,6 +43,8 @@ class WorkerConfig:
         "adapters held on the device at once (pre-allocated at start)"))
     host_adapter_cache: int = field(default=64, metadata=_help(
         "adapters kept loaded in host memory (LRU); pinned on CUDA"))
+    cuda_graphs: bool = field(default=True, metadata=_help(
+        "replay decode steps from CUDA graphs on CUDA (checked against eager steps at start)"))
     default_max_tokens: int = field(default=128, metadata=_help(
         "max_tokens for requests that do not set it"))
     log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))

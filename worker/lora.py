@@ -152,6 +152,10 @@ class LoraBatch:
                             device=self.token_slots.device)
 
     @cached_property
+    def kernel_delta(self) -> KernelDelta:
+        return KernelDelta(self.slots, self.segment_table)
+
+    @cached_property
     def prompt_segments(self) -> list[tuple[int, int, int]]:
         """The segments after the decode rows."""
         return [s for s in self.segments if s[0] >= self.num_decode_tokens]
@@ -191,15 +195,7 @@ class LoraBatch:
         if not any(row_slots):
             return None
         num_decode = next((i for i, n in enumerate(row_lengths) if n != 1), len(row_lengths))
-        segments: list[tuple[int, int, int]] = []
-        start = 0
-        for slot, n in zip(row_slots, row_lengths, strict=True):
-            joins = segments and segments[-1][2] == slot and segments[-1][1] == start
-            if slot and joins and start != num_decode:
-                segments[-1] = (segments[-1][0], start + n, slot)
-            elif slot:
-                segments.append((start, start + n, slot))
-            start += n
+        segments = segment_runs(row_slots, row_lengths, num_decode)
         token_slots = torch.tensor([s for s, n in zip(row_slots, row_lengths, strict=True)
                                     for _ in range(n)], dtype=torch.long, device=device)
         used = sorted(set(row_slots[:num_decode]) - {0})
@@ -221,10 +217,9 @@ class LoraBatch:
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] of the base projection + each token's LoRA delta (in place); x [T, in]."""
-        a, bs = self.slots.layers[layer][proj]
         if self.path == DeltaPath.KERNEL:
-            self.slots.kernel(y, x, a, bs, self.segment_table)
-            return y
+            return self.kernel_delta.apply(layer, proj, x, y)
+        a, bs = self.slots.layers[layer][proj]
         if self.path == DeltaPath.SEGMENTS:
             return segment_delta(x, y, a, bs, self.segments, self.slots.ranks)
         decode = self.num_decode_tokens
@@ -235,6 +230,36 @@ class LoraBatch:
             a = a[:self.rank].index_select(1, self.used_index)
             bs = [b[:self.rank].index_select(1, self.used_index) for b in bs]
         pool_delta(x[:decode], y[:decode], a, bs, self.pool_mask(len(bs)), self.rank)
+        return y
+
+
+def segment_runs(row_slots: list[int], row_lengths: list[int],
+                 num_decode: int) -> list[tuple[int, int, int]]:
+    """(start, end, slot) per run of tokens on one adapter (rows without one are in none); no run
+    crosses token `num_decode`, where the decode rows end and the prompt chunks begin."""
+    segments: list[tuple[int, int, int]] = []
+    start = 0
+    for slot, n in zip(row_slots, row_lengths, strict=True):
+        joins = segments and segments[-1][2] == slot and segments[-1][1] == start
+        if slot and joins and start != num_decode:
+            segments[-1] = (segments[-1][0], start + n, slot)
+        elif slot:
+            segments.append((start, start + n, slot))
+        start += n
+    return segments
+
+
+@dataclass
+class KernelDelta:
+    """LoraDelta of the slots' kernel on a segment table already on the device: the static
+    table of a captured decode step (worker.decode_graphs)."""
+
+    slots: LoraSlots
+    segment_table: torch.Tensor  # [n, 4] (start, end, storage index, rank), as LoraBatch's
+
+    def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, bs = self.slots.layers[layer][proj]
+        self.slots.kernel(y, x, a, bs, self.segment_table)
         return y
 
 

@@ -1,7 +1,7 @@
 """Turns a scheduled Batch into tensors, runs the model and the sampler, returns one token per row.
 
-The only place that moves batch data between host and device; one host sync per step (two in
-steps that also score references).
+With worker.decode_graphs (the steps it replays), the only place that moves batch data between
+host and device; one host sync per step (two in steps that also score references).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from itertools import accumulate
 
 import torch
 
+from worker.decode_graphs import DecodeGraphs
 from worker.kv_cache import KVCache
 from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
@@ -88,6 +89,8 @@ class ModelRunner:
         self.lora_slots = lora_slots
         self.block_size = block_size
         self.device = device
+        # Captured decode steps (worker.decode_graphs), for the steps they cover; set once built.
+        self.graphs: DecodeGraphs | None = None
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
         """-> input_ids [T], the ForwardBatch, and each row's last-token index [rows]."""
@@ -138,15 +141,17 @@ class ModelRunner:
         # each, rows of one adapter side by side form one segment for the LoRA matmuls.
         # postprocess pairs tokens with batch.items, so sorting in place keeps them matched.
         batch.items.sort(key=lambda it: (it.num_new_tokens > 1, it.seq.slot))
+        if self.graphs is not None and self.graphs.covers(batch.items):
+            return self._sample(batch.items, self.graphs.run(batch.items))
         input_ids, fb, last_idx = self.prepare(batch)
         hidden = self.model(input_ids, fb, self.kv_cache.layers)       # [T, hidden]
         if any(it.seq.is_scoring for it in batch.items):
             return self._score_and_sample(batch.items, hidden, last_idx)
-        return self._sample(batch.items, hidden.index_select(0, last_idx))
+        return self._sample(batch.items,
+                            self.model.compute_logits(hidden.index_select(0, last_idx)))
 
-    def _sample(self, items: list[ScheduledSeq], last_hidden: torch.Tensor) -> list[int]:
-        """last_hidden [rows, hidden] of `items` -> one sampled token per row."""
-        logits = self.model.compute_logits(last_hidden)                 # [rows, vocab]
+    def _sample(self, items: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
+        """logits [rows, vocab] of `items` -> one sampled token per row."""
         opts = [it.seq.options for it in items]
         tensors = make_sampling_tensors(
             temperature=[o.temperature for o in opts], top_p=[o.top_p for o in opts],
@@ -168,7 +173,8 @@ class ModelRunner:
         generating = [i for i, it in enumerate(items) if not it.seq.is_scoring]
         if generating:
             last = last_idx.index_select(0, torch.tensor(generating, device=self.device))
-            sampled = self._sample([items[i] for i in generating], hidden.index_select(0, last))
+            sampled = self._sample([items[i] for i in generating],
+                                   self.model.compute_logits(hidden.index_select(0, last)))
             for i, token in zip(generating, sampled, strict=True):
                 tokens[i] = token
         return tokens

@@ -17,6 +17,7 @@ from edgelora.v1 import worker_pb2, worker_pb2_grpc
 from worker import cpu_kernels
 from worker.adapter_memory import AdapterMemory
 from worker.config import WorkerConfig
+from worker.decode_graphs import DecodeGraphs, captured_decode
 from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
 from worker.kv_cache import BlockManager, KVCache
@@ -73,6 +74,20 @@ def device_kernels(device: torch.device,
             lora_triton.checked_kernel(device, dtype))
 
 
+def decode_graphs(config: WorkerConfig, runner: ModelRunner, num_blocks: int,
+                  max_model_len: int) -> DecodeGraphs | None:
+    """Captured decode steps for `runner` (CUDA), None where they cannot be had (logged)."""
+    if runner.decode_attention is None or runner.lora_slots.kernel is None:
+        log.warning("CUDA graphs need the Triton kernels: decode steps run eagerly")
+        return None
+    block_size = config.kv_block_size
+    # A step never has more rows than blocks; the start-up check puts one row in each block.
+    return captured_decode(runner.model, runner.kv_cache, block_size,
+                           -(-max_model_len // block_size), num_blocks,
+                           min(config.max_batch_size, num_blocks), runner.decode_attention,
+                           runner.lora_slots)
+
+
 @dataclass
 class WorkerRuntime:
     """A running worker: its gRPC server on `port` and the engine thread behind it."""
@@ -117,8 +132,10 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
     -> (engine, max_model_len: the prompt + completion limit after the KV cache's cap)."""
     weight = model.embed_tokens.weight
     device, dtype, cfg = weight.device, weight.dtype, model.config
-    num_blocks = KVCache.num_blocks_for(config.kv_cache_mb, cfg, config.kv_block_size, dtype)
-    kv_cache = KVCache(cfg, num_blocks, config.kv_block_size, device, dtype)
+    num_blocks = KVCache.num_blocks_for(config.kv_cache_mb, cfg, config.kv_block_size,
+                                        dtype) - 1
+    # One more block than the scheduler hands out: captured decode steps' padding rows write there.
+    kv_cache = KVCache(cfg, num_blocks + 1, config.kv_block_size, device, dtype)
     max_model_len = min(config.max_model_len, cfg.max_position_embeddings,
                         num_blocks * config.kv_block_size)
     log.info("KV cache: %d blocks of %d tokens (%d MiB); max_model_len %d", num_blocks,
@@ -140,6 +157,8 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
                           config.max_num_batched_tokens, config.max_queue, eos, adapters)
     runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots,
                          decode_attention)
+    if device.type == "cuda" and config.cuda_graphs:
+        runner.graphs = decode_graphs(config, runner, num_blocks, max_model_len)
     engine = Engine(scheduler, runner, make_detokenizer, emit, num_threads)
     return engine, max_model_len
 

@@ -127,5 +127,7 @@ def test_small_cuda_run(dtype: str) -> None:
     assert [len(o) for o in report.baseline.outputs] == [NEW] * BATCH
     assert calls > 0 and math.isfinite(report.ours.tps / report.bound_tps)
     assert "ours / transformers+peft = " in text
+    assert re.search(r"^ours, eager steps .*\n  CUDA graphs / eager steps: [\d.]+x", text,
+                     re.MULTILINE), text
     if dtype == "float32":  # exact mode: the same greedy tokens as PEFT
         assert report.ours.outputs == report.baseline.outputs

@@ -1,4 +1,4 @@
-"""worker.server: which device, dtype and kernels a config resolves to."""
+"""worker.server: which device, dtype, kernels and decode steps a config resolves to."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from worker.config import WorkerConfig
-from worker.server import device_kernels, pick_device
+from worker.engine import Engine
+from worker.loader import load_model
+from worker.server import assemble_engine, device_kernels, pick_device
 
 
 @pytest.mark.parametrize(("amx", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
@@ -50,3 +52,27 @@ def test_cuda_workers_take_the_triton_kernels() -> None:
 
     assert device_kernels(torch.device("cuda"), torch.bfloat16) == (
         paged_attention_triton.paged_decode_attention, lora_triton.lora_delta_)
+
+
+def engine_on(device: str, path, **overrides) -> Engine:
+    model = load_model(path, torch.device(device), torch.float32)
+    config = WorkerConfig(device=device, kv_cache_mb=4, max_batch_size=8, **overrides)
+    engine, _ = assemble_engine(config, model, lambda stop: None, (), lambda event: None)
+    return engine
+
+
+def test_the_kv_cache_keeps_a_scratch_block_the_scheduler_never_hands_out(
+        tiny_model_dir) -> None:
+    engine = engine_on("cpu", tiny_model_dir)
+    blocks = engine.scheduler.blocks
+    assert engine.runner.kv_cache.storage.shape[2] == (blocks.num_blocks + 1) * blocks.block_size
+    assert blocks.num_free_blocks == blocks.num_blocks
+    assert engine.runner.graphs is None  # CPU steps stay eager
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_workers_replay_captured_decode_steps(tiny_model_dir) -> None:
+    graphs = engine_on("cuda", tiny_model_dir).runner.graphs
+    assert graphs is not None and sorted(graphs.graphs) == graphs.buckets == [1, 2, 4, 8]
+    assert engine_on("cuda", tiny_model_dir, cuda_graphs=False).runner.graphs is None
