@@ -82,7 +82,8 @@ class AdapterMemory:
         with self._lock:
             self._forget(spec.adapter_id)
             self.registry[spec.adapter_id] = spec
-            self._keep_in_host(spec.adapter_id, weights)
+            self._keep_in_host(spec.adapter_id,
+                               self.slots.host_layout(weights, pin=self.pin_memory))
 
     def _check_rank(self, spec: AdapterSpec) -> None:
         if spec.rank > self.slots.max_rank:
@@ -120,9 +121,8 @@ class AdapterMemory:
 
     def _read(self, spec: AdapterSpec) -> HostWeights:
         started = time.perf_counter()
-        weights = read_adapter_weights(spec, self.shapes, self.num_layers)
-        if self.pin_memory:  # pinned pages let host -> device copies run asynchronously
-            weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.items()}
+        weights = self.slots.host_layout(read_adapter_weights(spec, self.shapes, self.num_layers),
+                                         pin=self.pin_memory)
         with self._lock:
             self.stats.host.loads += 1
             self.stats.host.load_ms_total += (time.perf_counter() - started) * 1e3

@@ -83,9 +83,21 @@ class LoraSlots:
         return sum(a.nbytes + sum(b.nbytes for b in bs)
                    for layer in self.layers for a, bs in layer.values())
 
+    def host_layout(self, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                    pin: bool) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """read_adapter_weights' tensors as write() copies them best: in the slots' dtype, each
+        B stored [r, out] (returned as its [out, r] view), page-locked if `pin`. torch copies a
+        host tensor of another dtype or layout to the device through a pageable temporary,
+        which makes a non_blocking copy synchronous; these go to the device by DMA."""
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(t.shape, dtype=self.dtype, pin_memory=pin).copy_(t)
+
+        return {key: (copy(a), copy(b.T).T) for key, (a, b) in weights.items()}
+
     def write(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
               rank: int) -> None:
-        """Copies one adapter (host tensors from read_adapter_weights) into `slot`."""
+        """Copies one adapter (host tensors from read_adapter_weights, best in host_layout)
+        into `slot`."""
         assert 1 <= slot <= self.num_slots and rank <= self.max_rank
         index = slot - 1
         for i, layer in enumerate(self.layers):
@@ -96,7 +108,7 @@ class LoraSlots:
                     bs[j][:, index].zero_()
                     pair = weights.get((i, sub))
                     if pair is not None:
-                        # non_blocking: host tensors are pinned on CUDA, so copies overlap compute
+                        # non_blocking: on CUDA host_layout's pinned tensors overlap compute
                         a[:rank, index, j].copy_(pair[0], non_blocking=True)
                         bs[j][:rank, index].copy_(pair[1].T, non_blocking=True)
         self.ranks[slot] = rank

@@ -368,6 +368,29 @@ def test_slots_hold_what_was_written() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_layout_writes_the_same_slots_by_plain_copies(device: str,
+                                                           dtype: torch.dtype) -> None:
+    weights = random_adapter(8, ("k_proj", "gate_proj", "down_proj"), seed=4)
+    pin = device == "cuda"  # pinned memory needs a GPU
+    staged = LoraSlots(CFG, 2, MAX_RANK, torch.device(device), dtype).host_layout(weights, pin)
+    for (a, b), (a_in, b_in) in zip(staged.values(), weights.values(), strict=True):
+        # what write() copies, A and Bᵀ, are contiguous in the slots' dtype: no temporaries
+        assert a.dtype == b.dtype == dtype and a.is_contiguous() and b.T.is_contiguous()
+        assert a.is_pinned() == b.is_pinned() == pin
+        assert torch.equal(a, a_in.to(dtype)) and torch.equal(b, b_in.to(dtype))
+    plain, laid_out = (LoraSlots(CFG, 2, MAX_RANK, torch.device(device), dtype)
+                       for _ in range(2))
+    plain.write(1, weights, 8)
+    laid_out.write(1, staged, 8)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert all(torch.equal(x, y) for p, q in zip(plain.layers, laid_out.layers, strict=True)
+               for proj in p for x, y in zip([p[proj][0], *p[proj][1]],
+                                             [q[proj][0], *q[proj][1]], strict=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_smaller_rank_overwrite_leaves_no_stale_values(device: str) -> None:
     slots, ref = filled_slots(device)
     small = random_adapter(2, ("q_proj",), seed=99)
