@@ -87,8 +87,9 @@ class LoraSlots:
                     pin: bool) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """read_adapter_weights' tensors as write() copies them best: in the slots' dtype, each
         B stored [r, out] (returned as its [out, r] view), page-locked if `pin`. torch copies a
-        host tensor of another dtype or layout to the device through a pageable temporary,
-        which makes a non_blocking copy synchronous; these go to the device by DMA."""
+        non-contiguous host tensor through a pageable temporary, which makes a non_blocking copy
+        synchronous, and one of another dtype at its own size, then converts on the device;
+        these go straight to the slot by DMA."""
         def copy(t: torch.Tensor) -> torch.Tensor:
             return torch.empty(t.shape, dtype=self.dtype, pin_memory=pin).copy_(t)
 
