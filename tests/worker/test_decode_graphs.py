@@ -11,6 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import built_cpu_kernels
 from worker import decode_graphs, lora_triton, paged_attention_triton
@@ -160,6 +161,41 @@ def test_runner_replays_only_the_steps_graphs_cover(tiny_model_dir: Path) -> Non
     assert twin.graphs.covers(decode)
     assert not twin.graphs.covers(decode * (MAX_BATCH + 1))
     assert not twin.graphs.covers([])
+
+
+class OpLog(TorchDispatchMode):
+    """The torch ops run inside it (not the kernels' own launches: those are no torch ops)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+# Reading a device value on the host (.item(), int(), bool(), nonzero) syncs, and a tensor made
+# from host data (torch.tensor) is a copy fixed at capture: a captured step can hold neither.
+# (.tolist() makes no torch op: this cannot see it.)
+aten = torch.ops.aten
+HOST_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default,
+            aten.lift_fresh.default, aten.nonzero.default}
+
+
+@pytest.mark.parametrize("kernel_set", ["cpp", "triton"])
+def test_a_static_step_neither_syncs_nor_reads_host_data(tiny_model_dir: Path,
+                                                         kernel_set: str) -> None:
+    twin = Twin(tiny_model_dir, "cpu", kernel_set)
+    twin.graphs.load_padding(MAX_BATCH)
+    with OpLog() as log:
+        twin.graphs.forward(MAX_BATCH)
+    assert aten.embedding.default in log.ops and not log.ops & HOST_OPS
+    with OpLog() as log, torch.inference_mode():  # the log does see them, as forward runs
+        ones = torch.tensor([1.0, 1.0])
+        bool(ones.sum() > 0), int(ones[0]), ones.nonzero()
+    assert log.ops & HOST_OPS == {aten.lift_fresh.default, aten.is_nonzero.default,
+                                  aten.item.default, aten.nonzero.default}
 
 
 def test_buckets() -> None:
