@@ -7,8 +7,9 @@ written to a temporary directory (deleted at exit), --threads torch threads for 
       driven synchronously, adapters made device-resident by a warm-up request each first.
       Target: mixed / same >= 0.85. On CPU, the mixed batch again on torch's LoRA paths instead
       of the C++ kernel (worker.cpu_kernels), side by side.
-  (b) adapter load times per adapter: disk -> host (read_adapter_weights, page cache warm) and
-      host -> device slot (LoraSlots.write), r=8 and r=64, all 7 projection modules.
+  (b) adapter load times per adapter: disk -> host (read_adapter_weights + host_layout, page
+      cache warm) and host -> device slot (LoraSlots.write) from the host layout, and from the
+      tensors as read side by side; r=8 and r=64, all 7 projection modules.
   (c) the DESIGN.md workload (Zipf alpha, Gamma cv, inputs/outputs uniform, --num-adapters r=8
       adapters) through our router + worker over gRPC (in-process, ephemeral ports; each request
       sent at its arrival time, streamed) vs transformers + PEFT serving one request at a time in
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,28 +134,38 @@ def section_b(args: argparse.Namespace, engine: Engine, base: Path, root: Path,
               r8_dirs: list[Path]) -> None:
     cfg = engine.runner.model.config
     shapes = module_shapes(cfg)
-    print(f"\n(b) adapter load, ms per adapter (mean of {args.load_adapters}; 7 modules x "
-          f"{cfg.num_layers} layers; disk -> host with the page cache warm: each file read once "
-          "first)")
-    print(f"{'rank':<6}{'file MB':>9}{'disk->host':>12}{'host->device':>14}")
+    dtype = engine.runner.lora_slots.dtype
+    print(f"\n(b) adapter load, ms per adapter (median of {args.load_adapters}; 7 modules x "
+          f"{cfg.num_layers} layers, {str(dtype).removeprefix('torch.')} slots; disk -> host "
+          "(read + LoraSlots.host_layout, the loader thread) with the page cache warm: each file "
+          "read once first; host -> device (LoraSlots.write, the engine thread) from the host "
+          "layout, and from the tensors as read, side by side)")
+    print(f"{'rank':<6}{'file MB':>9}{'disk->host':>12}{'host->device':>14}{'as read':>9}"
+          f"{'ratio':>7}")
     for rank in (8, 64):
         dirs = (r8_dirs[:args.load_adapters] if rank == 8 else
                 write_adapters(base, root, args.load_adapters, rank, seed=1000))
-        slots = LoraSlots(cfg, 1, rank, torch.device("cpu"), torch.float32)
-        read_ms, write_ms = [], []
+        slots = LoraSlots(cfg, 1, rank, torch.device("cpu"), dtype)
+        read_ms, write_ms, raw_ms = [], [], []
         for i, d in enumerate(dirs):
             spec = read_adapter_spec(f"load-{rank}-{i}", d)
             read_adapter_weights(spec, shapes, cfg.num_layers)  # warms the page cache
             t0 = time.perf_counter()
-            weights = read_adapter_weights(spec, shapes, cfg.num_layers)
+            raw = read_adapter_weights(spec, shapes, cfg.num_layers)
+            weights = slots.host_layout(raw, pin=False)
             t1 = time.perf_counter()
             slots.write(1, weights, rank)
             t2 = time.perf_counter()
+            slots.write(1, raw, rank)
+            t3 = time.perf_counter()
             read_ms.append((t1 - t0) * 1e3)
             write_ms.append((t2 - t1) * 1e3)
+            raw_ms.append((t3 - t2) * 1e3)
         size = (dirs[0] / "adapter_model.safetensors").stat().st_size / 2**20
-        print(f"r={rank:<4}{size:>9.1f}{sum(read_ms) / len(read_ms):>12.1f}"
-              f"{sum(write_ms) / len(write_ms):>14.1f}")
+        # the median: a process's first large loads run several times slower (page faults)
+        mid = [statistics.median(ms) for ms in (read_ms, write_ms, raw_ms)]
+        print(f"r={rank:<4}{size:>9.1f}{mid[0]:>12.1f}{mid[1]:>14.1f}{mid[2]:>9.1f}"
+              f"{mid[2] / mid[1]:>6.2f}x")
 
 
 # -- (c) the workload: ours over gRPC vs transformers + PEFT one at a time --
@@ -260,7 +272,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch threads for every system")
-    p.add_argument("--dtype", default="auto", help="(a)/(c) our worker's --dtype (auto: bf16 "
+    p.add_argument("--dtype", default="auto", help="(a)/(b)/(c) our worker's --dtype (auto: bf16 "
                    "with AMX, else fp32); transformers+PEFT runs fp32, its faster CPU dtype")
     p.add_argument("--sections", default="abc", help="which of (a), (b), (c) to run")
     p.add_argument("--seed", type=int, default=0, help="workload, prompts and adapters")
