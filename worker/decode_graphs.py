@@ -24,6 +24,7 @@ from worker.lora import KernelDelta, LoraSlots, segment_runs
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
 from worker.paged_attention import DecodeAttention
 from worker.scheduler import ScheduledSeq
+from worker.self_check import agrees
 from worker.sequence import SamplingOptions, Sequence
 
 log = logging.getLogger(__name__)
@@ -198,17 +199,16 @@ def captured_decode(model: LlamaModel, kv_cache: KVCache, block_size: int, max_b
                     lora_slots: LoraSlots | None) -> DecodeGraphs | None:
     """CUDA-graph decode steps once their replays match eager steps, else None (logged): the
     runner then runs every step eagerly. max_batch must not exceed the free KV blocks."""
-    try:
+    graphs = None
+
+    def error() -> float:
+        nonlocal graphs
         graphs = DecodeGraphs(model, kv_cache, block_size, max_blocks, scratch_block, max_batch,
                               decode_attention, lora_slots, capture=True)
-        error = graphs.replay_error(model.config.vocab_size)
-    except Exception as exc:  # capture refused an op, out of memory, ...
-        log.warning("CUDA graphs unusable, decode steps run eagerly: %s", exc)
-        return None
+        return graphs.replay_error(model.config.vocab_size)
+
     tolerance = REPLAY_TOLERANCE[model.embed_tokens.weight.dtype]
-    if not error <= tolerance:
-        log.warning("CUDA graph replays off by %.3g of the logits' scale (> %g): decode steps "
-                    "run eagerly", error, tolerance)
+    if not agrees(log, "CUDA graphs", "decode steps run eagerly", error, tolerance):
         return None
     log.info("decode steps: CUDA graphs for batch sizes %s", graphs.buckets)
     return graphs

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from worker.lora import LoraKernel
+from worker.self_check import agrees
 
 log = logging.getLogger(__name__)
 BLOCK_M, BLOCK_K, BLOCK_N = 16, 64, 64  # tl.dot needs every side >= 16
@@ -134,14 +135,11 @@ def checked_kernel(device: torch.device, dtype: torch.dtype) -> LoraKernel | Non
         h = h.view(end - start, rank, sub)
         expected[start:end] += torch.cat([h[:, :, j] @ b[:rank, slot].float()
                                           for j, b in enumerate(bs)], dim=1)
-    try:
+
+    def error() -> float:
         lora_delta_(y, x, a, bs, torch.tensor(table, device=device))
-        error = float((y.float() - expected).abs().max())
-    except Exception as exc:  # no compiler for this GPU, out of shared memory, ...
-        log.warning("Triton LoRA kernel unusable, using torch's paths: %s", exc)
-        return None
+        return float((y.float() - expected).abs().max())
+
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    if not error <= tolerance:
-        log.warning("Triton LoRA kernel off by %.3g (> %g), using torch's paths", error, tolerance)
-        return None
-    return lora_delta_
+    return (lora_delta_ if agrees(log, "Triton LoRA kernel", "using torch's paths", error,
+                                  tolerance) else None)

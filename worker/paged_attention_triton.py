@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from worker.paged_attention import DecodeAttention, reference_decode_attention
+from worker.self_check import agrees
 
 log = logging.getLogger(__name__)
 BLOCK_N = 64  # positions per block of the online softmax
@@ -104,14 +105,11 @@ def checked_kernel(device: torch.device, dtype: torch.dtype) -> DecodeAttention 
     lens = torch.tensor(lengths, device=device)
     args = (tables, lens, 0.125, block_size)
     expected = reference_decode_attention(q.float(), k.float(), v.float(), *args)
-    try:
-        error = float((paged_decode_attention(q, k, v, *args).float() - expected).abs().max())
-    except Exception as exc:  # no compiler for this GPU, out of shared memory, ...
-        log.warning("Triton decode attention unusable, using torch's gather + SDPA: %s", exc)
-        return None
+
+    def error() -> float:
+        return float((paged_decode_attention(q, k, v, *args).float() - expected).abs().max())
+
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    if not error <= tolerance:
-        log.warning("Triton decode attention off by %.3g (> %g), using torch's gather + SDPA",
-                    error, tolerance)
-        return None
-    return paged_decode_attention
+    return (paged_decode_attention if agrees(log, "Triton decode attention",
+                                             "using torch's gather + SDPA", error, tolerance)
+            else None)
