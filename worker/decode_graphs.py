@@ -1,9 +1,9 @@
 """Decode steps replayed from CUDA graphs: one launch replays a whole step's kernels.
 
-A decode step launches a few hundred small kernels (about 25 per layer); on a GPU, launching them
-from Python costs more than running them until the batch is large. A CUDA graph records the
-launches once and replays them with one call, but it fixes every shape, pointer and launch
-argument. So a step of decode rows is padded to the next batch-size bucket and reads everything
+A decode step launches a few hundred small kernels (about 25 per layer). On a GPU each launch
+from Python costs several microseconds of host time, which at small batches can exceed the
+kernel's own run time. A CUDA graph records the launches once and replays them with one call,
+but it fixes every shape, pointer and launch argument. So a step of decode rows is padded to the next batch-size bucket and reads everything
 that changes from step to step out of static device buffers, filled by one host-to-device copy:
 tokens, positions, the KV slot each row writes, context lengths, block tables and the LoRA
 segment table. Padded rows write their K and V to a scratch KV block that no sequence owns,
