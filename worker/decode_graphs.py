@@ -1,13 +1,13 @@
 """Decode steps replayed from CUDA graphs: one launch replays a whole step's kernels.
 
-A decode step launches a few hundred small kernels (about 25 per layer). On a GPU each launch
-from Python costs several microseconds of host time, which at small batches can exceed the
-kernel's own run time. A CUDA graph records the launches once and replays them with one call,
-but it fixes every shape, pointer and launch argument. So a step of decode rows is padded to the next batch-size bucket and reads everything
-that changes from step to step out of static device buffers, filled by one host-to-device copy:
-tokens, positions, the KV slot each row writes, context lengths, block tables and the LoRA
-segment table. Padded rows write their K and V to a scratch KV block that no sequence owns,
-attend to it alone, and carry no adapter; their logits are dropped.
+A decode step launches a few hundred small kernels (about 25 per layer). On a GPU each launch from
+Python costs several microseconds of host time, which at small batches can exceed the kernel's own
+run time. A CUDA graph records the launches once and replays them with one call, but it fixes every
+shape, pointer and launch argument. So a step of decode rows is padded to the next batch-size
+bucket and reads everything that changes from step to step out of static device buffers, filled by
+one host-to-device copy: tokens, positions, the KV slot each row writes, context lengths, block
+tables and the LoRA segment table. Padded rows write their K and V to a scratch KV block that no
+sequence owns, attend to it alone, and carry no adapter; their logits are dropped.
 
 Prompt chunks, scoring rows, and batches past the largest bucket take the runner's eager path.
 Without CUDA (the tests) the same static step runs eagerly: capture is the only CUDA-only part.
@@ -20,7 +20,7 @@ import logging
 import torch
 
 from worker.kv_cache import KVCache
-from worker.lora import KernelDelta, LoraSlots, segment_runs
+from worker.lora import KernelDelta, LoraSlots, kernel_segments, segment_runs
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
 from worker.paged_attention import DecodeAttention
 from worker.scheduler import ScheduledSeq
@@ -120,12 +120,11 @@ class DecodeGraphs:
         self._pad(n, bucket)
         segments = host["segments"]
         if self.lora_slots is not None:
-            runs = segment_runs([it.seq.slot for it in items], [1] * n, n)
-            ranks = self.lora_slots.ranks
-            if runs:
-                segments[:len(runs)] = torch.tensor([(start, end, slot - 1, ranks[slot])
-                                                     for start, end, slot in runs])
-            segments[len(runs):bucket] = torch.tensor([n, n, 0, 0])  # empty: nothing to add
+            table = kernel_segments(segment_runs([it.seq.slot for it in items], [1] * n, n),
+                                    self.lora_slots.ranks)
+            if table:
+                segments[:len(table)] = torch.tensor(table)
+            segments[len(table):bucket] = torch.tensor([n, n, 0, 0])  # empty: nothing to add
 
     @torch.inference_mode()
     def forward(self, bucket: int) -> torch.Tensor:

@@ -36,6 +36,10 @@ MIN_TOKENS_PER_SEGMENT = 4
 # Up to this share of the pool in use, copying the used slots out beats reading every slot
 # (measured at 32 slots: fp32 up to ~14 used, bf16 up to ~10).
 MAX_USED_SHARE = 1 / 3
+# A kernel's segments span at most this many tokens: the kernels spread work over segments (a
+# Triton program or C++ task each), so a long prompt chunk is cut to keep them all busy; each
+# piece reads its adapter's weights again, a few KB.
+MAX_SEGMENT_TOKENS = 64
 # (y, x, A, [B_j], segments [n, 4] = (start, end, slot index, rank)): adds into y in place
 LoraKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor],
                        torch.Tensor], None]
@@ -159,9 +163,8 @@ class LoraBatch:
 
     @cached_property
     def segment_table(self) -> torch.Tensor:
-        """[n, 4] (start, end, storage index, rank) per segment: the kernel's input."""
-        return torch.tensor([(start, end, slot - 1, self.slots.ranks[slot])
-                             for start, end, slot in self.segments], dtype=torch.long,
+        """[n, 4] the kernel's input (kernel_segments)."""
+        return torch.tensor(kernel_segments(self.segments, self.slots.ranks), dtype=torch.long,
                             device=self.token_slots.device)
 
     @cached_property
@@ -260,6 +263,15 @@ def segment_runs(row_slots: list[int], row_lengths: list[int],
             segments.append((start, start + n, slot))
         start += n
     return segments
+
+
+def kernel_segments(segments: list[tuple[int, int, int]],
+                    ranks: list[int]) -> list[tuple[int, int, int, int]]:
+    """(start, end, storage index, rank) of each run of segment_runs, cut into pieces of at most
+    MAX_SEGMENT_TOKENS tokens: a segment table's rows."""
+    return [(piece, min(piece + MAX_SEGMENT_TOKENS, end), slot - 1, ranks[slot])
+            for start, end, slot in segments
+            for piece in range(start, end, MAX_SEGMENT_TOKENS)]
 
 
 @dataclass

@@ -4,14 +4,15 @@ Same call and meaning as the CPU kernel (worker.lora.LoraKernel): for each segme
 slot index, rank) of the step's segment table, a run of tokens on one adapter, and each
 sub-module j of a fused projection,
     y[t, off_j : off_j + out_j] += (x[t] · A[:rank, slot, j]ᵀ) · B_j[:rank, slot]
-Two launches per projection (Punica's SGMV shape): shrink, a program per (segment, sub-module,
-token tile) writing h [T, sub, R] in fp32; expand, a program per (segment, token tile, column
-tile) and sub-module adding h · B_j into y. Each program reads its slot's weights only, so a step
-reads each used adapter once per token tile and never the others.
+Two launches per projection (Punica's SGMV shape): shrink, a program per (segment, sub-module)
+writing h [T, sub, R] in fp32; expand, a program per (segment, column tile) and sub-module adding
+h · B_j into y. Each program walks its segment's tokens a 16-token tile at a time and reads its
+slot's weights only, so a step never reads an adapter it does not use.
 
 The grid never needs the segments' lengths on the host (that would cost a device sync every
-projection): it spans every token tile of the step for every segment, and the tiles past a
-segment's end exit at once.
+projection): it has one row per segment, and a program runs as many tiles as its segment has.
+A segment table cuts long runs (worker.lora.MAX_SEGMENT_TOKENS) so that a long prompt chunk still
+spreads over many programs.
 
 Without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1, the tests).
 """
@@ -32,10 +33,9 @@ BLOCK_M, BLOCK_K, BLOCK_N = 16, 64, 64  # tl.dot needs every side >= 16
 
 
 @triton.jit
-def _segment_tile(seg_ptr, seg, tile, BLOCK_M: tl.constexpr):
-    """-> (the tile's first token, the segment's end, slot index, rank)."""
-    start = tl.load(seg_ptr + seg * 4)
-    return (start + tile * BLOCK_M, tl.load(seg_ptr + seg * 4 + 1),
+def _segment(seg_ptr, seg):
+    """-> the segment's (first token, end, slot index, rank)."""
+    return (tl.load(seg_ptr + seg * 4), tl.load(seg_ptr + seg * 4 + 1),
             tl.load(seg_ptr + seg * 4 + 2), tl.load(seg_ptr + seg * 4 + 3))
 
 
@@ -43,15 +43,15 @@ def _segment_tile(seg_ptr, seg, tile, BLOCK_M: tl.constexpr):
 def _shrink(x_ptr, a_ptr, h_ptr, seg_ptr, fan_in, x_stride, num_slots,
             SUB: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    seg, j, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row0, end, slot, rank = _segment_tile(seg_ptr, seg, tile, BLOCK_M)
-    if row0 < end:
+    seg, j = tl.program_id(0), tl.program_id(1)
+    start, end, slot, rank = _segment(seg_ptr, seg)
+    ranks = tl.arange(0, RANK)
+    cols = tl.arange(0, BLOCK_K)
+    # A[k, slot, j, :] lies at ((k * num_slots + slot) * SUB + j) * fan_in
+    a_rows = ((ranks * num_slots + slot) * SUB + j) * fan_in
+    for row0 in range(start, end, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
-        ranks = tl.arange(0, RANK)
-        cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
-        # A[k, slot, j, :] lies at ((k * num_slots + slot) * SUB + j) * fan_in
-        a_rows = ((ranks * num_slots + slot) * SUB + j) * fan_in
         for k0 in range(0, fan_in, BLOCK_K):
             d = k0 + cols
             xt = tl.load(x_ptr + rows[:, None] * x_stride + d[None, :],
@@ -68,18 +68,18 @@ def _shrink(x_ptr, a_ptr, h_ptr, seg_ptr, fan_in, x_stride, num_slots,
 def _expand(y_ptr, h_ptr, b_ptr, seg_ptr, y_stride, offset, fan_out, num_slots, j,
             SUB: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    seg, tile, col_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row0, end, slot, rank = _segment_tile(seg_ptr, seg, tile, BLOCK_M)
-    if row0 < end:
+    seg, col_tile = tl.program_id(0), tl.program_id(1)
+    start, end, slot, rank = _segment(seg_ptr, seg)
+    ranks = tl.arange(0, RANK)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    # B_j[k, slot, :] lies at (k * num_slots + slot) * fan_out; read once for every tile
+    bt = tl.load(b_ptr + ((ranks[:, None] * num_slots + slot) * fan_out + cols[None, :]),
+                 mask=(ranks[:, None] < rank) & (cols[None, :] < fan_out), other=0.0)
+    for row0 in range(start, end, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
-        ranks = tl.arange(0, RANK)
-        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows[:, None] < end
         ht = tl.load(h_ptr + (rows[:, None] * SUB + j) * RANK + ranks[None, :],
                      mask=row_ok & (ranks[None, :] < rank), other=0.0)
-        # B_j[k, slot, :] lies at (k * num_slots + slot) * fan_out
-        bt = tl.load(b_ptr + ((ranks[:, None] * num_slots + slot) * fan_out + cols[None, :]),
-                     mask=(ranks[:, None] < rank) & (cols[None, :] < fan_out), other=0.0)
         delta = tl.dot(ht, bt.to(tl.float32), input_precision=PRECISION)
         ptrs = y_ptr + rows[:, None] * y_stride + offset + cols[None, :]
         mask = row_ok & (cols[None, :] < fan_out)
@@ -103,15 +103,14 @@ def lora_delta_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: list[torc
     # interpreter has no bf16 dot. fp32 weights: IEEE products, exact as the CPU paths.
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     h = torch.empty(num_tokens, sub, rank_pad, device=x.device, dtype=torch.float32)
-    tiles = triton.cdiv(num_tokens, BLOCK_M)
-    _shrink[(segments.shape[0], sub, tiles)](
+    _shrink[(segments.shape[0], sub)](
         x, a, h, segments, fan_in, x.stride(0), num_slots,
         SUB=sub, RANK=rank_pad, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, PRECISION=precision)
     offset = 0
     for j, b in enumerate(bs):
         assert b.is_contiguous()
         fan_out = b.shape[2]
-        _expand[(segments.shape[0], tiles, triton.cdiv(fan_out, BLOCK_N))](
+        _expand[(segments.shape[0], triton.cdiv(fan_out, BLOCK_N))](
             y, h, b, segments, y.stride(0), offset, fan_out, num_slots, j,
             SUB=sub, RANK=rank_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=precision)
         offset += fan_out

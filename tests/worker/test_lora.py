@@ -14,12 +14,14 @@ from safetensors import safe_open
 from tests.conftest import built_cpu_kernels
 from worker.loader import read_model_config
 from worker.lora import (
+    MAX_SEGMENT_TOKENS,
     MIN_TOKENS_PER_SEGMENT,
     PROJECTIONS,
     DeltaPath,
     LoraBatch,
     LoraKernel,
     LoraSlots,
+    kernel_segments,
     module_shapes,
     reference_delta,
 )
@@ -267,6 +269,14 @@ def test_build_returns_none_without_adapter_rows(row_slots: list[int],
                                                  row_lengths: list[int]) -> None:
     slots, _ = filled_slots("cpu")
     assert LoraBatch.build(slots, row_slots, row_lengths, torch.device("cpu")) is None
+
+
+def test_kernel_segments_cut_long_runs() -> None:
+    ranks = [0, 8, 4]
+    assert kernel_segments([(0, 3, 2), (3, 200, 1), (200, 264, 2)], ranks) == [
+        (0, 3, 1, 4), (3, 67, 0, 8), (67, 131, 0, 8), (131, 195, 0, 8), (195, 200, 0, 8),
+        (200, 264, 1, 4)]
+    assert MAX_SEGMENT_TOKENS == 64 and kernel_segments([], ranks) == []
 
 
 def test_segments_merge_adjacent_same_slot_rows() -> None:

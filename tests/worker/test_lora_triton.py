@@ -28,8 +28,10 @@ def test_kernel_matches_reference(device: str, mix: str, lengths: str) -> None:
     slots, ref = filled_slots(device, kernel=False)
     slots.kernel = lora_triton.lora_delta_
     row_slots = popular_rows(mix, 11, rng)
-    # prefill: runs longer than a 16-token tile, and one-token rows between them
-    row_lengths = [1 if lengths == "decode" else rng.choice([1, 5, 17, 40]) for _ in row_slots]
+    # prefill: runs longer than a 16-token tile and than a segment (cut at 64 tokens), and
+    # one-token rows between them
+    row_lengths = [1 if lengths == "decode" else rng.choice([1, 5, 17, 40, 100])
+                   for _ in row_slots]
     batch = LoraBatch.build(slots, row_slots, row_lengths, torch.device(device))
     assert batch is not None and batch.path == DeltaPath.KERNEL
     assert_matches_reference(batch, ref, device, seed=11, label=f"{row_slots} {row_lengths}")
