@@ -8,10 +8,12 @@ Prefill = time until every sequence has its first token; decode tokens/s = the r
 generated tokens / the time of the remaining steps (both systems count N - 1 decode tokens per
 sequence). One warm-up run per system, then --repeats interleaved rounds; best run of each kept.
 Prints a table with ratios vs transformers batch 1 and PASS/MISS against the targets
-(ours batch 1 >= 1.0x, ours batch --batch aggregate >= 6x).
+(ours batch 1 >= 1.0x, ours batch --batch aggregate >= 6x). --bf16 adds ours in bfloat16 (and
+its paged decode kernel vs torch's attention); --int8 adds bf16 with --int8-small-steps at batch
+1 and 4, side by side with bf16 alone.
 
     .venv/bin/python bench/engine_throughput.py [--model default|DIR] [--threads 2]
-        [--new-tokens 64] [--batch 16] [--prompt-tokens 32] [--repeats 3]
+        [--new-tokens 64] [--batch 16] [--prompt-tokens 32] [--repeats 3] [--bf16] [--int8]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from worker import server
 from worker.config import WorkerConfig
 from worker.engine import Engine
+from worker.int8_weights import SMALL_STEP_TOKENS
 from worker.sequence import SamplingOptions, Sequence
 from worker.tokenizer import Tokenizer
 
@@ -100,7 +103,8 @@ def run_hf(hf_model: torch.nn.Module, prompt: list[int], new_tokens: int, pad_id
                   end - clock.first_token_at, [gen])
 
 
-def build_engine(args: argparse.Namespace, dtype: str) -> tuple[Engine, Tokenizer, Path]:
+def build_engine(args: argparse.Namespace, dtype: str,
+                 int8: bool = False) -> tuple[Engine, Tokenizer, Path]:
     """The worker's own assembly (worker.server.build_engine) on CPU, minus gRPC and thread.
 
     Room for the whole batch, and for all its prompts in one prefill step.
@@ -110,7 +114,7 @@ def build_engine(args: argparse.Namespace, dtype: str) -> tuple[Engine, Tokenize
         model=args.model, device="cpu", dtype=dtype, num_threads=args.threads,
         max_batch_size=max(defaults.max_batch_size, args.batch),
         max_num_batched_tokens=max(defaults.max_num_batched_tokens,
-                                   args.batch * args.prompt_tokens))
+                                   args.batch * args.prompt_tokens), int8_small_steps=int8)
     engine, tokenizer, info = server.build_engine(config, emit=lambda event: None)
     return engine, tokenizer, Path(info.model)
 
@@ -144,13 +148,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measured runs each (best kept)")
     parser.add_argument("--bf16", action="store_true",
                         help="also run ours with bfloat16 weights (AMX on recent x86 CPUs)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also run ours bf16 with --int8-small-steps at batch 1 and 4, side "
+                        "by side with bf16 alone (implies --bf16)")
     args = parser.parse_args()
+    args.bf16 = args.bf16 or args.int8
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one prefill token + decode tokens)")
 
     engine, tokenizer, path = build_engine(args, "float32")
     # build_engine loads on one thread; bind_threads (after the last build) restores --threads
     engine16 = build_engine(args, "bfloat16")[0] if args.bf16 else None
+    engine8 = build_engine(args, "bfloat16", int8=True)[0] if args.int8 else None
     engine.bind_threads()  # this thread steps both engines
     prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens)
     print(f"model {path.name} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
@@ -175,6 +184,12 @@ def main() -> None:
                                     "bf16 torch-att")
 
             systems.append(torch_attention)
+    small = [1, SMALL_STEP_TOKENS]  # decode steps of 1 and of 4 tokens: int8's
+    if engine8 is not None:
+        systems += [lambda b=b, e=e, name=name: run_ours(e, tokenizer, prompts[:b],
+                                                         args.new_tokens, name)
+                    for e, name in ((engine16, "bf16 small"), (engine8, "bf16 int8"))
+                    for b in small]
     for system in systems:  # warm-up
         system()
     # Interleaved, so that load from other processes hits every system alike.
@@ -194,9 +209,23 @@ def main() -> None:
               f"{r.decode_s:>10.2f}{r.tps:>10.1f}{r.decode_s / steps * 1e3:>9.1f}"
               f"{r.tps / hf.tps:>9.2f}x")
 
-    if results[-1].name == "bf16 torch-att":
+    by_name = {(r.name, r.batch): r for r in results}
+    if ("bf16 torch-att", args.batch) in by_name:
+        ratio = (by_name["ours bf16", args.batch].tps
+                 / by_name["bf16 torch-att", args.batch].tps)
         print(f"\npaged decode kernel vs torch gather + SDPA, bf16 batch {args.batch}: "
-              f"{results[-2].tps / results[-1].tps:.2f}x decode tok/s")
+              f"{ratio:.2f}x decode tok/s")
+    if engine8 is not None:
+        print("int8 small steps vs bf16: " + ", ".join(
+            f"batch {b} {by_name['bf16 int8', b].tps / by_name['bf16 small', b].tps:.2f}x"
+            for b in small) + " decode tok/s")
+        pairs = [(a, b) for b in small for a, b in zip(by_name["bf16 int8", b].outputs,
+                                                       by_name["bf16 small", b].outputs,
+                                                       strict=True)]
+        same = sum(x == y for a, b in pairs for x, y in zip(a, b, strict=True))
+        print(f"greedy tokens, int8 small steps vs bf16: {same}/{len(pairs) * args.new_tokens} "
+              "identical (int8 rounding moves near-ties; a sequence that flips one goes its "
+              "own way after it)")
     ours_b1 = results[1]
     same = sum(a == b for a, b in zip(ours_b1.outputs[0], hf.outputs[0], strict=True))
     print(f"\ngreedy tokens, ours batch 1 vs transformers: {same}/{args.new_tokens} identical"

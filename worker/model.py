@@ -79,6 +79,13 @@ class AttentionGroup:
     ctx_lens: torch.Tensor | None = None      # [rows] context length of each decode row
 
 
+class WeightCopies(Protocol):
+    """Other copies of the projections' weights for a step (worker.int8_weights.Int8Weights)."""
+
+    def linear(self, layer: int, name: str, x: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
 class LoraDelta(Protocol):
     """Adds each token's adapter delta to a projection's output (worker.lora.LoraBatch)."""
 
@@ -96,10 +103,11 @@ class ForwardBatch:
     # worker.paged_attention.DecodeAttention, for the groups with block tables
     decode_attention: Callable[..., torch.Tensor] | None = None
     block_size: int = 1  # tokens per KV block in those tables
+    weights: WeightCopies | None = None  # set: projections multiply by these instead
 
     def project(self, layer: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """linear(x) plus the LoRA delta of each token's adapter."""
-        y = linear(x)
+        y = linear(x) if self.weights is None else self.weights.linear(layer, name, x, linear.bias)
         return y if self.lora is None else self.lora.apply(layer, name, x, y)
 
 

@@ -11,6 +11,7 @@ from itertools import accumulate
 import torch
 
 from worker.decode_graphs import DecodeGraphs
+from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
 from worker.kv_cache import KVCache
 from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
@@ -89,8 +90,10 @@ class ModelRunner:
         self.lora_slots = lora_slots
         self.block_size = block_size
         self.device = device
-        # Captured decode steps (worker.decode_graphs), for the steps they cover; set once built.
+        # Captured decode steps (worker.decode_graphs), for the steps they cover, and int8
+        # weight copies for the smallest steps (worker.int8_weights); set once built.
         self.graphs: DecodeGraphs | None = None
+        self.int8: Int8Weights | None = None
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
         """-> input_ids [T], the ForwardBatch, and each row's last-token index [rows]."""
@@ -144,11 +147,16 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.covers(batch.items):
             return self._sample(batch.items, self.graphs.run(batch.items))
         input_ids, fb, last_idx = self.prepare(batch)
+        scoring = any(it.seq.is_scoring for it in batch.items)
+        int8 = (self.int8 if self.int8 is not None and not scoring
+                and input_ids.numel() <= SMALL_STEP_TOKENS else None)
+        fb.weights = int8
         hidden = self.model(input_ids, fb, self.kv_cache.layers)       # [T, hidden]
-        if any(it.seq.is_scoring for it in batch.items):
+        if scoring:
             return self._score_and_sample(batch.items, hidden, last_idx)
-        return self._sample(batch.items,
-                            self.model.compute_logits(hidden.index_select(0, last_idx)))
+        last = hidden.index_select(0, last_idx)
+        return self._sample(batch.items, self.model.compute_logits(last) if int8 is None
+                            else int8.logits(last))
 
     def _sample(self, items: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
         """logits [rows, vocab] of `items` -> one sampled token per row."""

@@ -20,6 +20,7 @@ from worker.config import WorkerConfig
 from worker.decode_graphs import DecodeGraphs, captured_decode
 from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
+from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.lora import LoraKernel, LoraSlots, module_shapes
@@ -159,6 +160,10 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
                          decode_attention)
     if device.type == "cuda" and config.cuda_graphs:
         runner.graphs = decode_graphs(config, runner, num_blocks, max_model_len)
+    if config.int8_small_steps:
+        runner.int8 = Int8Weights(model)
+        log.info("int8 weight copies for steps of <= %d tokens (%d MiB)", SMALL_STEP_TOKENS,
+                 runner.int8.nbytes >> 20)
     engine = Engine(scheduler, runner, make_detokenizer, emit, num_threads)
     return engine, max_model_len
 

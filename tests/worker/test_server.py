@@ -68,6 +68,12 @@ def test_the_kv_cache_keeps_a_scratch_block_the_scheduler_never_hands_out(
     assert engine.runner.kv_cache.storage.shape[2] == (blocks.num_blocks + 1) * blocks.block_size
     assert blocks.num_free_blocks == blocks.num_blocks
     assert engine.runner.graphs is None  # CPU steps stay eager
+    assert engine.runner.int8 is None  # the int8 copies are opt-in
+
+
+def test_int8_small_steps_gives_the_runner_int8_copies(tiny_model_dir) -> None:
+    int8 = engine_on("cpu", tiny_model_dir, int8_small_steps=True).runner.int8
+    assert int8 is not None and len(int8.layers) == 2
 
 
 @pytest.mark.cuda

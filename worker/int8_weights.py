@@ -1,0 +1,63 @@
+"""Weight-only int8 copies of the model's matmul weights, for the steps too small to be anything
+but a stream of weights from memory (--int8-small-steps).
+
+A step of a token or a few reads every weight once and does little else: on a CPU it runs at
+memory bandwidth, and int8 weights (one scale per output row) halve the bytes. Past a few tokens
+the dequantizing matmul (torch's _weight_int8pack_mm, as gpt-fast uses) falls behind the bf16
+AMX one, so larger steps keep the model's own weights; the copies cost half their size again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.model import LlamaModel
+
+# Steps of at most this many tokens take the int8 copies: weights streamed from memory, int8 ran
+# 1.74x the bf16 matmul at 1 token and 1.48x at 4, 0.79x at 8 (2 cores, SmolLM2 shapes).
+SMALL_STEP_TOKENS = 4
+# The matmul's CPU kernel reads 16 weights at a time: other widths crashed it.
+IN_FEATURES_MULTIPLE = 16
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (int8 [out, in], scales [out] in weight's dtype): symmetric, per row."""
+    scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scales.to(weight.dtype)
+
+
+class Int8Weights:
+    """int8 copies of every projection and of the output head of `model` (CPU)."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        if head.device.type != "cpu":
+            raise ValueError("--int8-small-steps is for CPU workers")
+        self.layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        for layer in model.layers:
+            linears = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
+                       "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj}
+            self.layers.append({name: quantize(linear.weight) for name, linear in linears.items()})
+        if any(w.shape[1] % IN_FEATURES_MULTIPLE for layer in self.layers
+               for w, _ in layer.values()) or head.shape[1] % IN_FEATURES_MULTIPLE:
+            raise ValueError(f"--int8-small-steps needs in-features divisible by "
+                             f"{IN_FEATURES_MULTIPLE}")
+        self.head = quantize(head)
+
+    @property
+    def nbytes(self) -> int:
+        pairs = [*(p for layer in self.layers for p in layer.values()), self.head]
+        return sum(q.nbytes + s.nbytes for q, s in pairs)
+
+    def linear(self, layer: int, name: str, x: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in] @ the int8 copy of projection `name` of `layer`ᵀ (+ bias)."""
+        q, scales = self.layers[layer][name]
+        y = torch._weight_int8pack_mm(x, q, scales)
+        return y if bias is None else y + bias
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LlamaModel.compute_logits on the int8 head: [rows, hidden] -> [rows, vocab] float32."""
+        return torch._weight_int8pack_mm(hidden, *self.head).float()
+
