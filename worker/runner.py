@@ -148,8 +148,7 @@ class ModelRunner:
             return self._sample(batch.items, self.graphs.run(batch.items))
         input_ids, fb, last_idx = self.prepare(batch)
         scoring = any(it.seq.is_scoring for it in batch.items)
-        int8 = (self.int8 if self.int8 is not None and not scoring
-                and input_ids.numel() <= SMALL_STEP_TOKENS else None)
+        int8 = self.int8 if not scoring and input_ids.numel() <= SMALL_STEP_TOKENS else None
         fb.weights = int8
         hidden = self.model(input_ids, fb, self.kv_cache.layers)       # [T, hidden]
         if scoring:
