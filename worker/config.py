@@ -44,9 +44,9 @@ class WorkerConfig:
     host_adapter_cache: int = field(default=64, metadata=_help(
         "adapters kept loaded in host memory (LRU); pinned on CUDA"))
     int8_small_steps: bool = field(default=False, metadata=_help(
-        "CPU: also keep int8 copies of the weights (+50%% weight memory) for steps of at most 4 "
-        "tokens, which then read half the bytes (single-stream decode); their outputs differ "
-        "slightly from the model dtype's"))
+        "CPU, bfloat16: also keep int8 copies of the weights (+50%% weight memory) for steps of "
+        "at most 4 tokens, which then read half the bytes (single-stream decode); their outputs "
+        "differ slightly from bf16's"))
     cuda_graphs: bool = field(default=True, metadata=_help(
         "replay decode steps from CUDA graphs on CUDA (checked against eager steps at start)"))
     default_max_tokens: int = field(default=128, metadata=_help(

@@ -32,8 +32,10 @@ class Int8Weights:
 
     def __init__(self, model: LlamaModel) -> None:
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        if head.device.type != "cpu":
-            raise ValueError("--int8-small-steps is for CPU workers")
+        if head.device.type != "cpu" or head.dtype != torch.bfloat16:
+            # float32 and float16 activations take slow paths of the int8 matmul, slower than
+            # their own dense matmuls even at one token (measured on this CPU)
+            raise ValueError("--int8-small-steps is for CPU workers in bfloat16 (--dtype)")
         self.layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         for layer in model.layers:
             linears = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,

@@ -54,8 +54,8 @@ def test_cuda_workers_take_the_triton_kernels() -> None:
         paged_attention_triton.paged_decode_attention, lora_triton.lora_delta_)
 
 
-def engine_on(device: str, path, **overrides) -> Engine:
-    model = load_model(path, torch.device(device), torch.float32)
+def engine_on(device: str, path, dtype: torch.dtype = torch.float32, **overrides) -> Engine:
+    model = load_model(path, torch.device(device), dtype)
     config = WorkerConfig(device=device, kv_cache_mb=4, max_batch_size=8, **overrides)
     engine, _ = assemble_engine(config, model, lambda stop: None, (), lambda event: None)
     return engine
@@ -72,7 +72,7 @@ def test_the_kv_cache_keeps_a_scratch_block_the_scheduler_never_hands_out(
 
 
 def test_int8_small_steps_gives_the_runner_int8_copies(tiny_model_dir) -> None:
-    int8 = engine_on("cpu", tiny_model_dir, int8_small_steps=True).runner.int8
+    int8 = engine_on("cpu", tiny_model_dir, torch.bfloat16, int8_small_steps=True).runner.int8
     assert int8 is not None and len(int8.layers) == 2
 
 
