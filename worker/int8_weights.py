@@ -13,8 +13,8 @@ import torch
 
 from worker.model import LlamaModel
 
-# Steps of at most this many tokens take the int8 copies: weights streamed from memory, int8 ran
-# 1.74x the bf16 matmul at 1 token and 1.48x at 4, 0.79x at 8 (2 cores, SmolLM2 shapes).
+# Steps of at most this many tokens take the int8 copies (bench/engine_throughput.py --int8 runs
+# batch 1 and this); from about 8 tokens on, the bf16 matmul was the faster one here.
 SMALL_STEP_TOKENS = 4
 # The matmul's CPU kernel reads 16 weights at a time: other widths crashed it.
 IN_FEATURES_MULTIPLE = 16
