@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.lora import LoraKernel
+from worker.lora import LoraKernel, segment_delta
 from worker.self_check import agrees
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,11 @@ def checked_kernel(device: torch.device, dtype: torch.dtype) -> LoraKernel | Non
     x = torch.randn(21, fan_in, generator=gen).to(device, dtype)
     y = torch.randn(21, sum(outs), generator=gen).to(device, dtype)
     table = [(0, 1, 2, 8), (1, 3, 0, 3), (4, 21, 1, 5)]  # token 3 has no adapter
-    expected = y.float().clone()
-    for start, end, slot, rank in table:
-        h = x[start:end].float() @ a[:rank, slot].float().reshape(rank * sub, fan_in).T
-        h = h.view(end - start, rank, sub)
-        expected[start:end] += torch.cat([h[:, :, j] @ b[:rank, slot].float()
-                                          for j, b in enumerate(bs)], dim=1)
+    ranks = [0] * (num_slots + 1)  # by 1-based slot, as torch's segment path reads them
+    for _, _, index, rank in table:
+        ranks[index + 1] = rank
+    expected = segment_delta(x.float(), y.float().clone(), a.float(), [b.float() for b in bs],
+                             [(start, end, index + 1) for start, end, index, _ in table], ranks)
 
     def error() -> float:
         lora_delta_(y, x, a, bs, torch.tensor(table, device=device))
