@@ -62,8 +62,9 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.buckets = buckets_up_to(max_batch)
         # One flat int64 buffer, each field a contiguous region of it: one copy per step.
-        widths = [1] * len(FIELDS) + [SEGMENT_COLUMNS, max_blocks]
-        size = max_batch * sum(widths)
+        widths = {**dict.fromkeys(FIELDS, 1), "segments": SEGMENT_COLUMNS,
+                  "block_tables": max_blocks}
+        size = max_batch * sum(widths.values())
         self.staging = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self.buffer = torch.zeros(size, dtype=torch.long, device=device)
         self.host = self._regions(self.staging, widths)
@@ -74,11 +75,10 @@ class DecodeGraphs:
         if capture:
             self._capture()
 
-    def _regions(self, flat: torch.Tensor, widths: list[int]) -> dict[str, torch.Tensor]:
-        names = [*FIELDS, "segments", "block_tables"]
-        parts = flat.split([self.max_batch * w for w in widths])
+    def _regions(self, flat: torch.Tensor, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+        parts = flat.split([self.max_batch * w for w in widths.values()])
         return {name: part.view(self.max_batch, -1) if w > 1 else part
-                for name, part, w in zip(names, parts, widths, strict=True)}
+                for (name, w), part in zip(widths.items(), parts, strict=True)}
 
     def bucket(self, num_rows: int) -> int:
         return next(b for b in self.buckets if b >= num_rows)
