@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import secrets
 import signal
 import sys
 
 from common.config import add_config_args, config_from_args
 from common.logging import setup_logging
+from common.shared_config import SHARED_FIELDS
 from router.config import RouterConfig
 from worker.config import WorkerConfig
 
@@ -36,7 +39,7 @@ async def _serve(worker_config: WorkerConfig | None, router_config: RouterConfig
         runtimes.append(worker)
         if router_config is not None and worker_config.port == 0:
             address = f"{worker_config.host}:{worker.port}"
-            router_config = RouterConfig(**{**router_config.__dict__, "workers": address})
+            router_config = dataclasses.replace(router_config, workers=address)
     if router_config is not None:
         runtimes.append(await start_router(router_config))
         log.info("ready: clients connect to %s:%d (edgelora.v1.Router)", router_config.host,
@@ -47,8 +50,11 @@ async def _serve(worker_config: WorkerConfig | None, router_config: RouterConfig
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    worker = config_from_args(WorkerConfig, args, host="127.0.0.1", port=args.worker_port)
     router = config_from_args(RouterConfig, args, workers=f"127.0.0.1:{args.worker_port}")
+    if not router.internal_secret:  # one process: a fresh secret keeps the worker port private
+        router = dataclasses.replace(router, internal_token=secrets.token_urlsafe(32))
+    worker = config_from_args(WorkerConfig, args, host="127.0.0.1", port=args.worker_port,
+                              internal_token=router.internal_secret, internal_token_file="")
     setup_logging(router.log_level)
     asyncio.run(_serve(worker, router))
 
@@ -154,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="router + one worker in one process (one box)")
     add_config_args(serve, RouterConfig, skip=("workers",))
-    add_config_args(serve, WorkerConfig, skip=("host", "port", "log_level"))
+    # SharedConfig fields come once, from RouterConfig's group: both configs read the same flag
+    add_config_args(serve, WorkerConfig, skip=("host", "port", "log_level", *SHARED_FIELDS))
     serve.add_argument("--worker-port", type=int, default=0,
                        help="internal worker port on 127.0.0.1 (default 0: any free port)")
     serve.set_defaults(func=_cmd_serve)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from common.shared_config import SharedConfig
 from router.routing import ROUTING_POLICIES
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "address the public gRPC API binds"})
+class RouterConfig(SharedConfig):
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address the public gRPC API binds (without --api-keys keep it on loopback: "
+                "anyone who reaches the port is admin)"})
     port: int = field(default=50051, metadata={"help": "public gRPC port (0 = pick a free one)"})
     workers: str = field(default="127.0.0.1:50052", metadata={
         "help": "comma-separated worker addresses host:port (IPv6 as [addr]:port); a DNS name "
@@ -44,9 +48,42 @@ class RouterConfig:
     embedder_dtype: str = field(default="auto", metadata={
         "help": "prompt embedder weights: auto (bfloat16 where the CPU has it natively), "
                 "float32 or bfloat16"})
+    api_keys: str = field(default="", metadata={
+        "help": "keys file (JSON, or YAML by its .yaml/.yml name): {\"keys\": [{\"key\": ..., "
+                "\"tenant\": ..., \"role\": \"tenant\"|\"admin\", optional max_running, "
+                "max_queued, max_adapters}]}; re-read when it changes. '' = one open admin "
+                "tenant (local use)"})
+    tls_cert: str = field(default="", metadata={
+        "help": "PEM certificate chain of the public port (with --tls-key): clients connect "
+                "with TLS"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    adapter_root: str = field(default="", metadata={
+        "help": "admins may register adapters by path only inside this folder (real path, no "
+                "symlink escape); '' = path registration refused when --api-keys is set, any "
+                "local path in open mode"})
+    tenant_max_adapters: int = field(default=100, metadata={
+        "help": "adapters one tenant may register (the keys file can set it per tenant)"})
+    max_card_bytes: int = field(default=4096, metadata={
+        "help": "longest adapter description and longest example prompt, UTF-8 bytes"})
+    max_example_prompts: int = field(default=64, metadata={
+        "help": "most example prompts in one adapter card"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both PEM files or "
+                             "neither")
+        for flag, path in (("--api-keys", self.api_keys), ("--tls-cert", self.tls_cert),
+                           ("--tls-key", self.tls_key)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        if self.adapter_root and not Path(self.adapter_root).is_dir():
+            raise ValueError(f"--adapter-root {self.adapter_root}: no such folder")
+        if self.tenant_max_adapters < 0 or self.max_example_prompts < 0:
+            raise ValueError("--tenant-max-adapters and --max-example-prompts must be >= 0")
+        if self.max_card_bytes < 1:
+            raise ValueError("--max-card-bytes must be at least 1")
         if not self.worker_addresses:
             raise ValueError("--workers must name at least one worker as host:port")
         for address in self.worker_addresses:

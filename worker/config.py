@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.shared_config import LOOPBACK_HOSTS, SharedConfig
+
 DEFAULT_MODEL = "default"
 
 
@@ -14,7 +16,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(SharedConfig):
     model: str = field(default=DEFAULT_MODEL, metadata=_help(
         "'default' (embedded SmolLM2-135M-Instruct) or an HF Llama-family checkpoint directory"))
     cache_dir: str = field(default="", metadata=_help(
@@ -54,6 +56,12 @@ class WorkerConfig:
     log_level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.host not in LOOPBACK_HOSTS and not self.internal_secret:
+            raise ValueError(f"--host {self.host} exposes the worker's internal API beyond this "
+                             "machine: set the router <-> worker secret (EDGELORA_INTERNAL_TOKEN "
+                             "or --internal-token-file, the same on the router) or bind "
+                             "127.0.0.1")
         checks = [
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
             (self.max_num_batched_tokens >= self.max_batch_size,

@@ -108,7 +108,8 @@ class Engine:
         seq = Sequence(message.request_id, message.prompt_ids, message.options,
                        message.adapter_id,
                        detok=None if scoring else self.make_detokenizer(message.options.stop),
-                       num_reference_tokens=message.num_reference_tokens)
+                       num_reference_tokens=message.num_reference_tokens,
+                       tenant=message.tenant, limits=message.limits)
         try:
             self.scheduler.add(seq)
         except EdgeLoraError as exc:

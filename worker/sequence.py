@@ -21,6 +21,14 @@ class SamplingOptions:
     ignore_eos: bool = False
 
 
+@dataclass(frozen=True)
+class TenantLimits:
+    """A tenant's share of one worker, sent by the router with each request; 0 = no limit."""
+
+    max_running: int = 0  # sequences admitted to the batch at once
+    max_queued: int = 0   # sequences waiting for admission
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -37,6 +45,8 @@ class AddRequest:
     adapter_id: str = ""
     # > 0: a scoring request (see Sequence.num_reference_tokens)
     num_reference_tokens: int = 0
+    tenant: str = ""  # who asked: admission is fair across tenants
+    limits: TenantLimits = TenantLimits()
 
 
 @dataclass
@@ -89,6 +99,8 @@ class Sequence:
     # the sequence finishes after its last prompt chunk. 0 = a normal generating sequence.
     num_reference_tokens: int = 0
     log_likelihood: float = 0.0  # summed over the chunks computed so far
+    tenant: str = ""
+    limits: TenantLimits = field(default_factory=TenantLimits)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
