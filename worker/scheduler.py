@@ -1,18 +1,21 @@
 """Continuous batching: which sequences run in the next step, and what their sampled tokens mean.
 
 New sequences join at any step; prompt chunks and decodes share a step under one token budget;
-finished, aborted and preempted sequences free their KV blocks at once. Torch-free.
+finished, aborted and preempted sequences free their KV blocks at once. Admission is fair across
+tenants (worker.tenant_queues): round robin over per-tenant queues, per-tenant caps, and a tenant
+with nothing running gets its first chunk in a step of its own instead of behind another's flood.
+With one tenant all of it is plain FIFO. Torch-free.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
-from common.errors import NotFound, ResourceExhausted
+from common.errors import EdgeLoraError, NotFound, ResourceExhausted
 from worker.adapter_memory import AdapterMemory
 from worker.kv_cache import BlockManager
 from worker.sequence import Sequence, SequenceStatus, TokenEvent
+from worker.tenant_queues import TenantGate, TenantQueues, has_newcomer
 
 
 @dataclass
@@ -26,7 +29,7 @@ class ScheduledSeq:
 @dataclass
 class Batch:
     items: list[ScheduledSeq]
-    # requests that ended while scheduling (their adapter failed to load): emitted as is
+    # requests that ended while scheduling (their adapter failed to load or went away): as is
     events: list[TokenEvent] = field(default_factory=list)
 
 
@@ -40,16 +43,21 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_queue = max_queue
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = TenantQueues()
         self.running: list[Sequence] = []
+        # False after a newcomer-only step (the next one must advance the running sequences) and
+        # after a preemption (memory is short: a newcomer would only be the next victim).
+        self._newcomer_step_ok = True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise ResourceExhausted(
-                f"the worker queue is full ({self.max_queue} waiting requests); retry later")
+        """Queues seq at the back of its tenant's queue; ResourceExhausted over the tenant's
+        max_queued or, once max_queue are waiting, past the tenant's fair share of the queue."""
+        refusal = self.waiting.refusal(seq, self.max_queue)
+        if refusal:
+            raise ResourceExhausted(refusal)
         if seq.adapter_id:
             if self.adapters is None:
                 raise NotFound(f"adapter {seq.adapter_id!r}: this worker serves no adapters")
@@ -69,10 +77,37 @@ class Scheduler:
         return False
 
     def schedule(self) -> Batch | None:
+        """The next step's rows (None: nothing to run).
+
+        When a tenant with nothing running can be admitted while others run, the step holds only
+        newcomers' prompt chunks: their first token then costs one small prefill step rather than
+        a full step of someone's flood. Never two such steps in a row, so running sequences
+        advance at least every other step however often new tenants arrive; none right after a
+        step that preempted, or the newcomer (the newest) would be the next victim, and again.
+        """
+        events: list[TokenEvent] = []
+        if self.running and self._newcomer_step_ok and has_newcomer(self.waiting, self.running):
+            # Before reserving anything for the running sequences: they skip this step.
+            items, events = self._admit(self.max_num_batched_tokens, newcomers_only=True)
+            if items:
+                self._newcomer_step_ok = False
+                return Batch(items, events)
+        num_waiting = len(self.waiting)
+        items, budget = self._schedule_running()
+        # After a preemption, memory is short: admitting now would only be preempted again.
+        self._newcomer_step_ok = len(self.waiting) == num_waiting
+        if self._newcomer_step_ok:
+            admitted, admit_events = self._admit(budget)
+            items += admitted
+            events += admit_events
+        return Batch(items, events) if items or events else None
+
+    def _schedule_running(self) -> tuple[list[ScheduledSeq], int]:
+        """Rows for the running sequences in admission order, reserving their KV (preempting
+        the newest if short); -> (rows, token budget left)."""
         budget = self.max_num_batched_tokens
         items: list[ScheduledSeq] = []
         scheduled: set[int] = set()
-        num_waiting = len(self.waiting)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -84,45 +119,81 @@ class Scheduler:
             items.append(ScheduledSeq(seq, num_new))
             scheduled.add(seq.request_id)
             budget -= num_new
-        # After a preemption, memory is short: admitting now would only be preempted again.
-        events = self._admit(items, budget) if len(self.waiting) == num_waiting else []
-        return Batch(items, events) if items or events else None
+        return items, budget
 
-    def _admit(self, items: list[ScheduledSeq], budget: int) -> list[TokenEvent]:
-        """Moves waiting sequences to running in FIFO order while KV blocks and slots allow.
+    def _admit(self, budget: int, newcomers_only: bool = False,
+               ) -> tuple[list[ScheduledSeq], list[TokenEvent]]:
+        """Moves waiting sequences to running in round-robin tenant order (FIFO within a tenant)
+        while the token budget, KV blocks and slots allow; -> (their rows, error events).
 
-        A sequence whose adapter is still loading is passed over; once one waits for a device
-        slot, later ones needing a new slot wait behind it, so nobody starves.
+        Passed over, still waiting: tenants the TenantGate refuses (running cap, full batch,
+        newcomers_only); sequences whose adapter is still loading, and once one waits for a
+        device slot, later ones needing a new slot wait behind it, so nobody starves. The first
+        candidate whose KV blocks cannot be had ends admission: KV is global, and letting later
+        arrivals overtake it could starve it. A newcomer-only step also leaves the blocks the
+        running sequences' next step needs, or the newcomer would be that step's victim.
         """
+        items: list[ScheduledSeq] = []
         events: list[TokenEvent] = []
+        gate = TenantGate(self.running, self.max_batch_size, newcomers_only)
+        keep = self._running_needs() if newcomers_only else 0
         waiting_for_slot = False
-        index = 0
-        while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_batch_size:
-            seq = self.waiting[index]
+        for seq in self.waiting:
+            if budget == 0 or gate.is_full:
+                break
+            if not gate.allows(seq):
+                continue
             if seq.adapter_id and not self.adapters.is_resident(seq.adapter_id):
                 error = self.adapters.error(seq.adapter_id)
                 if error:
-                    del self.waiting[index]
-                    self._finish(seq, "error")
-                    events.append(self._error_event(seq, str(error), error.code.name))
+                    events.append(self._fail_waiting(seq, error))
                     continue
                 if waiting_for_slot or not self.adapters.can_acquire(seq.adapter_id):
                     waiting_for_slot = waiting_for_slot or self.adapters.has_no_idle_slot()
-                    index += 1
                     continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             needed = self.blocks.blocks_needed(seq.block_table, seq.num_computed_tokens + num_new)
-            if not self.blocks.can_allocate(needed):
-                break  # FIFO on KV: later arrivals never overtake, so nobody starves
-            del self.waiting[index]
-            if seq.adapter_id:
-                seq.slot = self.adapters.acquire(seq.adapter_id)
-            self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            if not self.blocks.can_allocate(needed + keep):
+                break
+            failure = self._start(seq, num_new)
+            if failure:
+                events.append(failure)
+                continue
+            gate.admitted(seq)
             items.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        return events
+        return items, events
+
+    def _running_needs(self) -> int:
+        """KV blocks the next normal step reserves for the running sequences (their rows in
+        order under the token budget, as _schedule_running takes them)."""
+        budget, needed = self.max_num_batched_tokens, 0
+        for seq in self.running:
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            needed += self.blocks.blocks_needed(seq.block_table, seq.num_computed_tokens + num_new)
+            budget -= num_new
+            if budget == 0:
+                break
+        return needed
+
+    def _start(self, seq: Sequence, num_new: int) -> TokenEvent | None:
+        """Waiting -> running with KV for num_new tokens; an error event if its adapter fails."""
+        try:
+            seq.slot = self.adapters.acquire(seq.adapter_id) if seq.adapter_id else 0
+        except EdgeLoraError as error:
+            # e.g. NotFound: unregistered by another thread since can_acquire(). Nothing is
+            # allocated yet; only this request ends, the step goes on.
+            return self._fail_waiting(seq, error)
+        self.waiting.take(seq)
+        self.blocks.allocate(seq.block_table, seq.num_computed_tokens + num_new)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return None
+
+    def _fail_waiting(self, seq: Sequence, error: EdgeLoraError) -> TokenEvent:
+        self.waiting.remove(seq)
+        self._finish(seq, "error")
+        return self._error_event(seq, str(error), error.code.name)
 
     def _reserve(self, seq: Sequence, num_new: int, scheduled: set[int]) -> bool:
         """Blocks for seq's next tokens, preempting the newest unscheduled sequences if needed."""
@@ -137,7 +208,8 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        # Recompute later from scratch (prompt + outputs so far): frees every block now.
+        # Recompute later from scratch (prompt + outputs so far): frees every block now. The
+        # front of its tenant's queue: it already waited its turn once.
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed_tokens = 0

@@ -1,15 +1,18 @@
-"""Tests for worker.scheduler: continuous batching, chunked prefill, finish, abort, preemption."""
+"""Tests for worker.scheduler: continuous batching, chunked prefill, finish, abort, preemption,
+fair admission across tenants."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
-from common.errors import ResourceExhausted
+from common.errors import NotFound, ResourceExhausted
 from worker.kv_cache import BlockManager
 from worker.scheduler import Batch, Scheduler
-from worker.sequence import SamplingOptions, Sequence, SequenceStatus, TokenEvent
+from worker.sequence import SamplingOptions, Sequence, SequenceStatus, TenantLimits, TokenEvent
+from worker.tenant_queues import overflow_limit
 
 EOS = 2
 
@@ -678,4 +681,230 @@ def test_aborted_scoring_sequence_frees_its_blocks() -> None:
     score_step(sched, {})
     assert sched.abort(1)
     assert_finished(seq, "cancelled")
+    assert_all_free(sched)
+
+
+# --- tenants -------------------------------------------------------------------------------------
+
+
+def tenant_seq(request_id: int, tenant: str, prompt_len: int = 4, max_tokens: int = 4,
+               limits: TenantLimits | None = None) -> Sequence:
+    seq = make_seq(request_id, prompt_len, max_tokens)
+    seq.tenant = tenant
+    seq.limits = limits or TenantLimits()
+    return seq
+
+
+def test_a_flood_does_not_delay_another_tenants_first_token() -> None:
+    sched = make_scheduler(num_blocks=512, max_batch_size=8, max_num_batched_tokens=64)
+    flood = [tenant_seq(i, "a", prompt_len=8, max_tokens=100) for i in range(50)]
+    for s in flood:
+        sched.add(s)
+    assert rows(step(sched)[0]) == [(i, 8) for i in range(8)]
+    assert rows(step(sched)[0]) == [(i, 1) for i in range(8)], "the batch is full of a's"
+    b = tenant_seq(100, "b", prompt_len=6)
+    sched.add(b)
+
+    batch, events = step(sched)
+    assert rows(batch) == [(100, 6)], "a newcomer-only step: b's prompt and nothing else"
+    assert ids_of_events(events) == [100] and b.output_ids == expected_outputs(100, 1)
+    assert len(sched.running) == 9 == overflow_limit(8), "b runs past max_batch_size"
+    batch, _ = step(sched)
+    assert rows(batch) == [*[(i, 1) for i in range(8)], (100, 1)], "then everyone decodes"
+    batch, _ = step(sched)
+    assert rows(batch) == [*[(i, 1) for i in range(8)], (100, 1)], "and a's wait their turn"
+    assert ids(sched.waiting) == list(range(8, 50))
+    assert_blocks_consistent(sched)
+
+
+def test_newcomer_only_steps_never_come_twice_in_a_row() -> None:
+    sched = make_scheduler(num_blocks=64, max_batch_size=8, max_num_batched_tokens=32)
+    sched.add(tenant_seq(1, "a", max_tokens=20))
+    assert rows(step(sched)[0]) == [(1, 4)]
+    sched.add(tenant_seq(11, "b", max_tokens=20))
+    assert rows(step(sched)[0]) == [(11, 4)]
+    sched.add(tenant_seq(21, "c", max_tokens=20))
+    assert rows(step(sched)[0]) == [(1, 1), (11, 1), (21, 4)], "c joins a normal step"
+    assert rows(step(sched)[0]) == [(1, 1), (11, 1), (21, 1)]
+    sched.add(tenant_seq(31, "d", max_tokens=20))
+    assert rows(step(sched)[0]) == [(31, 4)], "newcomer-only again after a normal step"
+
+
+def test_a_newcomer_only_step_keeps_the_blocks_running_sequences_need_next() -> None:
+    # 3 blocks of 4: a holds 1 and needs a 2nd for its next token; b's 8-token prompt needs 2.
+    sched = make_scheduler(num_blocks=3, block_size=4, max_batch_size=8)
+    a = tenant_seq(1, "a", prompt_len=4, max_tokens=10)
+    sched.add(a)
+    step(sched)
+    sched.add(tenant_seq(11, "b", prompt_len=8))
+    assert rows(step(sched)[0]) == [(1, 1)], "b would only have been a's preemption victim"
+    assert ids(sched.waiting) == [11] and ids(sched.running) == [1]
+    assert_blocks_consistent(sched)
+
+
+def test_no_newcomer_only_step_right_after_a_preemption() -> None:
+    # 4 blocks of 2: a's two sequences fill them, and a's growth preempts its second.
+    sched = make_scheduler(num_blocks=4, block_size=2, max_batch_size=8, max_num_batched_tokens=16)
+    for request_id in (1, 2):
+        sched.add(tenant_seq(request_id, "a", prompt_len=3, max_tokens=10))
+    step(sched)
+    step(sched)
+    assert rows(step(sched)[0]) == [(1, 1)] and ids(sched.waiting) == [2], "2 was preempted"
+    sched.add(tenant_seq(11, "b", prompt_len=1))  # would fit the last free block
+    assert rows(step(sched)[0]) == [(1, 1)], "memory is short: b would be the next victim"
+    assert ids(sched.waiting) == [2, 11]
+    assert_blocks_consistent(sched)
+
+
+def test_a_tenants_max_running_caps_it_and_others_pass() -> None:
+    sched = make_scheduler(max_batch_size=8)
+    cap = TenantLimits(max_running=2)
+    a = [tenant_seq(i, "a", max_tokens=2 if i == 1 else 10, limits=cap) for i in (1, 2, 3, 4)]
+    for s in [*a, tenant_seq(11, "b", max_tokens=10)]:
+        sched.add(s)
+    assert rows(step(sched)[0]) == [(1, 4), (11, 4), (2, 4)], "round robin, a capped at 2"
+    assert ids(sched.waiting) == [3, 4]
+    batch, events = step(sched)  # a's first finishes
+    assert rows(batch) == [(1, 1), (11, 1), (2, 1)]
+    assert [e.finish_reason for e in events if e.request_id == 1] == ["length"]
+    assert rows(step(sched)[0]) == [(11, 1), (2, 1), (3, 4)], "its slot goes to a's next"
+    assert ids(sched.waiting) == [4]
+
+
+def test_a_tenants_max_queued_refuses_it_alone() -> None:
+    sched = make_scheduler(max_queue=64)
+    limits = TenantLimits(max_queued=2)
+    sched.add(tenant_seq(1, "a", limits=limits))
+    sched.add(tenant_seq(2, "a", limits=limits))
+    with pytest.raises(ResourceExhausted, match=r"tenant 'a' has 2 requests waiting.*max_queued"):
+        sched.add(tenant_seq(3, "a", limits=limits))
+    sched.add(tenant_seq(11, "b"))
+    assert ids(sched.waiting) == [1, 11, 2]
+
+
+def test_a_tenant_filling_the_queue_never_fails_another() -> None:
+    sched = make_scheduler(max_queue=4)
+    for i in range(4):
+        sched.add(tenant_seq(i, "a"))
+    with pytest.raises(ResourceExhausted, match=r"queue is full.*tenant 'a' holds 4"):
+        sched.add(tenant_seq(9, "a"))
+    sched.add(tenant_seq(11, "b"))
+    sched.add(tenant_seq(12, "b"))  # 1 of b's fair share of 2
+    with pytest.raises(ResourceExhausted, match="tenant 'b' holds 2"):
+        sched.add(tenant_seq(13, "b"))
+    assert len(sched.waiting) == 6 and sched.waiting.count("b") == 2
+
+
+def test_three_tenants_are_admitted_round_robin() -> None:
+    sched = make_scheduler(max_num_batched_tokens=8)  # two 4-token prompts a step
+    for tenant, base in (("a", 0), ("b", 10), ("c", 20)):
+        for i in (1, 2, 3):
+            sched.add(tenant_seq(base + i, tenant, max_tokens=1))  # done on its prefill step
+    admitted = [ids_of_rows(step(sched)[0]) for _ in range(5)]
+    # a and b first; c then leads, as the rotation resumes after the tenant admitted last.
+    assert admitted == [[1, 11], [21, 2], [12, 22], [3, 13], [23]], admitted
+    assert not sched.has_work()
+    assert_all_free(sched)
+
+
+def ids_of_rows(batch: Batch) -> list[int]:
+    return [request_id for request_id, _ in rows(batch)]
+
+
+class FakeAdapters:
+    """AdapterMemory's calls from the scheduler: any adapter loads at once, but those in `gone`
+    were unregistered by another thread between can_acquire() and acquire()."""
+
+    def __init__(self, gone: tuple[str, ...] = ()) -> None:
+        self.gone = set(gone)
+        self.slot_of: dict[str, int] = {}
+        self.refcount: Counter[int] = Counter()
+
+    def prefetch(self, adapter_id: str) -> None:
+        pass
+
+    def error(self, adapter_id: str) -> None:
+        return None
+
+    def is_resident(self, adapter_id: str) -> bool:
+        return False
+
+    def can_acquire(self, adapter_id: str) -> bool:
+        return True
+
+    def has_no_idle_slot(self) -> bool:
+        return False
+
+    def acquire(self, adapter_id: str) -> int:
+        if adapter_id in self.gone:
+            raise NotFound(f"adapter {adapter_id!r} is not registered on this worker")
+        slot = self.slot_of.setdefault(adapter_id, len(self.slot_of) + 1)
+        self.refcount[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.refcount[slot] -= 1
+
+
+def test_an_adapter_gone_at_acquire_ends_only_its_sequence() -> None:
+    adapters = FakeAdapters(gone=("gone",))
+    sched = Scheduler(BlockManager(64, 4), 8, 32, 64, eos_token_ids=(EOS,), adapters=adapters)
+    ok, gone, base = make_seq(1, 4), make_seq(2, 4), make_seq(3, 4)
+    ok.adapter_id, gone.adapter_id = "ok", "gone"
+    for s in (ok, gone, base):
+        sched.add(s)
+    batch = sched.schedule()
+    assert rows(batch) == [(1, 4), (3, 4)]
+    assert [(e.request_id, e.finish_reason, e.error_code) for e in batch.events] == [
+        (2, "error", "NOT_FOUND")], batch.events
+    assert "not registered" in batch.events[0].error
+    assert_finished(gone, "error")
+    assert gone.slot == 0 and not sched.waiting
+    assert_blocks_consistent(sched)
+    sched.postprocess(batch, [token_for(item.seq) for item in batch.items])
+    while sched.has_work():
+        step(sched)
+    assert adapters.refcount == Counter({1: 0}), "the adapter that loaded is released"
+    assert_all_free(sched)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_whole_run_with_tenants_under_tight_kv(seed: int) -> None:
+    rng = random.Random(seed)
+    max_batch = 6
+    sched = make_scheduler(num_blocks=14, block_size=4, max_batch_size=max_batch,
+                           max_num_batched_tokens=16, max_queue=30)
+    limits = {"a": TenantLimits(max_running=2), "b": TenantLimits(), "c": TenantLimits()}
+    pending = []
+    for i in range(30):
+        prompt_len = rng.randint(1, 30)
+        tenant = rng.choice("aabbc")
+        pending.append(tenant_seq(i, tenant, prompt_len, rng.randint(1, min(24, 56 - prompt_len)),
+                                  limits[tenant]))
+    seqs = list(pending)
+    streamed: dict[int, list[int]] = {s.request_id: [] for s in seqs}
+    last_newcomer_only = False
+    for _ in range(5000):
+        while pending and rng.random() < 0.4:
+            sched.add(pending.pop(0))
+        if not pending and not sched.has_work():
+            break
+        running_before = set(ids(sched.running))
+        batch = sched.schedule()
+        if batch is None:
+            continue
+        newcomer_only = bool(running_before) and not running_before & set(ids_of_rows(batch))
+        assert not (newcomer_only and last_newcomer_only), "two newcomer-only steps in a row"
+        last_newcomer_only = newcomer_only
+        assert len(sched.running) <= overflow_limit(max_batch), ids(sched.running)
+        assert sum(1 for s in sched.running if s.tenant == "a") <= 2, ids(sched.running)
+        for ev in sched.postprocess(batch, [token_for(item.seq) for item in batch.items]):
+            streamed[ev.request_id] += ev.token_ids
+        assert_blocks_consistent(sched)
+    else:
+        pytest.fail(f"did not finish: waiting={ids(sched.waiting)} running={ids(sched.running)}")
+    for s in seqs:
+        assert_finished(s, "length")
+        assert s.output_ids == expected_outputs(s.request_id, s.options.max_tokens)
+        assert streamed[s.request_id] == s.output_ids, "every token streams exactly once"
     assert_all_free(sched)
