@@ -1,26 +1,51 @@
 """The PEFT LoRA adapter format (adapter_config.json + adapter_model.safetensors), read and checked.
 
-Every problem becomes an InvalidArgument naming the file, tensor or field; never touches a device.
+Adapter directories come from tenants, so every byte is hostile input: nothing in them may block,
+crash or poison the process. Every problem becomes an InvalidArgument naming the file, tensor or
+field; an I/O failure that may pass becomes Unavailable. Never touches a device. Past the ~300
+lines of STYLE §11 because the whole trust boundary stays in one file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
+import regex
 import torch
-from safetensors import SafetensorError, safe_open
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, Unavailable
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_CONFIG_BYTES = 64 << 10
+MAX_WEIGHTS_BYTES = 512 << 20  # the default of every max_weights_bytes (--max-adapter-mb)
+MAX_RANK = 4096
+MAX_REGEX_CHARS = 256
+REGEX_BUDGET_S = 1.0  # for matching a target_modules regex against every candidate name
+# regex expands counted repeats when it compiles: "((a{1000}){1000}){1000}" is 10^9 nodes.
+_MAX_REPEAT_PRODUCT = 1000
+_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+_WEIGHTS_LIMIT = "this server accepts adapter files up to {} (--max-adapter-mb)"
 _MAX_LAYERS = 256  # layer indices tried when matching a target_modules regex
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# A 256-layer adapter's header is ~0.5 MiB; json.loads of safetensors' own 100 MB limit can take
+# a GB of Python objects.
+_MAX_HEADER_BYTES = 8 << 20
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+# \d{1,9}: int() of over 4300 digits raises ValueError, not our InvalidArgument
+_KEY = re.compile(r"layers\.(\d{1,9})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# A FIFO swapped in between stat() and open() would block a plain open() forever.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 @dataclass(frozen=True)
@@ -39,26 +64,182 @@ class AdapterSpec:
         return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def _regex_targets(pattern: str, where: Path) -> list[str]:
-    """PEFT full-matches a regex against full module names ("model.layers.3.self_attn.q_proj");
-    a bare search of the short name ("q_proj|v_proj") is accepted too."""
+class _Entry(NamedTuple):
+    """One tensor of a safetensors header; start/end are byte offsets into the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _size(num_bytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if num_bytes >= 1 << shift:
+            return f"{num_bytes / (1 << shift):.4g} {unit}"
+    return f"{num_bytes} bytes"
+
+
+def _check_stat(adapter_id: str, file: Path, info: os.stat_result, max_bytes: int,
+                limit: str) -> int:
+    """-> the size of a regular file of at most max_bytes; refuses FIFOs, devices, directories."""
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is not a regular file")
+    if info.st_size > max_bytes:
+        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is {_size(info.st_size)}; "
+                              + limit.format(_size(max_bytes)))
+    return info.st_size
+
+
+@contextmanager
+def _os_errors(adapter_id: str, file: Path) -> Iterator[None]:
+    """A missing file is the tenant's mistake; other OSErrors (EIO, EMFILE) may pass."""
     try:
-        regex = re.compile(pattern)
-    except re.error as exc:
+        yield
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is missing (a PEFT adapter "
+                              f"directory holds {CONFIG_FILE} and {WEIGHTS_FILE})") from exc
+    except OSError as exc:
+        raise Unavailable(f"adapter {adapter_id!r}: {file} cannot be read now ({exc})") from exc
+
+
+def _stat_checked(adapter_id: str, file: Path, max_bytes: int, limit: str) -> int:
+    """Before opening: open() of a FIFO blocks until a writer comes, possibly forever."""
+    with _os_errors(adapter_id, file):
+        return _check_stat(adapter_id, file, os.stat(file), max_bytes, limit)
+
+
+@contextmanager
+def _open_checked(adapter_id: str, file: Path, max_bytes: int,
+                  limit: str) -> Iterator[tuple[BinaryIO, int]]:
+    """-> (file, size): a regular file of at most max_bytes, checked before and after opening."""
+    with _os_errors(adapter_id, file):
+        _stat_checked(adapter_id, file, max_bytes, limit)
+        with os.fdopen(os.open(file, os.O_RDONLY | _NONBLOCK), "rb") as f:
+            # the file opened need not be the one stat() saw: it may have been swapped since
+            yield f, _check_stat(adapter_id, file, os.fstat(f.fileno()), max_bytes, limit)
+
+
+def _read_exact(adapter_id: str, file: Path, f: BinaryIO, num_bytes: int) -> bytearray:
+    """Reads num_bytes into a fresh (writable, so torch.frombuffer can view it) buffer."""
+    buf = bytearray(num_bytes)
+    view, done = memoryview(buf), 0
+    while done < num_bytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise Unavailable(f"adapter {adapter_id!r}: {file} shrank while being read")
+        done += got
+    return buf
+
+
+# --- adapter_config.json -------------------------------------------------------------------------
+
+
+def _read_config(adapter_id: str, file: Path) -> dict:
+    with _open_checked(adapter_id, file, MAX_CONFIG_BYTES, "{} at most") as (f, _):
+        data = f.read(MAX_CONFIG_BYTES + 1)  # bounded: the file may have grown since fstat
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is over {_size(MAX_CONFIG_BYTES)}")
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deeply
+        raise InvalidArgument(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _check_features(config: dict, where: Path) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InvalidArgument(f"{where}: peft_type {config['peft_type']!r} is not LORA")
+    for feature in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):
+        if config.get(feature):
+            raise InvalidArgument(f"{where}: {feature} is not supported")
+    if config.get("bias", "none") != "none":
+        raise InvalidArgument(f"{where}: bias={config['bias']!r} is not supported")
+
+
+def _rank(config: dict, where: Path) -> int:
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+        raise InvalidArgument(f"{where}: r must be a positive integer up to {MAX_RANK}, "
+                              f"got {rank!r}")
+    return rank
+
+
+def _alpha(config: dict, rank: int, where: Path) -> float:
+    alpha = config.get("lora_alpha", rank)
+    if not isinstance(alpha, bool) and isinstance(alpha, int | float):
+        try:
+            if math.isfinite(value := float(alpha)):  # json.loads accepts NaN and Infinity
+                return value
+        except OverflowError:  # an integer beyond float's range
+            pass
+    raise InvalidArgument(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
+
+
+def _use_rslora(config: dict, where: Path) -> bool:
+    value = config.get("use_rslora")
+    if value is not None and not isinstance(value, bool):
+        raise InvalidArgument(f"{where}: use_rslora must be true or false, got {value!r}")
+    return bool(value)
+
+
+# --- target_modules ------------------------------------------------------------------------------
+
+
+def _compile_target_regex(pattern: str, where: Path) -> regex.Pattern:
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise InvalidArgument(f"{where}: target_modules regex is {len(pattern)} characters; at "
+                              f"most {MAX_REGEX_CHARS} are accepted")
+    product = 1
+    for low, high in _REPEAT.findall(pattern):  # over-counts (escaped braces): never under
+        product *= max(int(low or 0), int(high or 0), 1)
+    if product > _MAX_REPEAT_PRODUCT:
+        raise InvalidArgument(f"{where}: target_modules regex {pattern!r} repeats too much "
+                              f"(counted repeats multiply to over {_MAX_REPEAT_PRODUCT})")
+    try:
+        return regex.compile(pattern)
+    except (regex.error, ValueError, OverflowError, RecursionError) as exc:
         raise InvalidArgument(f"{where}: target_modules {pattern!r} is not a valid regex "
                               f"({exc})") from exc
 
-    def full_names(module: str) -> list[str]:
-        kind = "self_attn" if module in LORA_MODULES[:4] else "mlp"
-        return [f"model.layers.{i}.{kind}.{module}" for i in range(_MAX_LAYERS)]
 
-    return [m for m in LORA_MODULES
-            if regex.search(m) or any(regex.fullmatch(n) for n in full_names(m))]
+def _full_names(module: str, num_layers: int) -> Iterator[str]:
+    kind = "self_attn" if module in LORA_MODULES[:4] else "mlp"
+    return (f"model.layers.{i}.{kind}.{module}" for i in range(num_layers))
 
 
-def _targets(raw: object, where: Path) -> tuple[str, ...]:
+def _regex_targets(pattern: str, where: Path, num_layers: int) -> list[str]:
+    """PEFT full-matches a regex against full module names ("model.layers.3.self_attn.q_proj");
+    a bare search of the short name ("q_proj|v_proj") is accepted too.
+
+    A tenant's regex can backtrack for hours, so all matching shares one time budget; each match
+    runs with concurrent=True (the GIL released) so other threads keep serving meanwhile."""
+    compiled = _compile_target_regex(pattern, where)
+    deadline = time.monotonic() + REGEX_BUDGET_S
+
+    def matches(name: str, full: bool) -> bool:
+        timeout_s = deadline - time.monotonic()
+        if timeout_s <= 0:
+            raise TimeoutError
+        match = compiled.fullmatch if full else compiled.search
+        return match(name, timeout=timeout_s, concurrent=True) is not None
+
+    try:
+        return [m for m in LORA_MODULES if matches(m, False)
+                or any(matches(n, True) for n in _full_names(m, num_layers))]
+    except TimeoutError as exc:
+        raise InvalidArgument(f"{where}: target_modules regex {pattern!r} takes too long to match "
+                              "(catastrophic backtracking?)") from exc
+
+
+def _targets(raw: object, where: Path, num_layers: int) -> tuple[str, ...]:
     if isinstance(raw, str):  # PEFT allows a regex or "all-linear"
-        raw = LORA_MODULES if raw == "all-linear" else _regex_targets(raw, where)
+        raw = LORA_MODULES if raw == "all-linear" else _regex_targets(raw, where, num_layers)
     if raw is not None and not isinstance(raw, list | tuple):
         raise InvalidArgument(f"{where}: target_modules must be a list of module names or a "
                               f"regex string, got {raw!r}")
@@ -70,55 +251,70 @@ def _targets(raw: object, where: Path) -> tuple[str, ...]:
     return names
 
 
-def read_adapter_spec(adapter_id: str, path: str | Path) -> AdapterSpec:
-    """Reads and checks adapter_config.json; the weights file must exist but is not read."""
+def read_adapter_spec(adapter_id: str, path: str | Path, num_layers: int = _MAX_LAYERS,
+                      max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> AdapterSpec:
+    """Reads and checks adapter_config.json; the weights file must be a regular file of at most
+    max_weights_bytes but is not read. num_layers: the base model's, for a target_modules regex.
+    Up to REGEX_BUDGET_S of CPU (a regex): call it off the event loop."""
     root = Path(path).expanduser()
-    config_file, weights_file = root / CONFIG_FILE, root / WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise InvalidArgument(f"adapter {adapter_id!r}: {file} is missing (a PEFT adapter "
-                                  f"directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config_file = root / CONFIG_FILE
+    config = _read_config(adapter_id, config_file)
+    _stat_checked(adapter_id, root / WEIGHTS_FILE, max_weights_bytes, _WEIGHTS_LIMIT)
+    _check_features(config, config_file)
+    rank = _rank(config, config_file)
+    spec = AdapterSpec(adapter_id, str(root), rank, _alpha(config, rank, config_file),
+                       _use_rslora(config, config_file),
+                       _targets(config.get("target_modules"), config_file, num_layers))
+    if not math.isfinite(spec.scaling):
+        raise InvalidArgument(f"{config_file}: lora_alpha / r is not a finite scaling")
+    return spec
+
+
+# --- adapter_model.safetensors -------------------------------------------------------------------
+
+
+def _open_weights(spec: AdapterSpec, max_weights_bytes: int
+                  ) -> AbstractContextManager[tuple[BinaryIO, int]]:
+    return _open_checked(spec.adapter_id, Path(spec.path) / WEIGHTS_FILE, max_weights_bytes,
+                         _WEIGHTS_LIMIT)
+
+
+def _unreadable(spec: AdapterSpec, why: str) -> InvalidArgument:
+    return InvalidArgument(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} is not a readable "
+                           f"safetensors file ({why})")
+
+
+def _entry(spec: AdapterSpec, name: str, raw: object, data_bytes: int) -> _Entry:
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"{config_file}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise InvalidArgument(f"{config_file}: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise InvalidArgument(f"{config_file}: peft_type {config['peft_type']!r} is not LORA")
-    for feature in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):
-        if config.get(feature):
-            raise InvalidArgument(f"{config_file}: {feature} is not supported")
-    if config.get("bias", "none") != "none":
-        raise InvalidArgument(f"{config_file}: bias={config['bias']!r} is not supported")
-    rank = config.get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise InvalidArgument(f"{config_file}: r must be a positive integer, got {rank!r}")
-    return AdapterSpec(adapter_id, str(root), rank, float(config.get("lora_alpha", rank)),
-                       bool(config.get("use_rslora", False)),
-                       _targets(config.get("target_modules"), config_file))
+        start, end = raw["data_offsets"]
+        entry = _Entry(raw["dtype"], tuple(raw["shape"]), start, end)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise _unreadable(spec, f"tensor {name!r}: malformed header entry") from exc
+    if not (isinstance(entry.dtype, str) and all(type(d) is int and d >= 0 for d in entry.shape)
+            and type(start) is int and type(end) is int and 0 <= start <= end <= data_bytes):
+        raise _unreadable(spec, f"tensor {name!r}: malformed header entry")
+    return entry
 
 
-def _open(spec: AdapterSpec):
+def _read_header(spec: AdapterSpec, f: BinaryIO, size: int) -> tuple[dict[str, _Entry], int]:
+    """-> (tensor name -> entry, bytes before the data section), from the header alone."""
+    prefix = f.read(8)
+    header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    if not 2 <= header_bytes <= min(size - 8, _MAX_HEADER_BYTES):
+        raise _unreadable(spec, f"a {header_bytes}-byte header in a {size}-byte file")
+    raw = f.read(header_bytes)
+    if len(raw) != header_bytes:
+        raise Unavailable(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} shrank while being read")
     try:
-        return safe_open(str(Path(spec.path) / WEIGHTS_FILE), framework="pt")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InvalidArgument(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} is not a readable "
-                              f"safetensors file ({exc})") from exc
-
-
-def check_adapter_shapes(spec: AdapterSpec, shapes: dict[str, tuple[int, int]],
-                         num_layers: int) -> None:
-    """Checks every tensor's name and shape from the safetensors header, without reading data.
-
-    shapes[module] = (in_features, out_features) of the base projection.
-    """
-    with _open(spec) as f:
-        names = list(f.keys())
-        if not names:
-            raise InvalidArgument(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} holds no tensors")
-        for name in names:
-            _check(spec, name, tuple(f.get_slice(name).get_shape()), shapes, num_layers)
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _unreadable(spec, f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _unreadable(spec, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - header_bytes
+    return ({name: _entry(spec, name, value, data_bytes) for name, value in header.items()},
+            8 + header_bytes)
 
 
 def _check(spec: AdapterSpec, name: str, shape: tuple[int, ...],
@@ -143,26 +339,90 @@ def _check(spec: AdapterSpec, name: str, shape: tuple[int, ...],
     return layer, module, which
 
 
-def read_adapter_weights(spec: AdapterSpec, shapes: dict[str, tuple[int, int]], num_layers: int
-                         ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """-> {(layer, module): (A [r, in], B [out, r] times the scaling)} in float32."""
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    try:
-        with _open(spec) as f:
-            for name in f.keys():  # noqa: SIM118
-                tensor = f.get_tensor(name)
-                layer, module, which = _check(spec, name, tuple(tensor.shape), shapes, num_layers)
-                halves.setdefault((layer, module), {})[which] = tensor.float()
-    except SafetensorError as exc:
-        raise InvalidArgument(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} is corrupt ({exc})") \
-            from exc
-    weights = {}
-    for key, pair in halves.items():
-        if set(pair) != {"A", "B"}:
-            raise InvalidArgument(f"adapter {spec.adapter_id!r}: layer {key[0]} {key[1]} has "
+def _check_dtype(spec: AdapterSpec, name: str, entry: _Entry) -> None:
+    dtype = _DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"adapter {spec.adapter_id!r}: {name} is {entry.dtype}; LoRA "
+                              f"weights must be {', '.join(_DTYPES)}")
+    if entry.end - entry.start != math.prod(entry.shape) * dtype.itemsize:
+        raise _unreadable(spec, f"tensor {name!r}: its byte range does not fit its shape")
+
+
+def _pairs(spec: AdapterSpec, entries: dict[str, _Entry], shapes: dict[str, tuple[int, int]],
+           num_layers: int) -> dict[tuple[int, str], dict[str, str]]:
+    """-> {(layer, module): {"A": name, "B": name}}, after every check the header allows."""
+    if not entries:
+        raise InvalidArgument(f"adapter {spec.adapter_id!r}: {WEIGHTS_FILE} holds no tensors")
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for name, entry in entries.items():
+        layer, module, which = _check(spec, name, entry.shape, shapes, num_layers)
+        _check_dtype(spec, name, entry)
+        first = pairs.setdefault((layer, module), {}).setdefault(which, name)
+        if first != name:  # e.g. "...lora_A.weight" and "...lora_A.default.weight"
+            raise InvalidArgument(f"adapter {spec.adapter_id!r}: {first} and {name} are both "
+                                  f"lora_{which} of layer {layer} {module}")
+    for (layer, module), pair in pairs.items():
+        if len(pair) != 2:
+            raise InvalidArgument(f"adapter {spec.adapter_id!r}: layer {layer} {module} has "
                                   f"lora_{next(iter(pair))} without its pair")
-        if not (torch.isfinite(pair["A"]).all() and torch.isfinite(pair["B"]).all()):
-            raise InvalidArgument(f"adapter {spec.adapter_id!r}: layer {key[0]} {key[1]} holds "
-                                  "NaN or infinite values")
-        weights[key] = (pair["A"], pair["B"] * spec.scaling)
-    return weights
+    return pairs
+
+
+def check_adapter_shapes(spec: AdapterSpec, shapes: dict[str, tuple[int, int]], num_layers: int,
+                         max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> None:
+    """Checks every tensor's name, shape and dtype, and that A and B come in unique pairs, from
+    the safetensors header alone.
+
+    shapes[module] = (in_features, out_features) of the base projection.
+    """
+    with _open_weights(spec, max_weights_bytes) as (f, size):
+        entries, _ = _read_header(spec, f, size)
+    _pairs(spec, entries, shapes, num_layers)
+
+
+def _tensor(data: bytearray, entry: _Entry) -> torch.Tensor:
+    dtype = _DTYPES[entry.dtype]
+    if entry.start % dtype.itemsize:  # a misaligned view would trip vectorized kernels
+        data, start = data[entry.start:entry.end], 0  # a bytearray slice is a copy
+    else:
+        start = entry.start
+    return torch.frombuffer(data, dtype=dtype, count=math.prod(entry.shape),
+                            offset=start).view(entry.shape)
+
+
+def _scaled_pair(spec: AdapterSpec, key: tuple[int, str], a: torch.Tensor,
+                 b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (A, B * scaling) in float32, all finite: a NaN in one slot would reach every sequence
+    that shares a step with it (the pool path masks slots by multiplying by 0)."""
+    a, scaled_b = a.float(), b.float() * spec.scaling
+    # scaled_b is non-finite wherever b is (scaling is finite): one check covers both
+    if torch.isfinite(a).all() and torch.isfinite(scaled_b).all():
+        return a, scaled_b
+    where = f"adapter {spec.adapter_id!r}: layer {key[0]} {key[1]}"
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise InvalidArgument(f"{where} holds NaN or infinite values")
+    raise InvalidArgument(f"{where}: lora_B times the scaling {spec.scaling:g} overflows "
+                          "float32 (lora_alpha too large?)")
+
+
+def read_adapter_weights(spec: AdapterSpec, shapes: dict[str, tuple[int, int]], num_layers: int,
+                         max_weights_bytes: int = MAX_WEIGHTS_BYTES
+                         ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """-> {(layer, module): (A [r, in], B [out, r] times the scaling)} in float32, all finite.
+
+    Reads the file with read(), not safetensors' mmap: a file truncated while mapped kills the
+    process with SIGBUS. The header is checked (check_adapter_shapes) before any data is read.
+    """
+    with _open_weights(spec, max_weights_bytes) as (f, size):
+        entries, data_start = _read_header(spec, f, size)
+        pairs = _pairs(spec, entries, shapes, num_layers)
+        data = _read_exact(spec.adapter_id, Path(spec.path) / WEIGHTS_FILE, f, size - data_start)
+    return {key: _scaled_pair(spec, key, _tensor(data, entries[names["A"]]),
+                              _tensor(data, entries[names["B"]]))
+            for key, names in pairs.items()}
+
+
+def validate_adapter_weights(spec: AdapterSpec, shapes: dict[str, tuple[int, int]],
+                             num_layers: int, max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> None:
+    """Every check read_adapter_weights makes (it reads all the data), keeping nothing."""
+    read_adapter_weights(spec, shapes, num_layers, max_weights_bytes)

@@ -29,3 +29,19 @@ class Unavailable(EdgeLoraError):
 
 class Unimplemented(EdgeLoraError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unauthenticated(EdgeLoraError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(EdgeLoraError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class AlreadyExists(EdgeLoraError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class DeadlineExceeded(EdgeLoraError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

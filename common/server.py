@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,9 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def create_server(register: list[Callable[[grpc.aio.Server], None]], service_names: list[str],
-                  host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """-> (server, bound port, health servicer); the caller starts the server."""
-    server = grpc.aio.server(options=[
+                  host: str, port: int, tls: tuple[str, str] | None = None,
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                  ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """-> (server, bound port, health servicer); the caller starts the server.
+    tls = (certificate chain PEM file, private key PEM file): the port speaks TLS only."""
+    server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.so_reuseport", 0),
         # The router's channels ping to notice a dead worker fast; without these, a quiet stream
         # (a long prompt chunk) could be cut by gRPC's ping-abuse rule.
@@ -29,7 +33,12 @@ def create_server(register: list[Callable[[grpc.aio.Server], None]], service_nam
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        cert, key = (Path(p).read_bytes() for p in tls)
+        credentials = grpc.ssl_server_credentials([(key, cert)])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}: is the port in use?")
     return server, bound, health_servicer

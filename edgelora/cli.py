@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -93,7 +94,8 @@ def _cmd_router_profile(args: argparse.Namespace) -> None:
     adapters = [a for a in args.adapters.split(",") if a] if args.adapters else None
     labeled = asyncio.run(run_profile(
         config.worker_addresses, args.dataset, args.out, adapters, min_gain=args.min_gain,
-        best_margin=args.best_margin, max_tokens=args.max_tokens, concurrency=args.concurrency))
+        best_margin=args.best_margin, max_tokens=args.max_tokens, concurrency=args.concurrency,
+        secret=config.internal_secret))
     counts: dict[str, int] = {}
     for row in labeled:
         for adapter_id in row["positives"] or [""]:
@@ -189,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--timeout-s", type=float, default=300.0)
+    gen.add_argument("--api-key", default=None,
+                     help="API key sent as 'authorization: Bearer' (default: env EDGELORA_API_KEY)")
+    gen.add_argument("--tls-ca", default=os.environ.get("EDGELORA_TLS_CA", ""),
+                     help="connect with TLS, trusting this PEM certificate bundle (default: env "
+                          "EDGELORA_TLS_CA; unset = plain connection)")
     gen.set_defaults(func=_cmd_generate)
     return parser
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -21,16 +23,31 @@ def build_request(prompt: str, chat: bool = False, adapter_id: str = "",
     return types_pb2.GenerateRequest(prompt=prompt, adapter_id=adapter_id, params=sampling)
 
 
+def open_channel(address: str, tls_ca: str = "") -> grpc.Channel:
+    """A channel to the router: TLS trusting the PEM bundle `tls_ca` when given, else plain."""
+    if tls_ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+        return grpc.secure_channel(address, credentials)
+    return grpc.insecure_channel(address)
+
+
+def auth_metadata(api_key: str | None = None) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer <key>` for `api_key`, else EDGELORA_API_KEY; () when neither."""
+    key = api_key or os.environ.get("EDGELORA_API_KEY", "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 def generate_to(out: TextIO, args: argparse.Namespace) -> int:
     """Streams one generation to `out`; returns the process exit code."""
     request = build_request(args.prompt, args.chat, args.adapter_id, max_tokens=args.max_tokens,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, stop=args.stop or None)
-    with grpc.insecure_channel(args.address) as channel:
+    with open_channel(args.address, args.tls_ca) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         try:
             last = None
-            for last in stub.GenerateStream(request, timeout=args.timeout_s):
+            for last in stub.GenerateStream(request, timeout=args.timeout_s,
+                                            metadata=auth_metadata(args.api_key)):
                 out.write(last.text)
                 out.flush()
         except grpc.RpcError as exc:

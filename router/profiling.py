@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 import torch
 
+from common.internal_auth import secret_interceptors
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from router.embedder import PromptEmbedder, prompt_text
 from router.selector_head import evaluate, fit_head, split_rows
@@ -103,8 +104,9 @@ def label(per_token: dict[str, float], min_gain: float, best_margin: float) -> l
 
 class Profiler:
     def __init__(self, addresses: Sequence[str], min_gain: float = 0.1, best_margin: float = 0.1,
-                 max_tokens: int = 48, timeout_s: float = 300.0) -> None:
-        self.channels = [grpc.aio.insecure_channel(a) for a in addresses]
+                 max_tokens: int = 48, timeout_s: float = 300.0, secret: str = "") -> None:
+        self.channels = [grpc.aio.insecure_channel(a, interceptors=secret_interceptors(secret))
+                         for a in addresses]
         self.stubs = [worker_pb2_grpc.WorkerStub(c) for c in self.channels]
         self._next = itertools.cycle(range(len(self.stubs)))
         self.min_gain, self.best_margin = min_gain, best_margin

@@ -1,33 +1,55 @@
-"""The router's adapter registry: ids, paths, descriptions and example prompts, kept in sync with
-every worker (which validate and hold the weights). Never reads adapter weights itself."""
+"""The router's adapter registry: owner, id, path, description and example prompts, kept in sync
+with every worker (which validate and hold the weights). Never reads adapter weights itself.
+
+Every adapter has an owner: a tenant, or SHARED (registered by an admin for every tenant). A
+worker knows an adapter by its `worker_key` ("tenant:id", or the plain id for a shared one), so
+the same id in two tenants is two adapters that can never collide in a worker's caches.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from common.adapter_format import CONFIG_FILE
-from common.errors import EdgeLoraError, NotFound, Unavailable
+from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from edgelora.v1 import types_pb2, worker_pb2
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 SYNC_CONCURRENCY = 16  # RegisterAdapter calls at once when a worker (re)joins
 CARD_FILE = "card.json"  # optional: {"description": ..., "example_prompts": [...]}
+MAX_CARD_FILE_BYTES = 64 << 10
+SHARED = ""  # the owner of shared adapters
+
+
+def worker_key(owner: str, adapter_id: str) -> str:
+    """How workers know the adapter `adapter_id` of `owner`. ':' is in no public id."""
+    return f"{owner}:{adapter_id}" if owner else adapter_id
 
 
 @dataclass
 class AdapterRecord:
-    adapter_id: str
+    adapter_id: str  # the public id, unique within its owner
     path: str
     rank: int
     description: str = ""
     example_prompts: list[str] = field(default_factory=list)
+    owner: str = SHARED
+
+    @property
+    def key(self) -> str:
+        return worker_key(self.owner, self.adapter_id)
+
+    @property
+    def is_shared(self) -> bool:
+        return self.owner == SHARED
 
 
 class RpcError(EdgeLoraError):
@@ -42,27 +64,56 @@ class AdapterRegistry:
     """Registered adapters; every live worker holds the same set. A worker that (re)joins the
     pool is synced first: missing adapters registered, ones unregistered meanwhile removed."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, register_timeout_s: float = 60.0) -> None:
         self.pool = pool
-        self.adapters: dict[str, AdapterRecord] = {}
+        self.register_timeout_s = register_timeout_s
+        self.adapters: dict[str, AdapterRecord] = {}  # by worker key
         self._requests: dict[str, types_pb2.RegisterAdapterRequest] = {}
         self._pending: set[str] = set()  # being registered: on some workers, not yet here
         pool.on_join = self.sync_worker
         pool.expected_num_registered = lambda: len(self.adapters)
 
-    async def register(self, request: types_pb2.RegisterAdapterRequest) -> AdapterRecord:
-        """Registers on every live worker at once (each validates against its base model),
-        then here; a refusal by any undoes it on the others."""
+    # -- what a tenant sees --
+    def find(self, tenant: str, adapter_id: str) -> AdapterRecord | None:
+        """The adapter `adapter_id` as `tenant` sees it: its own, else a shared one."""
+        return (self.adapters.get(worker_key(tenant, adapter_id))
+                or self.adapters.get(worker_key(SHARED, adapter_id)))
+
+    def visible(self, tenant: str) -> dict[str, AdapterRecord]:
+        """Worker key -> record of every adapter `tenant` may use (its own shadow shared ones
+        of the same id)."""
+        own = {r.adapter_id for r in self.adapters.values() if r.owner == tenant}
+        return {key: r for key, r in self.adapters.items()
+                if r.owner == tenant or (r.is_shared and r.adapter_id not in own)}
+
+    def count(self, owner: str) -> int:
+        """Adapters `owner` holds, counting registrations under way."""
+        return (sum(1 for r in self.adapters.values() if r.owner == owner)
+                + sum(1 for key in self._pending
+                      if key.partition(":")[0] == owner and key not in self.adapters))
+
+    def is_pending(self, key: str) -> bool:
+        return key in self._pending
+
+    async def register(self, request: types_pb2.RegisterAdapterRequest,
+                       owner: str = SHARED) -> AdapterRecord:
+        """Registers `request` (its adapter_id public, its path already checked) for `owner` on
+        every live worker at once (each validates it against its base model), then here; a
+        refusal by any undoes it on the others."""
         workers = self.pool.workers
         if not workers:
             raise Unavailable(self.pool.unavailable_reason())
-        self._pending.add(request.adapter_id)
+        key = worker_key(owner, request.adapter_id)
+        forwarded = types_pb2.RegisterAdapterRequest(
+            adapter_id=key, path=request.path, description=request.description,
+            example_prompts=request.example_prompts)
+        self._pending.add(key)
         try:
             results = await asyncio.gather(
-                *(w.stub.RegisterAdapter(request, timeout=60) for w in workers),
-                return_exceptions=True)
+                *(w.stub.RegisterAdapter(forwarded, timeout=self.register_timeout_s)
+                  for w in workers), return_exceptions=True)
         finally:
-            self._pending.discard(request.adapter_id)
+            self._pending.discard(key)
         rank, refusal = 0, None
         for worker, result in zip(workers, results, strict=True):
             if not isinstance(result, grpc.aio.AioRpcError):
@@ -76,23 +127,26 @@ class AdapterRegistry:
             refusal = RpcError(grpc.StatusCode.UNAVAILABLE, "every worker failed while "
                                "registering; retry when they are back")
         if refusal is not None:
-            if request.adapter_id not in self.adapters:  # a failed re-register keeps the old
-                await self._unregister_on(self.pool.workers, request.adapter_id)
+            if key not in self.adapters:  # a failed re-register keeps the old
+                await self._unregister_on(self.pool.workers, key)
             raise refusal
-        return self._record(request, rank)
+        return self._record(forwarded, rank, request.adapter_id, owner)
 
-    def _record(self, request: types_pb2.RegisterAdapterRequest, rank: int) -> AdapterRecord:
-        record = AdapterRecord(request.adapter_id, request.path, rank, request.description,
-                               list(request.example_prompts))
-        self.adapters[record.adapter_id] = record
-        self._requests[record.adapter_id] = request
+    def _record(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int, adapter_id: str,
+                owner: str) -> AdapterRecord:
+        record = AdapterRecord(adapter_id, forwarded.path, rank, forwarded.description,
+                               list(forwarded.example_prompts), owner)
+        self.adapters[record.key] = record
+        self._requests[record.key] = forwarded
         return record
 
-    async def unregister(self, adapter_id: str) -> None:
-        if self.adapters.pop(adapter_id, None) is None:
-            raise NotFound(f"adapter {adapter_id!r} is not registered")
-        self._requests.pop(adapter_id, None)
-        await self._unregister_on(self.pool.workers, adapter_id)
+    async def unregister(self, key: str) -> None:
+        """Removes the adapter of worker key `key` here and on every live worker."""
+        record = self.adapters.pop(key, None)
+        if record is None:
+            raise NotFound(f"adapter {record_name(key)!r} is not registered")
+        self._requests.pop(key, None)
+        await self._unregister_on(self.pool.workers, key)
 
     async def _unregister_on(self, workers: list[WorkerHandle], adapter_id: str) -> None:
         request = types_pb2.UnregisterAdapterRequest(adapter_id=adapter_id)
@@ -134,8 +188,10 @@ class AdapterRegistry:
             log.info("worker %s synced: %d adapters registered, %d removed", worker.name,
                      len(wanted.keys() - held), len(extra))
 
-    async def list(self) -> list[types_pb2.AdapterInfo]:
-        """Registered adapters with the best tier any worker holds them in."""
+    async def list(self, records: list[AdapterRecord],
+                   with_paths: bool = False) -> list[types_pb2.AdapterInfo]:
+        """`records` with the best tier any worker holds them in; paths only when asked (admins:
+        a path says where another tenant's files live)."""
         tiers: dict[str, int] = {}
         workers = self.pool.workers
         infos = await asyncio.gather(*(w.stub.Info(worker_pb2.InfoRequest(), timeout=10)
@@ -146,24 +202,55 @@ class AdapterRegistry:
             for held in info.adapters:
                 tiers[held.adapter_id] = max(tiers.get(held.adapter_id, 0), held.tier)
         return [types_pb2.AdapterInfo(
-            adapter_id=r.adapter_id, rank=r.rank, path=r.path, description=r.description,
-            tier=tiers.get(r.adapter_id, types_pb2.ADAPTER_TIER_DISK))
-            for r in self.adapters.values()]
+            adapter_id=r.adapter_id, rank=r.rank, path=r.path if with_paths else "",
+            description=r.description, tenant=r.owner, shared=r.is_shared,
+            tier=tiers.get(r.key, types_pb2.ADAPTER_TIER_DISK))
+            for r in records]
 
-    async def register_dir(self, root: Path) -> int:
-        """Registers every PEFT adapter directory under `root` (id = its name); -> count.
+    async def register_dir(self, root: Path, check: Callable[[types_pb2.RegisterAdapterRequest],
+                                                             None] = lambda request: None) -> int:
+        """Registers every PEFT adapter directory under `root` (id = its name) as shared;
+        -> count. A bad entry (card, files, refused by a worker) is skipped with one log line.
         With no live worker yet they are recorded and registered on each worker as it joins."""
         count = 0
         for path in sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}")):
-            card_file = path / CARD_FILE
-            card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-            request = types_pb2.RegisterAdapterRequest(
-                adapter_id=card.get("adapter_id", path.name), path=str(path.resolve()),
-                description=card.get("description", ""),
-                example_prompts=card.get("example_prompts", []))
-            if self.pool.workers:
-                await self.register(request)
-            else:  # workers may start after the router (compose, Kubernetes): sync on join
-                self._record(request, rank=0)
+            try:
+                request = read_card(path)
+                check(request)
+                if self.pool.workers:
+                    await self.register(request)
+                else:  # workers may start after the router (compose, Kubernetes): sync on join
+                    self._record(request, 0, request.adapter_id, SHARED)
+            except (EdgeLoraError, OSError) as exc:
+                log.error("skipping adapter %s: %s", path, exc)
+                continue
             count += 1
         return count
+
+
+def read_card(path: Path) -> types_pb2.RegisterAdapterRequest:
+    """The registration of the adapter directory `path`: id, description and example prompts
+    from its optional card.json (id = the directory's name unless the card says otherwise)."""
+    card_file = path / CARD_FILE
+    card: object = {}
+    if card_file.is_file():
+        if card_file.stat().st_size > MAX_CARD_FILE_BYTES:
+            raise InvalidArgument(f"{card_file} is over {MAX_CARD_FILE_BYTES >> 10} KiB")
+        try:
+            card = json.loads(card_file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidArgument(f"{card_file} is not valid JSON ({exc})") from exc
+    examples = card.get("example_prompts", []) if isinstance(card, dict) else None
+    if not isinstance(card, dict) or not isinstance(card.get("adapter_id", ""), str) or \
+            not isinstance(card.get("description", ""), str) or \
+            not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
+        raise InvalidArgument(f"{card_file}: expected {{\"adapter_id\": str, \"description\": "
+                              "str, \"example_prompts\": [str, ...]} (each optional)")
+    return types_pb2.RegisterAdapterRequest(
+        adapter_id=card.get("adapter_id", path.name), path=str(path.resolve()),
+        description=card.get("description", ""), example_prompts=examples)
+
+
+def record_name(key: str) -> str:
+    """The public id inside a worker key."""
+    return key.partition(":")[2] or key

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Collection, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -161,13 +161,16 @@ class AdapterSelector:
             sources.update(dict.fromkeys(known, "head"))
         return confidences, sources
 
-    async def select(self, text: str, cards: Mapping[str, AdapterCard],
-                     resident: Set[str]) -> Selection:
-        """The decision for one prompt text (see router.embedder.prompt_text)."""
+    async def select(self, text: str, cards: Mapping[str, AdapterCard], resident: Set[str],
+                     candidates: Collection[str] | None = None) -> Selection:
+        """The decision for one prompt text (see router.embedder.prompt_text) among
+        `candidates` (the adapters the caller may use; None = every one of `cards`, which are
+        all the registered adapters: the index keeps every card's prototypes)."""
         await self.sync(cards)
         await self.reload_head_if_changed()
         segments = await self.batcher.embed_segments(text)
-        confidences, sources = self.confidences(segments, list(cards))
+        confidences, sources = self.confidences(
+            segments, list(cards if candidates is None else candidates))
         return decide(confidences, resident, top_k=self.top_k, threshold=self.threshold,
                       margin=self.margin, sources=sources)
 

@@ -10,10 +10,12 @@ import grpc
 
 from common.server import create_server, mark_serving
 from edgelora.v1 import router_pb2, router_pb2_grpc
+from router.adapter_paths import confine
 from router.config import RouterConfig
 from router.registry import AdapterRegistry
 from router.selector import AdapterSelector
 from router.service import RouterService
+from router.tenants import KeyRing
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -32,21 +34,35 @@ class RouterRuntime:
 
 
 async def start_router(config: RouterConfig) -> RouterRuntime:
+    keys = KeyRing(config.api_keys or None)  # a bad keys file stops the start, saying why
+    if keys.is_open:
+        log.warning("no --api-keys: one open tenant with the admin role; every client that "
+                    "reaches %s:%d can register, use and remove any adapter. Give --api-keys "
+                    "before serving beyond this machine", config.host, config.port)
+    if not config.internal_secret:
+        log.warning("no router <-> worker secret (EDGELORA_INTERNAL_TOKEN or "
+                    "--internal-token-file): workers must accept unauthenticated calls")
     pool = WorkerPool.from_config(config)
-    registry = AdapterRegistry(pool)  # before start: workers joining get its adapters
+    # before start: workers joining get its adapters
+    registry = AdapterRegistry(pool, config.register_timeout_s)
     await pool.start()
     selector = AdapterSelector.from_config(config)  # the embedder loads on first use
-    service = RouterService(pool, registry, selector)
+    service = RouterService(pool, registry, selector, config, keys)
+    tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
     server, port, health = create_server(
         [lambda s: router_pb2_grpc.add_RouterServicer_to_server(service, s)], [ROUTER_SERVICE],
-        config.host, config.port)
+        config.host, config.port, tls=tls)
     if config.adapters_dir:
-        count = await registry.register_dir(Path(config.adapters_dir))
-        log.info("registered %d adapters from %s", count, config.adapters_dir)
+        count = await registry.register_dir(
+            Path(config.adapters_dir),
+            check=lambda request: confine(request.path, "", config.max_adapter_bytes))
+        log.info("registered %d adapters from %s (shared by every tenant)", count,
+                 config.adapters_dir)
     if registry.adapters or config.selector_head:  # 'auto' will be asked for: load it now
         selector.start_warm_up(registry.adapters)
     await server.start()
     await mark_serving(health, [ROUTER_SERVICE])
-    log.info("router serving on %s:%d -> workers %s (%d live of %d; routing %s)", config.host,
-             port, config.workers, len(pool.workers), len(pool.all_workers), config.routing)
+    log.info("router serving on %s:%d%s -> workers %s (%d live of %d; routing %s)",
+             config.host, port, " with TLS" if tls else "", config.workers, len(pool.workers),
+             len(pool.all_workers), config.routing)
     return RouterRuntime(server, port, pool)

@@ -1,4 +1,5 @@
-"""The public Router servicer: resolves the adapter, forwards to a worker and relays its stream.
+"""The public Router servicer: authenticates the caller, resolves the adapter within what that
+tenant may use, forwards to a worker and relays its stream.
 
 Never tokenizes or runs a model; worker errors reach the client with their status and message.
 """
@@ -10,50 +11,88 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from common.errors import EdgeLoraError
+from common.errors import EdgeLoraError, InvalidArgument, PermissionDenied
+from common.internal_auth import bearer_token
+from common.limits import AUTO, check_adapter_id, check_card, check_generate
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
+from router.adapter_paths import confine
+from router.config import RouterConfig
 from router.embedder import prompt_text
-from router.registry import AdapterRegistry
-from router.selector import AdapterSelector
+from router.ownership import check_replace, listed, not_found, registration_owner, removal_target
+from router.registry import AdapterRegistry, record_name
+from router.selector import AdapterSelector, Selection
+from router.tenants import Caller, KeyRing, TenantLimits
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
-AUTO = "auto"
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, pool: WorkerPool, registry: AdapterRegistry,
-                 selector: AdapterSelector | None = None) -> None:
+                 selector: AdapterSelector | None = None, config: RouterConfig | None = None,
+                 keys: KeyRing | None = None) -> None:
         self.pool = pool
         self.registry = registry
         self.selector = selector  # None: "auto" is the base model
+        self.config = config or RouterConfig()
+        self.keys = keys or KeyRing()
 
-    async def _resolve_adapter(self, request: types_pb2.GenerateRequest,
-                               context: grpc.aio.ServicerContext) -> types_pb2.GenerateRequest:
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        try:
+            return self.keys.authenticate(bearer_token(context.invocation_metadata()))
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+
+    def _worker_metadata(self, caller: Caller) -> tuple[tuple[str, str], ...]:
+        """Who asks, and that tenant's share of a worker, for its fair admission there."""
+        limits = caller.limits
+        running = limits.max_running if limits.max_running is not None \
+            else self.config.tenant_max_running
+        queued = limits.max_queued if limits.max_queued is not None \
+            else self.config.tenant_max_queued
+        return (("edgelora-tenant", caller.tenant), ("edgelora-max-running", str(running)),
+                ("edgelora-max-queued", str(queued)))
+
+    async def _select(self, caller: Caller, text: str) -> Selection:
+        """The selector's decision among the adapters `caller` may use (worker keys)."""
+        visible = self.registry.visible(caller.tenant)
+        return await self.selector.select(text, self.registry.adapters,
+                                          self.pool.resident_adapters(), candidates=visible)
+
+    async def _resolve_adapter(self, request: types_pb2.GenerateRequest, caller: Caller
+                               ) -> types_pb2.GenerateRequest:
+        """The request as a worker takes it: adapter_id is the worker key ("" = base)."""
+        check_generate(request, self.config)
+        forwarded = types_pb2.GenerateRequest()
+        forwarded.CopyFrom(request)
         if request.adapter_id == AUTO:
-            forwarded = types_pb2.GenerateRequest()
-            forwarded.CopyFrom(request)
             forwarded.adapter_id = ""  # no selector, or it failed: the base model
             if self.selector is not None:
                 try:
-                    selection = await self.selector.select(
-                        prompt_text(request.prompt, request.messages), self.registry.adapters,
-                        self.pool.resident_adapters())
+                    selection = await self._select(
+                        caller, prompt_text(request.prompt, request.messages))
                     forwarded.adapter_id = selection.adapter_id
                     log.debug("auto -> %r: %s", selection.adapter_id, selection.reason)
                 except Exception as exc:  # selection never fails a generation
                     log.warning("adapter selection failed, 'auto' uses the base model: %r", exc)
-            return forwarded
-        if request.adapter_id and request.adapter_id not in self.registry.adapters:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"adapter {request.adapter_id!r} is not registered "
-                                "(ListAdapters shows the registered ones)")
-        return request
+        elif request.adapter_id:
+            check_adapter_id(request.adapter_id)
+            record = self.registry.find(caller.tenant, request.adapter_id)
+            if record is None:
+                raise not_found(request.adapter_id)
+            forwarded.adapter_id = record.key
+        return forwarded
 
     async def GenerateStream(self, request: types_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[types_pb2.GenerateResponse]:
-        forwarded = await self._resolve_adapter(request, context)
+        caller = await self._caller(context)
+        try:
+            forwarded = await self._resolve_adapter(request, caller)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        public_id = record_name(forwarded.adapter_id)
+        metadata = self._worker_metadata(caller)
         tried: list[str] = []
         resynced: set[str] = set()
         while True:  # another try only while nothing has reached the client
@@ -63,10 +102,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 await context.abort(exc.code, str(exc))
             has_started = False
             with self.pool.lease(worker):
-                call = worker.stub.Generate(forwarded)
+                call = worker.stub.Generate(forwarded, metadata=metadata)
                 try:
                     async for response in call:
                         has_started = True
+                        response.adapter_id = public_id  # never the worker key
                         yield response
                     return
                 except grpc.aio.AioRpcError as exc:
@@ -119,44 +159,93 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
-        return types_pb2.ListAdaptersResponse(adapters=await self.registry.list())
+        caller = await self._caller(context)
+        records = listed(caller, self.registry)
+        return types_pb2.ListAdaptersResponse(
+            adapters=await self.registry.list(records, with_paths=caller.is_admin))
 
     async def RegisterAdapter(self, request: types_pb2.RegisterAdapterRequest,
                               context: grpc.aio.ServicerContext
                               ) -> types_pb2.RegisterAdapterResponse:
+        caller = await self._caller(context)
         try:
-            record = await self.registry.register(request)
+            record = await self._register(caller, request)
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
+        log.info("%s registered adapter %r for %s", caller.tenant or "the open tenant",
+                 record.adapter_id, record.owner or "every tenant (shared)")
         return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
-            adapter_id=record.adapter_id, rank=record.rank, path=record.path,
-            description=record.description, tier=types_pb2.ADAPTER_TIER_DISK))
+            adapter_id=record.adapter_id, rank=record.rank, description=record.description,
+            path=record.path if caller.is_admin else "", tenant=record.owner,
+            shared=record.is_shared, tier=types_pb2.ADAPTER_TIER_DISK))
+
+    async def _register(self, caller: Caller, request: types_pb2.RegisterAdapterRequest):
+        config = self.config
+        check_adapter_id(request.adapter_id)
+        check_card(request.description, list(request.example_prompts), config.max_card_bytes,
+                   config.max_example_prompts)
+        owner = registration_owner(caller, request)
+        if not caller.is_admin:
+            raise PermissionDenied("registering by path is for admin keys (the files must lie "
+                                   "under the server's --adapter-root); ask an admin to "
+                                   "register it for your tenant")
+        if not self.keys.is_open and not config.adapter_root:
+            raise PermissionDenied("this server takes no registration by path: it runs with "
+                                   "--api-keys but without --adapter-root")
+        # the owner's own limit, also when an admin registers on its behalf
+        limit = self.keys.tenants().get(owner, caller.limits if owner == caller.tenant
+                                        else TenantLimits()).max_adapters
+        check_replace(self.registry, owner, request,
+                      limit if limit is not None else config.tenant_max_adapters)
+        checked = types_pb2.RegisterAdapterRequest()
+        checked.CopyFrom(request)
+        checked.path = confine(request.path, config.adapter_root, config.max_adapter_bytes)
+        return await self.registry.register(checked, owner)
 
     async def UnregisterAdapter(self, request: types_pb2.UnregisterAdapterRequest,
                                 context: grpc.aio.ServicerContext
                                 ) -> types_pb2.UnregisterAdapterResponse:
+        caller = await self._caller(context)
         try:
-            await self.registry.unregister(request.adapter_id)
+            check_adapter_id(request.adapter_id)
+            record = removal_target(caller, request, self.registry)
+            await self.registry.unregister(record.key)
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
+        log.info("%s removed adapter %r of %s", caller.tenant or "the open tenant",
+                 record.adapter_id, record.owner or "every tenant (shared)")
         return types_pb2.UnregisterAdapterResponse()
 
     async def SelectAdapter(self, request: router_pb2.SelectAdapterRequest,
                             context: grpc.aio.ServicerContext) -> router_pb2.SelectAdapterResponse:
-        if not request.prompt and not request.messages:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "SelectAdapter needs a prompt or messages")
+        caller = await self._caller(context)
+        try:
+            if not request.prompt and not request.messages:
+                raise InvalidArgument("SelectAdapter needs a prompt or messages")
+            check_generate(types_pb2.GenerateRequest(prompt=request.prompt,
+                                                     messages=request.messages), self.config)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
         if self.selector is None:
             return router_pb2.SelectAdapterResponse(
                 selected_adapter_id="", reason="this router runs without the adaptive selector: "
                 "'auto' uses the base model")
         try:
-            selection = await self.selector.select(
-                prompt_text(request.prompt, request.messages), self.registry.adapters,
-                self.pool.resident_adapters())
+            selection = await self._select(caller, prompt_text(request.prompt, request.messages))
         except Exception as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the adapter selector failed: {exc}")
         ranking = selection.ranking[:request.top_k] if request.top_k else selection.ranking
         return router_pb2.SelectAdapterResponse(
-            ranking=[router_pb2.AdapterScore(adapter_id=a, score=c) for a, c in ranking],
-            selected_adapter_id=selection.adapter_id, reason=selection.reason)
+            ranking=[router_pb2.AdapterScore(adapter_id=record_name(a), score=c)
+                     for a, c in ranking],
+            selected_adapter_id=record_name(selection.adapter_id),
+            reason=_public_reason(selection))
+
+
+def _public_reason(selection: Selection) -> str:
+    """The selector's reason with worker keys shown as the ids the caller knows."""
+    reason = selection.reason
+    for key, _ in selection.ranking:
+        if ":" in key:
+            reason = reason.replace(repr(key), repr(record_name(key)))
+    return reason

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.errors import Unavailable
+from common.internal_auth import secret_interceptors
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from router.discovery import Resolver, expand, parse_entries, resolve_host
 from router.routing import ROUTING_POLICIES, pick_worker
@@ -66,7 +67,7 @@ class WorkerPool:
     def __init__(self, addresses: list[str], routing: str = "affinity",
                  load_epsilon: float = 0.25, health_interval_s: float = 1.0,
                  health_timeout_s: float = 2.0, resolve_interval_s: float = 10.0,
-                 resolver: Resolver = resolve_host) -> None:
+                 resolver: Resolver = resolve_host, secret: str = "") -> None:
         if routing not in ROUTING_POLICIES:
             raise ValueError(f"routing {routing!r}: use one of {', '.join(ROUTING_POLICIES)}")
         self.entries = parse_entries(",".join(addresses))
@@ -76,6 +77,7 @@ class WorkerPool:
         self.health_timeout_s = health_timeout_s
         self.resolve_interval_s = resolve_interval_s
         self.resolver = resolver
+        self.secret = secret  # the router <-> worker credential, sent on every call
         self.on_join: JoinHook | None = None
         self.expected_num_registered: Callable[[], int] = lambda: 0
         self._handles: dict[str, WorkerHandle] = {}
@@ -91,7 +93,8 @@ class WorkerPool:
                    load_epsilon=config.load_epsilon,
                    health_interval_s=config.health_interval_s,
                    health_timeout_s=config.health_timeout_s,
-                   resolve_interval_s=config.resolve_interval_s)
+                   resolve_interval_s=config.resolve_interval_s,
+                   secret=config.internal_secret)
 
     # -- what callers read (cheap, no I/O) --
     @property
@@ -169,7 +172,9 @@ class WorkerPool:
         found = await expand(self.entries, self.resolver, known)
         for address, entry in found.items():
             if address not in self._handles:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = grpc.aio.insecure_channel(
+                    address, options=CHANNEL_OPTIONS,
+                    interceptors=secret_interceptors(self.secret))
                 self._handles[address] = WorkerHandle(address, entry, channel,
                                                       worker_pb2_grpc.WorkerStub(channel))
                 log.info("worker %s discovered", self._handles[address].name)

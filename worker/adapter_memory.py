@@ -16,12 +16,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.adapter_format import AdapterSpec, check_adapter_shapes, read_adapter_weights
-from common.errors import EdgeLoraError, InvalidArgument, NotFound
+from common.adapter_format import MAX_WEIGHTS_BYTES, AdapterSpec, read_adapter_weights
+from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from worker.lora import LoraSlots
 
 log = logging.getLogger(__name__)
 HostWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+MAX_LOAD_ATTEMPTS = 3  # consecutive failed reads (EIO, a file mid-rewrite) before giving up
+LOAD_RETRY_S = 30.0  # then requests fail fast for this long, and the next one tries again
+
+
+@dataclass(frozen=True)
+class LoadError:
+    """Why an adapter failed to load. Kept as a message, not an exception: raising one instance
+    again and again would grow its traceback."""
+
+    message: str
+    retry_at: float | None = None  # time.monotonic() when it expires; None: until re-registered
+
+    def to_error(self) -> EdgeLoraError:
+        return InvalidArgument(self.message) if self.retry_at is None else Unavailable(self.message)
 
 
 @dataclass
@@ -45,10 +59,12 @@ class AdapterStats:
 
 class AdapterMemory:
     def __init__(self, slots: LoraSlots, host_capacity: int, shapes: dict[str, tuple[int, int]],
-                 num_layers: int, pin_memory: bool = False) -> None:
+                 num_layers: int, pin_memory: bool = False, *,
+                 max_adapter_bytes: int = MAX_WEIGHTS_BYTES) -> None:
         self.slots = slots
         self.host_capacity = host_capacity
         self.shapes, self.num_layers, self.pin_memory = shapes, num_layers, pin_memory
+        self.max_adapter_bytes = max_adapter_bytes  # for every read: files change after register
         self.registry: dict[str, AdapterSpec] = {}
         self.host: OrderedDict[str, HostWeights] = OrderedDict()  # least recently used first
         self.slot_to_adapter: list[str | None] = [None] * (slots.num_slots + 1)
@@ -59,7 +75,8 @@ class AdapterMemory:
             (s, None) for s in range(1, slots.num_slots + 1))  # refcount 0, LRU first
         self._loading: dict[str, Future[HostWeights]] = {}
         self._from_disk: set[str] = set()  # read from disk, not yet acquired: a host-tier miss
-        self._errors: dict[str, str] = {}
+        self._errors: dict[str, LoadError] = {}
+        self._num_failures: dict[str, int] = {}  # consecutive transient load failures
         self._lock = threading.RLock()
         # one torch thread: loads are copies and casts; more threads would fight the engine's
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
@@ -67,9 +84,11 @@ class AdapterMemory:
 
     # -- registry (disk tier) --
     def register(self, spec: AdapterSpec) -> None:
-        """Validates the spec against this base model (header only) and makes it servable."""
+        """Validates the adapter against this base model, reading every weight, and makes it
+        servable. Reading it all here (off the event loop: the service calls this on a thread)
+        refuses NaN, overflow and duplicate tensors now, not at a tenant's first request."""
         self._check_rank(spec)
-        check_adapter_shapes(spec, self.shapes, self.num_layers)
+        self._read_checked(spec)
         with self._lock:
             self._forget(spec.adapter_id)
             self.registry[spec.adapter_id] = spec
@@ -84,6 +103,20 @@ class AdapterMemory:
             self.registry[spec.adapter_id] = spec
             self._keep_in_host(spec.adapter_id,
                                self.slots.host_layout(weights, pin=self.pin_memory))
+
+    def _read_checked(self, spec: AdapterSpec) -> HostWeights:
+        """read_adapter_weights' float32 weights, refused where the slots' dtype cannot hold
+        them: an inf in one slot becomes NaN in every row the pool path masks with 0."""
+        weights = read_adapter_weights(spec, self.shapes, self.num_layers, self.max_adapter_bytes)
+        limit = torch.finfo(self.slots.dtype).max
+        if limit >= torch.finfo(torch.float32).max:
+            return weights  # read_adapter_weights checked that every value is finite
+        for (layer, module), pair in weights.items():
+            if any(bound.abs() > limit for t in pair for bound in torch.aminmax(t)):
+                raise InvalidArgument(f"adapter {spec.adapter_id!r}: layer {layer} {module} "
+                                      f"holds values beyond {limit:g}, the largest this worker's "
+                                      f"{self.slots.dtype} adapter slots can hold")
+        return weights
 
     def _check_rank(self, spec: AdapterSpec) -> None:
         if spec.rank > self.slots.max_rank:
@@ -103,7 +136,10 @@ class AdapterMemory:
         self.host.pop(adapter_id, None)
         self._from_disk.discard(adapter_id)
         self._errors.pop(adapter_id, None)
-        self._loading.pop(adapter_id, None)
+        self._num_failures.pop(adapter_id, None)
+        loading = self._loading.pop(adapter_id, None)
+        if loading is not None:
+            loading.cancel()  # unless started: a stale read would only delay the next ones
         slot = self.adapter_to_slot.pop(adapter_id, None)
         if slot is not None:
             self.slot_to_adapter[slot] = None
@@ -115,14 +151,13 @@ class AdapterMemory:
         """Starts the disk -> host load in the background unless it is cached or under way."""
         with self._lock:
             if (adapter_id in self.host or adapter_id in self._loading
-                    or adapter_id in self._errors or adapter_id not in self.registry):
+                    or self._load_error(adapter_id) or adapter_id not in self.registry):
                 return
             self._loading[adapter_id] = self._loader.submit(self._read, self.registry[adapter_id])
 
     def _read(self, spec: AdapterSpec) -> HostWeights:
         started = time.perf_counter()
-        weights = self.slots.host_layout(read_adapter_weights(spec, self.shapes, self.num_layers),
-                                         pin=self.pin_memory)
+        weights = self.slots.host_layout(self._read_checked(spec), pin=self.pin_memory)
         with self._lock:
             self.stats.host.loads += 1
             self.stats.host.load_ms_total += (time.perf_counter() - started) * 1e3
@@ -139,15 +174,38 @@ class AdapterMemory:
         del self._loading[adapter_id]
         try:
             weights = future.result()
-        except EdgeLoraError as exc:
-            self._errors[adapter_id] = str(exc)
+        except Exception as exc:  # a bad file, EIO, out of memory: this adapter only
+            self._record_failure(adapter_id, exc)
             return None
-        except Exception as exc:  # unreadable file, out of memory: this adapter only
-            self._errors[adapter_id] = f"adapter {adapter_id!r} failed to load: {exc}"
-            return None
+        self._num_failures.pop(adapter_id, None)
         self._keep_in_host(adapter_id, weights)
         self._from_disk.add(adapter_id)
         return weights
+
+    def _record_failure(self, adapter_id: str, exc: Exception) -> None:
+        """A bad file stays refused until re-registered; a read that may work next time (OSError,
+        Unavailable, out of memory) is retried by the next prefetch, MAX_LOAD_ATTEMPTS times, then
+        refused for LOAD_RETRY_S only."""
+        if isinstance(exc, EdgeLoraError) and not isinstance(exc, Unavailable):
+            self._errors[adapter_id] = LoadError(str(exc))
+            return
+        attempts = self._num_failures.get(adapter_id, 0) + 1
+        log.warning("adapter %r: load attempt %d failed: %s", adapter_id, attempts, exc)
+        if attempts < MAX_LOAD_ATTEMPTS:
+            self._num_failures[adapter_id] = attempts
+            return
+        self._num_failures.pop(adapter_id, None)
+        self._errors[adapter_id] = LoadError(
+            f"adapter {adapter_id!r} could not be read after {attempts} attempts: {exc}; "
+            f"retrying in {LOAD_RETRY_S:g} s", retry_at=time.monotonic() + LOAD_RETRY_S)
+
+    def _load_error(self, adapter_id: str) -> LoadError | None:
+        """The adapter's load error unless it has expired (which forgets it)."""
+        error = self._errors.get(adapter_id)
+        if error is not None and error.retry_at is not None and time.monotonic() >= error.retry_at:
+            del self._errors[adapter_id]
+            return None
+        return error
 
     def _keep_in_host(self, adapter_id: str, weights: HostWeights) -> None:
         """Newest in the host LRU; the least recently used go beyond host_capacity."""
@@ -163,8 +221,8 @@ class AdapterMemory:
         with self._lock:
             if adapter_id not in self.registry:
                 return NotFound(f"adapter {adapter_id!r} is not registered on this worker")
-            message = self._errors.get(adapter_id)
-            return InvalidArgument(message) if message else None
+            error = self._load_error(adapter_id)
+            return error.to_error() if error else None
 
     def is_resident(self, adapter_id: str) -> bool:
         return adapter_id in self.adapter_to_slot
@@ -190,14 +248,12 @@ class AdapterMemory:
             if slot is not None:
                 self.stats.device.hits += 1
             else:
+                weights = self._host_copy_to_acquire(adapter_id)
                 self.stats.device.misses += 1
                 # A copy read from disk for this request (even if prefetched) is a host miss.
-                cached = adapter_id in self.host and adapter_id not in self._from_disk
+                cached = adapter_id not in self._from_disk
                 self.stats.host.hits += cached
                 self.stats.host.misses += not cached
-                weights = self._collect(adapter_id)
-                if weights is None or not self._idle_slots:
-                    raise RuntimeError(f"acquire({adapter_id!r}) before can_acquire() was true")
                 slot = self._evict_idle()
                 started = time.perf_counter()
                 self.slots.write(slot, weights, self.registry[adapter_id].rank)
@@ -210,6 +266,22 @@ class AdapterMemory:
                 self._idle_slots.pop(slot, None)
             self.refcount[slot] += 1
             return slot
+
+    def _host_copy_to_acquire(self, adapter_id: str) -> HostWeights:
+        """The host copy acquire() was promised by can_acquire(). Another thread may have
+        unregistered or replaced the adapter since: that fails this request, not the step."""
+        if adapter_id not in self.registry:
+            raise NotFound(f"adapter {adapter_id!r} was unregistered while this request was "
+                           "being admitted")
+        weights = self._collect(adapter_id)
+        if weights is None:  # re-registered (or evicted from the host tier) since can_acquire
+            self.prefetch(adapter_id)
+            raise Unavailable(f"adapter {adapter_id!r} was replaced or left host memory while "
+                              "this request was being admitted; retry")
+        if not self._idle_slots:
+            raise RuntimeError(f"acquire({adapter_id!r}) before can_acquire() was true: no "
+                               "idle slot")
+        return weights
 
     def _evict_idle(self) -> int:
         slot, _ = self._idle_slots.popitem(last=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from common.internal_auth import InternalAuthInterceptor
 from common.server import create_server, mark_serving
 from edgelora.v1 import worker_pb2, worker_pb2_grpc
 from worker import cpu_kernels
@@ -100,6 +101,7 @@ class WorkerRuntime:
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.server.stop(grace_s)
+        self.service.close()
         self.engine.stop()
         if self.engine.scheduler.adapters is not None:
             self.engine.scheduler.adapters.close()
@@ -177,9 +179,16 @@ async def start_worker(config: WorkerConfig) -> WorkerRuntime:
     service = WorkerService(config, tokenizer, info)
     engine.emit = service.emit
     service.attach(engine, asyncio.get_running_loop())
+    secret = config.internal_secret
+    if not secret:
+        log.warning("no router <-> worker secret: any process that reaches %s:%d can call this "
+                    "worker's internal API (set EDGELORA_INTERNAL_TOKEN or "
+                    "--internal-token-file on the router and the workers)", config.host,
+                    config.port)
     server, port, health = create_server(
         [lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(service, s)], [WORKER_SERVICE],
-        config.host, config.port)
+        config.host, config.port,
+        interceptors=[InternalAuthInterceptor(secret)] if secret else ())
     engine.start()
     await server.start()
     await mark_serving(health, [WORKER_SERVICE])

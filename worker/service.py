@@ -11,17 +11,19 @@ import logging
 import random
 import re
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 
 from common.adapter_format import read_adapter_spec
-from common.errors import EdgeLoraError, InvalidArgument, NotFound
+from common.errors import DeadlineExceeded, EdgeLoraError, InvalidArgument, NotFound
+from common.limits import check_generate
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from worker.adapter_memory import AdapterMemory, TierStats
 from worker.config import WorkerConfig
 from worker.engine import Engine
-from worker.sequence import Abort, AddRequest, SamplingOptions, TokenEvent
+from worker.sequence import Abort, AddRequest, SamplingOptions, TenantLimits, TokenEvent
 from worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,24 @@ def _merge(events: list[TokenEvent]) -> TokenEvent:
                       last.num_output_tokens, last.finish_reason, last.error, last.error_code)
 
 
+NO_LIMITS = TenantLimits()
+
+
+def tenant_from_metadata(metadata: object, config: WorkerConfig) -> tuple[str, TenantLimits]:
+    """The tenant the router says a request is for, and that tenant's share of this worker
+    (the worker's own --tenant-max-* where the router sends none). Trusted: only the router,
+    with the internal secret, reaches this service."""
+    values = {key: value for key, value in metadata or () if key.startswith("edgelora-")}
+
+    def limit(name: str, default: int) -> int:
+        raw = values.get(name, "")
+        return int(raw) if raw.isdigit() else default
+
+    return values.get("edgelora-tenant", ""), TenantLimits(
+        max_running=limit("edgelora-max-running", config.tenant_max_running),
+        max_queued=limit("edgelora-max-queued", config.tenant_max_queued))
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, config: WorkerConfig, tokenizer: Tokenizer, info: WorkerInfo) -> None:
         self.config = config
@@ -78,6 +98,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Adapter files are untrusted: their reads and checks run here, off the event loop and
+        # the engine thread, each under a deadline; a read that hangs anyway ties up only this
+        # pool, never the threads that serve other requests.
+        self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-check")
 
     def attach(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine, self._loop = engine, loop
@@ -101,7 +125,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return self.tokenizer.encode_prompt(request.prompt)
         raise InvalidArgument("the prompt is empty: set prompt or messages")
 
-    def _to_add_request(self, request: types_pb2.GenerateRequest) -> AddRequest:
+    def _to_add_request(self, request: types_pb2.GenerateRequest, tenant: str = "",
+                        limits: TenantLimits = NO_LIMITS) -> AddRequest:
+        check_generate(request, self.config)  # bounds first: no tokenizing of a huge prompt
         prompt_ids = self._encode_prompt(request)
         options = sampling_from_pb(request.params, self.config.default_max_tokens)
         limit = self.info.max_model_len
@@ -116,13 +142,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise InvalidArgument(f"max_tokens {options.max_tokens} + prompt {len(prompt_ids)} "
                                   f"tokens exceed the context of {limit} tokens: ask for at most "
                                   f"{room}")
-        return AddRequest(next(self._ids), prompt_ids, options, request.adapter_id)
+        return AddRequest(next(self._ids), prompt_ids, options, request.adapter_id,
+                          tenant=tenant, limits=limits)
 
     async def Generate(self, request: types_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[types_pb2.GenerateResponse]:
         try:
-            add = self._to_add_request(request)
+            tenant, limits = tenant_from_metadata(context.invocation_metadata(), self.config)
+            add = self._to_add_request(request, tenant, limits)
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
         stream: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -218,16 +246,36 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                               ) -> types_pb2.RegisterAdapterResponse:
         try:
             if not ADAPTER_ID.fullmatch(request.adapter_id) or request.adapter_id == "auto":
-                raise InvalidArgument(f"adapter_id {request.adapter_id!r}: use 1-128 letters, "
-                                      "digits, '-', '_', '.', '/' (and not 'auto')")
-            spec = read_adapter_spec(request.adapter_id, request.path)
-            # reads the safetensors header: a few ms, off the event loop
-            await asyncio.to_thread(self.engine.scheduler.adapters.register, spec)
+                raise InvalidArgument(f"adapter_id {request.adapter_id[:140]!r}: use 1-128 "
+                                      "letters, digits, '-', '_', '.', '/' (and not 'auto')")
+            spec = await self._check_adapter(request)
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
         return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
             adapter_id=spec.adapter_id, rank=spec.rank, path=spec.path,
             description=request.description, tier=types_pb2.ADAPTER_TIER_DISK))
+
+    async def _check_adapter(self, request: types_pb2.RegisterAdapterRequest):
+        """Reads and validates the adapter's files (config, every tensor) and registers it."""
+        memory = self.engine.scheduler.adapters
+
+        def check_and_register():
+            spec = read_adapter_spec(request.adapter_id, request.path,
+                                     max_weights_bytes=self.config.max_adapter_bytes,
+                                     num_layers=memory.num_layers)
+            memory.register(spec)
+            return spec
+
+        future = asyncio.get_running_loop().run_in_executor(self._validator, check_and_register)
+        try:
+            return await asyncio.wait_for(future, self.config.register_timeout_s)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"adapter {request.adapter_id!r}: reading and checking its files took over "
+                f"{self.config.register_timeout_s:g} s (--register-timeout-s)") from exc
+
+    def close(self) -> None:
+        self._validator.shutdown(wait=False, cancel_futures=True)
 
     async def UnregisterAdapter(self, request: types_pb2.UnregisterAdapterRequest,
                                 context: grpc.aio.ServicerContext
@@ -252,7 +300,8 @@ def encode_reference(tokenizer: Tokenizer, reference: str) -> list[int]:
     return list(tokenizer.hf(reference, add_special_tokens=False).input_ids)
 
 
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+# A worker key: a shared adapter's public id, or "tenant:id" (router.registry.worker_key).
+ADAPTER_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_-]{0,63}:)?[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 _TIERS = {"disk": types_pb2.ADAPTER_TIER_DISK, "host": types_pb2.ADAPTER_TIER_HOST,
           "device": types_pb2.ADAPTER_TIER_DEVICE}
 

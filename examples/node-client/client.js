@@ -5,8 +5,12 @@
 //   node client.js [ADDRESS] [PROMPT] [ADAPTER_ID]
 //   node client.js localhost:50051 "What is the capital of France?"
 //   node client.js localhost:50051 "How do airplanes stay in the air?" shout
+//
+// A server with API keys: EDGELORA_API_KEY=k-... is sent as 'authorization: Bearer k-...'.
+// A server with TLS: EDGELORA_TLS_CA=path/to/ca.pem (the certificate bundle to trust).
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -23,14 +27,21 @@ const { edgelora } = grpc.loadPackageDefinition(definition);
 
 const [address = 'localhost:50051', prompt = 'What is the capital of France?', adapterId = '']
   = process.argv.slice(2);
-const router = new edgelora.v1.Router(address, grpc.credentials.createInsecure());
+const credentials = process.env.EDGELORA_TLS_CA
+  ? grpc.credentials.createSsl(fs.readFileSync(process.env.EDGELORA_TLS_CA))
+  : grpc.credentials.createInsecure();
+const router = new edgelora.v1.Router(address, credentials);
+const metadata = new grpc.Metadata();
+if (process.env.EDGELORA_API_KEY) {
+  metadata.set('authorization', `Bearer ${process.env.EDGELORA_API_KEY}`);
+}
 
 const request = {
   messages: [{ role: 'user', content: prompt }],
   adapter_id: adapterId, // '' = base model, 'auto' = the router's selector, else a registered id
   params: { max_tokens: Number(process.env.MAX_TOKENS || 64) },
 };
-const call = router.GenerateStream(request, { deadline: Date.now() + 300_000 });
+const call = router.GenerateStream(request, metadata, { deadline: Date.now() + 300_000 });
 
 let last = null;
 call.on('data', (chunk) => {
@@ -46,7 +57,8 @@ call.on('end', () => {
   router.close();
 });
 call.on('error', (err) => {
-  // gRPC status codes: NOT_FOUND (unknown adapter), INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...
+  // gRPC status codes: UNAUTHENTICATED (no or unknown key), NOT_FOUND (unknown adapter),
+  // INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...
   process.stderr.write(`\nerror: ${grpc.status[err.code]}: ${err.details}\n`);
   process.exitCode = 1;
   router.close();

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import itertools
 import json
 import math
+import os
+import random
+import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import adapter_format
 from common.adapter_format import (
     CONFIG_FILE,
     LORA_MODULES,
@@ -18,8 +27,9 @@ from common.adapter_format import (
     check_adapter_shapes,
     read_adapter_spec,
     read_adapter_weights,
+    validate_adapter_weights,
 )
-from common.errors import InvalidArgument
+from common.errors import EdgeLoraError, InvalidArgument, Unavailable
 from tests.conftest import write_random_adapter
 from worker.loader import read_model_config
 from worker.lora import module_shapes
@@ -349,3 +359,365 @@ def test_read_weights_checks_shapes_too(adapter_dir: Path, base) -> None:
 def test_spec_is_cheap_and_hashable() -> None:
     spec = AdapterSpec("a", "/nowhere", 8, 16.0, False, ("q_proj",))
     assert spec.scaling == 2.0 and {spec: 1}[spec] == 1
+
+
+# --- hostile files -----------------------------------------------------------------------------
+
+
+def finishes(fn, *args, within_s: float = 5.0):
+    """fn(*args) on a daemon thread: -> what it returned or raised, failing if it blocks (a FIFO
+    opened without a writer would hang the test run, not fail it)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn(*args))
+        except BaseException as exc:  # handed back to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within_s)
+    assert outcome, f"{getattr(fn, '__name__', fn)} still blocked after {within_s} s"
+    return outcome[0]
+
+
+def refused(fn, *args, match: str) -> str:
+    """Like raises_invalid, but on a thread so a blocking open fails instead of hanging."""
+    result = finishes(fn, *args)
+    assert isinstance(result, InvalidArgument), f"expected InvalidArgument, got {result!r}"
+    assert match in str(result), f"expected {match!r} in the message, got: {result}"
+    return str(result)
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_non_regular_files_are_refused_without_blocking(adapter_dir: Path, name: str,
+                                                        kind: str) -> None:
+    file = adapter_dir / name
+    file.unlink()
+    if kind == "fifo":
+        os.mkfifo(file)
+    elif kind == "directory":
+        file.mkdir()
+    else:
+        file.symlink_to("/dev/zero")  # symlinks are followed: what they point at counts
+    message = refused(read_adapter_spec, "a", adapter_dir, match="is not a regular file")
+    assert str(file) in message and "'a'" in message, message
+
+
+@pytest.mark.parametrize("fn", [check_adapter_shapes, read_adapter_weights])
+def test_weights_swapped_for_a_fifo_after_registration_are_refused(adapter_dir: Path, base,
+                                                                   fn) -> None:
+    spec = read_adapter_spec("a", adapter_dir)
+    (adapter_dir / WEIGHTS_FILE).unlink()
+    os.mkfifo(adapter_dir / WEIGHTS_FILE)
+    refused(fn, spec, *base, match="is not a regular file")
+
+
+def test_oversize_config_is_refused(adapter_dir: Path) -> None:
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    (adapter_dir / CONFIG_FILE).write_text(json.dumps(config) + " " * (64 << 10))
+    message = raises_invalid(read_adapter_spec, "a", adapter_dir, match="64 KiB at most")
+    assert CONFIG_FILE in message, message
+
+
+def test_deeply_nested_config_is_invalid_argument(adapter_dir: Path) -> None:
+    (adapter_dir / CONFIG_FILE).write_text("[" * 60_000)  # RecursionError inside json
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="not valid JSON")
+
+
+def test_oversize_weights_are_refused_naming_the_limit(adapter_dir: Path, base) -> None:
+    size = (adapter_dir / WEIGHTS_FILE).stat().st_size
+    spec = read_adapter_spec("a", adapter_dir, max_weights_bytes=size)  # exactly at the cap: ok
+    read_adapter_weights(spec, *base, size)
+    for cap in (size - 1, 1000):
+        message = raises_invalid(read_adapter_spec, "a", adapter_dir, 256, cap,
+                                 match="this server accepts adapter files up to")
+        assert WEIGHTS_FILE in message and "(--max-adapter-mb)" in message, message
+    assert "is 35.38 KiB; this server accepts adapter files up to 1000 bytes" in message, message
+    for fn in (check_adapter_shapes, read_adapter_weights, validate_adapter_weights):
+        raises_invalid(fn, spec, *base, size - 1, match="--max-adapter-mb")
+
+
+def test_weights_grown_after_registration_are_refused_at_load(adapter_dir: Path, base) -> None:
+    spec = read_adapter_spec("a", adapter_dir)  # the default cap: 512 MiB
+    os.truncate(adapter_dir / WEIGHTS_FILE, 700 << 20)  # sparse: costs no disk
+    for fn in (check_adapter_shapes, read_adapter_weights):
+        raises_invalid(fn, spec, *base, match="is 700 MiB; this server accepts adapter files "
+                                              "up to 512 MiB (--max-adapter-mb)")
+
+
+def test_io_errors_are_unavailable_not_invalid(adapter_dir: Path, base,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = read_adapter_spec("a", adapter_dir)
+
+    class FailingOpen:  # os for adapter_format alone, whose open() fails as a bad disk does
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
+
+        @staticmethod
+        def open(*args, **kwargs) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(adapter_format, "os", FailingOpen())
+    with pytest.raises(Unavailable, match=r"cannot be read now.*Input/output error"):
+        read_adapter_weights(spec, *base)
+
+
+def test_a_file_that_shrinks_while_read_is_unavailable() -> None:
+    with pytest.raises(Unavailable, match="shrank while being read"):
+        adapter_format._read_exact("a", Path(WEIGHTS_FILE), io.BytesIO(b"12345"), 10)
+
+
+# --- hostile config values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [True, 4097, 10**30])
+def test_rank_must_be_an_int_up_to_4096(adapter_dir: Path, rank: object) -> None:
+    edit_config(adapter_dir, r=rank)
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="up to 4096")
+
+
+def test_rank_4096_is_accepted(adapter_dir: Path) -> None:
+    edit_config(adapter_dir, r=4096)
+    assert read_adapter_spec("a", adapter_dir).rank == 4096
+
+
+@pytest.mark.parametrize("alpha", ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400,
+                                   '"16"', "true", "[16]"])
+def test_lora_alpha_must_be_a_finite_number(adapter_dir: Path, alpha: str) -> None:
+    text = (adapter_dir / CONFIG_FILE).read_text()
+    (adapter_dir / CONFIG_FILE).write_text(text.replace('"lora_alpha": 8.0',
+                                                        f'"lora_alpha": {alpha}'))
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="lora_alpha must be a finite number")
+
+
+@pytest.mark.parametrize("alpha", [0, -8, 32])
+def test_any_finite_lora_alpha_is_accepted(adapter_dir: Path, alpha: int) -> None:
+    edit_config(adapter_dir, lora_alpha=alpha)
+    assert read_adapter_spec("a", adapter_dir).scaling == alpha / 4
+
+
+@pytest.mark.parametrize("value", ["true", 1, [True]])
+def test_use_rslora_must_be_a_bool(adapter_dir: Path, value: object) -> None:
+    edit_config(adapter_dir, use_rslora=value)
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="use_rslora must be true or false")
+
+
+def test_use_rslora_null_means_false(adapter_dir: Path) -> None:
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    config["use_rslora"] = None
+    (adapter_dir / CONFIG_FILE).write_text(json.dumps(config))
+    assert read_adapter_spec("a", adapter_dir).use_rslora is False
+
+
+# --- hostile target_modules regexes ------------------------------------------------------------
+
+
+def test_long_regex_is_refused(adapter_dir: Path) -> None:
+    edit_config(adapter_dir, target_modules="q_proj|" * 40)
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="at most 256 are accepted")
+
+
+@pytest.mark.parametrize("pattern", [r"((a{1000}){1000}){1000}", r"(?:x{65535}){65535}"])
+def test_regex_that_compiles_huge_is_refused(adapter_dir: Path, pattern: str) -> None:
+    """regex expands counted repeats when compiling: these would take GBs (or the OOM killer)."""
+    edit_config(adapter_dir, target_modules=pattern)
+    started = time.monotonic()
+    raises_invalid(read_adapter_spec, "a", adapter_dir, match="repeats too much")
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("pattern", [r"(.|.)*\d", r"(?:.*?){30}\d", r"(.|\w)*[A-Z]"])
+def test_catastrophic_regex_is_refused_in_time_while_other_threads_run(
+        adapter_dir: Path, pattern: str) -> None:
+    """With `re`, each of these backtracks ~2^31 times per name, over 256 x 7 names."""
+    edit_config(adapter_dir, target_modules=pattern)
+    ticks: list[float] = []
+    done = threading.Event()
+
+    def count() -> None:  # stands in for the event loop and the engine thread
+        while not done.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count, daemon=True)
+    started = time.monotonic()
+    counter.start()
+    try:
+        message = raises_invalid(read_adapter_spec, "a", adapter_dir,
+                                 match="takes too long to match (catastrophic backtracking?)")
+    finally:
+        done.set()
+        counter.join()
+    elapsed_s = time.monotonic() - started
+    assert elapsed_s < 2.0, f"took {elapsed_s:.2f} s"
+    assert repr(pattern) in message, message
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert len(ticks) > 100 and max(gaps) < 0.25, (len(ticks), max(gaps, default=None))
+
+
+def test_regex_candidates_are_the_model_layers(adapter_dir: Path) -> None:
+    edit_config(adapter_dir, target_modules=r".*layers\.(30|31)\.mlp\.(gate|up)_proj")
+    assert read_adapter_spec("a", adapter_dir, 32).target_modules == ("gate_proj", "up_proj")
+    raises_invalid(read_adapter_spec, "a", adapter_dir, 2, match="not supported")
+
+
+# --- hostile tensors ---------------------------------------------------------------------------
+
+
+def write_raw_safetensors(file: Path, header: object, data: bytes = b"") -> None:
+    """A safetensors file with any header, valid or not."""
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.float64, torch.bool])
+def test_other_dtypes_are_refused_from_the_header(adapter_dir: Path, base,
+                                                  dtype: torch.dtype) -> None:
+    name = f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
+    edit_tensors(adapter_dir, lambda t: {**t, name: t[name].to(dtype)})
+    spec = read_adapter_spec("a", adapter_dir)
+    for fn in (check_adapter_shapes, read_adapter_weights, validate_adapter_weights):
+        message = raises_invalid(fn, spec, *base, match="LoRA weights must be F16, BF16, F32")
+        assert name in message, message
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_duplicate_tensors_are_refused(adapter_dir: Path, base, which: str) -> None:
+    name = f"{PREFIX}.1.mlp.down_proj.lora_{which}.weight"
+    twin = name.replace(".weight", ".default.weight")
+    edit_tensors(adapter_dir, lambda t: {**t, twin: t[name].clone()})
+    spec = read_adapter_spec("a", adapter_dir)
+    for fn in (check_adapter_shapes, read_adapter_weights, validate_adapter_weights):
+        message = raises_invalid(fn, spec, *base, match=f"lora_{which} of layer 1 down_proj")
+        assert name in message and twin in message, message
+
+
+def test_missing_pair_is_refused_from_the_header(adapter_dir: Path, base) -> None:
+    edit_tensors(adapter_dir, lambda t: {k: v for k, v in t.items()
+                                         if "1.mlp.up_proj.lora_B" not in k})
+    raises_invalid(check_adapter_shapes, read_adapter_spec("a", adapter_dir), *base,
+                   match="layer 1 up_proj has lora_A without its pair")
+
+
+def test_b_times_scaling_overflow_is_refused(adapter_dir: Path, base) -> None:
+    def big(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t[f"{PREFIX}.0.mlp.gate_proj.lora_B.weight"][3, 1] = 100.0
+        return t
+
+    edit_tensors(adapter_dir, big)
+    edit_config(adapter_dir, lora_alpha=1e38)  # finite, as is 100 * 1e38 / 4 in float64
+    spec = read_adapter_spec("a", adapter_dir)
+    check_adapter_shapes(spec, *base)
+    for fn in (read_adapter_weights, validate_adapter_weights):
+        raises_invalid(fn, spec, *base, match="layer 0 gate_proj: lora_B times the scaling "
+                                              "2.5e+37 overflows float32")
+
+
+def test_validate_accepts_a_good_adapter_and_refuses_nan(adapter_dir: Path, base) -> None:
+    spec = read_adapter_spec("a", adapter_dir)
+    assert validate_adapter_weights(spec, *base) is None
+    nan_spec = AdapterSpec("n", spec.path, spec.rank, float("nan"), False, spec.target_modules)
+    raises_invalid(validate_adapter_weights, nan_spec, *base, match="'n'")
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 100_000,                                              # nested past the recursion limit
+    b"not json",
+    ["a list"],
+    {"x.layers.0.self_attn.q_proj.lora_A.weight": "F32"},
+    {"x.layers.0.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": "ab",
+                                                   "data_offsets": [0, 8]}},
+    {"x.layers.0.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [4, 64],
+                                                   "data_offsets": [0, 10**12]}},
+    {"x.layers.0.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [4, 64],
+                                                   "data_offsets": [8, 0]}},
+    {"x.layers.0.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [4, 64],
+                                                   "data_offsets": [0, 16]}},  # too short
+])
+def test_malformed_safetensors_headers_are_invalid_argument(adapter_dir: Path, base,
+                                                            header: object) -> None:
+    spec = read_adapter_spec("a", adapter_dir)
+    write_raw_safetensors(adapter_dir / WEIGHTS_FILE, header, bytes(64))
+    for fn in (check_adapter_shapes, read_adapter_weights):
+        raises_invalid(fn, spec, *base, match=WEIGHTS_FILE)
+
+
+def test_header_length_beyond_the_file_is_refused(adapter_dir: Path, base) -> None:
+    spec = read_adapter_spec("a", adapter_dir)
+    (adapter_dir / WEIGHTS_FILE).write_bytes(struct.pack("<Q", 2**63) + b"{}")
+    raises_invalid(read_adapter_weights, spec, *base, match="header in a 10-byte file")
+
+
+def test_misaligned_tensor_data_is_read_correctly(tmp_path: Path, base) -> None:
+    """A hand-made file whose float32 A starts 2 bytes into the data: still read exactly."""
+    shapes, _ = base
+    a = torch.arange(4 * 64, dtype=torch.float32).view(4, 64)
+    b = torch.ones(shapes["q_proj"][1], 4, dtype=torch.float16)
+    key = f"{PREFIX}.0.self_attn.q_proj"
+    header = {f"{key}.lora_B.weight": {"dtype": "F16", "shape": list(b.shape),
+                                      "data_offsets": [0, b.numel() * 2]},
+              f"{key}.lora_A.weight": {"dtype": "F32", "shape": [4, 64],
+                                      "data_offsets": [b.numel() * 2 + 2,
+                                                       b.numel() * 2 + 2 + a.numel() * 4]}}
+    tmp_path.joinpath("m").mkdir()
+    write_raw_safetensors(tmp_path / "m" / WEIGHTS_FILE, header,
+                          b.numpy().tobytes() + b"\0\0" + a.numpy().tobytes())
+    spec = AdapterSpec("m", str(tmp_path / "m"), 4, 8.0, False, ("q_proj",))
+    (got_a, got_b), = read_adapter_weights(spec, *base).values()
+    assert torch.equal(got_a, a) and torch.equal(got_b, b.float() * 2.0)
+
+
+def test_weights_are_read_not_memory_mapped(adapter_dir: Path, base,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors' safe_open maps the file: truncating it then kills the process (SIGBUS)."""
+    import safetensors
+
+    def no_mmap(*args, **kwargs):
+        raise AssertionError("safe_open maps the file")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_mmap)
+    spec = read_adapter_spec("a", adapter_dir)
+    check_adapter_shapes(spec, *base)
+    assert len(read_adapter_weights(spec, *base)) == 2 * len(LORA_MODULES)
+
+
+def test_huge_layer_index_is_invalid_argument(adapter_dir: Path, base) -> None:
+    """int() of over 4300 digits raises ValueError: such a name must not get that far."""
+    name = f"{PREFIX}.{'9' * 5000}.self_attn.q_proj.lora_A.weight"
+    edit_tensors(adapter_dir, lambda t: {**t, name: torch.zeros(4, 64)})
+    raises_invalid(check_adapter_shapes, read_adapter_spec("a", adapter_dir), *base,
+                   match="is not a LoRA A/B weight")
+
+
+def test_oversize_header_is_refused(adapter_dir: Path, base) -> None:
+    spec = read_adapter_spec("a", adapter_dir)
+    write_raw_safetensors(adapter_dir / WEIGHTS_FILE, b"{}" + b" " * (9 << 20))
+    raises_invalid(read_adapter_weights, spec, *base, match="-byte header in a")
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, WEIGHTS_FILE])
+def test_random_corruption_only_ever_raises_our_errors(adapter_dir: Path, base,
+                                                       name: str) -> None:
+    """Flips bytes at random (seeded): every outcome is a spec/weights or an EdgeLoraError, never
+    another exception."""
+    file = adapter_dir / name
+    original = file.read_bytes()
+    gen = random.Random(0)
+    outcomes: dict[str, int] = {}
+    for _ in range(150):
+        data = bytearray(original)
+        span = 300 if gen.random() < 0.7 else len(data)  # mostly the JSON / header
+        for _ in range(gen.randint(1, 4)):
+            data[gen.randrange(min(span, len(data)))] = gen.randrange(256)
+        file.write_bytes(bytes(data[:gen.randrange(len(data) + 1)] if gen.random() < 0.2
+                               else data))
+        try:
+            read_adapter_weights(read_adapter_spec("a", adapter_dir), *base)
+            outcome = "ok"
+        except EdgeLoraError as exc:
+            outcome = type(exc).__name__
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert outcomes.get("InvalidArgument"), outcomes

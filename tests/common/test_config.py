@@ -9,6 +9,7 @@ import os
 import pytest
 
 from common.config import add_config_args, config_from_args
+from common.shared_config import SHARED_FIELDS
 from router.config import RouterConfig
 from worker.config import WorkerConfig
 
@@ -183,12 +184,15 @@ def test_skipped_field_falls_back_to_override_env_or_default(
 def test_two_configs_share_one_parser() -> None:
     parser = argparse.ArgumentParser(prog="test")
     add_config_args(parser, RouterConfig, skip=("workers",))
-    add_config_args(parser, WorkerConfig, skip=("host", "port", "log_level"))
-    args = parser.parse_args(["--port", "9000", "--max-batch-size", "2", "--log-level", "DEBUG"])
+    add_config_args(parser, WorkerConfig, skip=("host", "port", "log_level", *SHARED_FIELDS))
+    args = parser.parse_args(["--port", "9000", "--max-batch-size", "2", "--log-level", "DEBUG",
+                              "--max-stop-strings", "3"])
     router = config_from_args(RouterConfig, args, workers="127.0.0.1:9001")
     worker = config_from_args(WorkerConfig, args, host="127.0.0.1", port=9001)
     assert (router.port, router.log_level, router.workers) == (9000, "DEBUG", "127.0.0.1:9001")
     assert (worker.port, worker.max_batch_size, worker.log_level) == (9001, 2, "DEBUG")
+    # a SharedConfig flag, given once, reaches both processes
+    assert router.max_stop_strings == worker.max_stop_strings == 3
 
 
 # --- WorkerConfig / RouterConfig validation ----------------------------------------------------

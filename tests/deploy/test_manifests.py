@@ -1,5 +1,7 @@
 """The deploy files against the real CLI: every container command parses with edgelora's own
-parser and builds a valid config, and ports, probes, Services, volumes and images line up."""
+parser and builds a valid config (against the files the container mounts), and ports, probes,
+Services, volumes and images line up. Keys, TLS, the internal secret and the workers' privacy:
+test_security.py."""
 
 from __future__ import annotations
 
@@ -19,12 +21,11 @@ from tests.deploy.deploy_files import (
     K8S,
     OVERLAYS,
     REPO,
-    WORKLOAD_KINDS,
     CliError,
+    compose_configs,
     config_env_names,
     configs_for,
     container_argv,
-    container_env,
     container_port,
     dockerfile_env,
     dockerfile_exec_form,
@@ -33,11 +34,13 @@ from tests.deploy.deploy_files import (
     dockerignore_excludes,
     find,
     image_path_to_repo,
+    k8s_configs,
     load_compose,
     overlay_objects,
     parse_cli,
     selects,
     split_address,
+    workload_containers,
 )
 from worker.config import WorkerConfig
 
@@ -61,6 +64,18 @@ def parse_healthcheck(argv: list[str]) -> Any:
         return _healthcheck_parser().parse_args(argv[2:])
     except SystemExit as exc:
         raise CliError(f"healthcheck {shlex.join(argv)}") from exc
+
+
+def check_health_probe(argv: list[str], configs: dict[str, Any], where: str) -> None:
+    """A healthcheck.py command checking this process from inside its container: its own port
+    on loopback, its own service, over TLS (trusting its certificate) exactly when it serves
+    TLS."""
+    check = parse_healthcheck(argv)
+    kind = process_kind(configs)
+    assert check.address == f"127.0.0.1:{listen_port(configs)}", where
+    assert check.service == SERVICE_OF[kind], where
+    tls_cert = getattr(configs[kind], "tls_cert", "")
+    assert check.tls_ca == tls_cert, f"{where}: the check must trust the port's own certificate"
 
 
 def process_kind(configs: dict[str, Any]) -> str:
@@ -127,11 +142,11 @@ def test_dockerignore_keeps_what_the_images_need() -> None:
 # --- docker-compose ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
-def test_compose_router_reaches_both_workers_and_publishes_its_port(files: tuple[str]) -> None:
-    services = load_compose(*files)["services"]
-    configs = {name: configs_for(s["command"], {k: str(v) for k, v in
-                                                 s.get("environment", {}).items()})
-               for name, s in services.items()}
+def test_compose_router_reaches_both_workers_and_publishes_its_port(files: tuple[str],
+                                                                   tmp_path: Path) -> None:
+    compose = load_compose(*files)
+    services = compose["services"]
+    configs = {name: compose_configs(compose, name, tmp_path)[0] for name in services}
     routers = [n for n, c in configs.items() if process_kind(c) == "router"]
     workers = [n for n, c in configs.items() if process_kind(c) == "worker" and c]
     assert len(routers) == 1 and len(workers) == 2
@@ -146,23 +161,26 @@ def test_compose_router_reaches_both_workers_and_publishes_its_port(files: tuple
 
 
 @pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
-def test_compose_health_checks_ask_each_process_its_own_service(files: tuple[str]) -> None:
-    services = load_compose(*files)["services"]
-    for name, service in services.items():
-        configs = configs_for(service["command"], {})
+def test_compose_health_checks_ask_each_process_its_own_service(files: tuple[str],
+                                                                tmp_path: Path) -> None:
+    compose = load_compose(*files)
+    for name, service in compose["services"].items():
+        configs, mounts = compose_configs(compose, name, tmp_path)
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD"
+        check_health_probe(test[1:], configs, name)
         check = parse_healthcheck(test[1:])
-        kind = process_kind(configs)
-        assert check.address == f"127.0.0.1:{listen_port(configs)}", name
-        assert check.service == SERVICE_OF[kind], name
+        if check.tls_ca:  # the CA file is there in the container, where the check reads it
+            assert mounts.find(check.tls_ca), f"{name}: nothing mounted at {check.tls_ca}"
 
 
 @pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
-def test_compose_mounts_the_adapters_read_only_at_one_path(files: tuple[str]) -> None:
-    services = load_compose(*files)["services"]
+def test_compose_mounts_the_adapters_read_only_at_one_path(files: tuple[str],
+                                                           tmp_path: Path) -> None:
+    compose = load_compose(*files)
+    services = compose["services"]
     router_name = next(n for n, s in services.items() if s["command"][0] == "router")
-    adapters_dir = configs_for(services[router_name]["command"], {})["router"].adapters_dir
+    adapters_dir = compose_configs(compose, router_name, tmp_path)[0]["router"].adapters_dir
     for name, service in services.items():
         mounts = [v for v in service["volumes"] if v["target"] == adapters_dir]
         assert len(mounts) == 1 and mounts[0]["read_only"] is True, name
@@ -172,10 +190,12 @@ def test_compose_mounts_the_adapters_read_only_at_one_path(files: tuple[str]) ->
 
 
 @pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
-def test_compose_workers_get_the_gpu_only_with_the_cuda_override(files: tuple[str]) -> None:
+def test_compose_workers_get_the_gpu_only_with_the_cuda_override(files: tuple[str],
+                                                                 tmp_path: Path) -> None:
     cuda = "docker-compose.cuda.yml" in files
-    for name, service in load_compose(*files)["services"].items():
-        configs = configs_for(service["command"], {})
+    compose = load_compose(*files)
+    for name, service in compose["services"].items():
+        configs = compose_configs(compose, name, tmp_path)[0]
         devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get(
             "devices", [])
         gpus = [d for d in devices if "gpu" in d["capabilities"]]
@@ -200,35 +220,36 @@ def test_every_k8s_file_is_listed_by_a_kustomization() -> None:
             assert (doc["kind"], doc["metadata"]["name"]) in listed, path
 
 
-def _containers(objects: list[dict]) -> list[tuple[dict, dict, bool]]:
-    """(workload, container, is_init) for every container of every workload."""
-    out = []
-    for obj in objects:
-        if obj["kind"] in WORKLOAD_KINDS:
-            spec = obj["spec"]["template"]["spec"]
-            out += [(obj, c, True) for c in spec.get("initContainers", [])]
-            out += [(obj, c, False) for c in spec["containers"]]
-    return out
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_k8s_containers_run_valid_commands_with_matching_ports_and_probes(overlay: str) -> None:
+def test_k8s_containers_run_valid_commands_with_matching_ports_and_probes(overlay: str,
+                                                                         tmp_path: Path) -> None:
     objects = overlay_objects(overlay)
     servers = 0
-    for workload, container, is_init in _containers(objects):
+    for workload, container, is_init in workload_containers(objects):
         argv = container_argv(container)
         if is_init:
             parse_healthcheck(argv)  # checked against the workers' Service below
             continue
-        configs = configs_for(argv[1:], container_env(container, objects))
-        assert argv[0] == "edgelora" and configs, container["name"]
+        configs, mounts = k8s_configs(workload, container, objects, tmp_path)
+        assert configs, container["name"]
         port = listen_port(configs)
         servers += 1
         assert [p["containerPort"] for p in container["ports"]] == [port]
+        kind = process_kind(configs)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            grpc_probe = container[probe]["grpc"]
-            assert grpc_probe["port"] == port, (container["name"], probe)
-            assert grpc_probe["service"] == SERVICE_OF[process_kind(configs)]
+            where = f"{container['name']} {probe}"
+            if getattr(configs[kind], "tls_cert", ""):
+                # kubelet's gRPC probe speaks plaintext only: a TLS port is probed by exec
+                assert "grpc" not in container[probe], where
+                command = container[probe]["exec"]["command"]
+                check_health_probe(command, configs, where)
+                check = parse_healthcheck(command)
+                assert mounts.find(check.tls_ca), f"{where}: nothing mounted at {check.tls_ca}"
+                assert container[probe]["timeoutSeconds"] > check.timeout_s, where
+            else:
+                grpc_probe = container[probe]["grpc"]
+                assert grpc_probe["port"] == port, where
+                assert grpc_probe["service"] == SERVICE_OF[kind], where
         services = [s for s in find(objects, "Service") if selects(s, workload)]
         assert services, f"no Service selects {workload['metadata']['name']}"
         for service in services:
@@ -239,12 +260,13 @@ def test_k8s_containers_run_valid_commands_with_matching_ports_and_probes(overla
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_router_finds_workers_through_their_headless_service(overlay: str) -> None:
+def test_router_finds_workers_through_their_headless_service(overlay: str,
+                                                             tmp_path: Path) -> None:
     objects = overlay_objects(overlay)
     (router_deploy,) = find(objects, "Deployment", "edgelora-router")
     (workers,) = find(objects, "StatefulSet", "edgelora-worker")
     router_container = router_deploy["spec"]["template"]["spec"]["containers"][0]
-    router = configs_for(container_argv(router_container)[1:], {})["router"]
+    router = k8s_configs(router_deploy, router_container, objects, tmp_path)[0]["router"]
     (address,) = router.worker_addresses
     host, port = split_address(address)
     (headless,) = find(objects, "Service", host)
@@ -253,18 +275,19 @@ def test_router_finds_workers_through_their_headless_service(overlay: str) -> No
     assert workers["spec"]["serviceName"] == host
     assert port in [p["port"] for p in headless["spec"]["ports"]]
     worker_container = workers["spec"]["template"]["spec"]["containers"][0]
-    assert configs_for(container_argv(worker_container)[1:], {})["worker"].port == port
+    assert k8s_configs(workers, worker_container, objects, tmp_path)[0]["worker"].port == port
     (wait,) = router_deploy["spec"]["template"]["spec"]["initContainers"]
     check = parse_healthcheck(container_argv(wait))
     assert (check.address, check.service) == (address, SERVICE_OF["worker"])
     assert check.wait_s > 0
 
 
-def test_cuda_workers_request_a_gpu_and_cpu_workers_do_not() -> None:
+def test_cuda_workers_request_a_gpu_and_cpu_workers_do_not(tmp_path: Path) -> None:
     for overlay in OVERLAYS:
-        (workers,) = find(overlay_objects(overlay), "StatefulSet", "edgelora-worker")
+        objects = overlay_objects(overlay)
+        (workers,) = find(objects, "StatefulSet", "edgelora-worker")
         (container,) = workers["spec"]["template"]["spec"]["containers"]
-        worker = configs_for(container_argv(container)[1:], {})["worker"]
+        worker = k8s_configs(workers, container, objects, tmp_path)[0]["worker"]
         resources = container["resources"]
         gpus = int(resources.get("limits", {}).get("nvidia.com/gpu", 0))
         assert dockerfile_for_image(container["image"]).is_file()
@@ -278,13 +301,17 @@ def test_cuda_workers_request_a_gpu_and_cpu_workers_do_not() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_adapters_volume_is_read_only_at_the_routers_adapters_dir(overlay: str) -> None:
+def test_adapters_volume_is_read_only_at_the_routers_adapters_dir(overlay: str,
+                                                                  tmp_path: Path) -> None:
     objects = overlay_objects(overlay)
     (router_deploy,) = find(objects, "Deployment", "edgelora-router")
     router_container = router_deploy["spec"]["template"]["spec"]["containers"][0]
-    adapters_dir = configs_for(container_argv(router_container)[1:], {})["router"].adapters_dir
+    router = k8s_configs(router_deploy, router_container, objects, tmp_path)[0]["router"]
+    adapters_dir = router.adapters_dir
+    # admins register by path only inside the volume every worker mounts at the same place
+    assert router.adapter_root == adapters_dir
     claims = set()
-    for workload, container, is_init in _containers(objects):
+    for workload, container, is_init in workload_containers(objects):
         if is_init:
             continue
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == adapters_dir]
@@ -296,12 +323,14 @@ def test_adapters_volume_is_read_only_at_the_routers_adapters_dir(overlay: str) 
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pods_run_as_the_images_user_without_service_link_variables(overlay: str) -> None:
+def test_pods_run_as_the_images_user_without_service_links_or_tokens(overlay: str) -> None:
     objects = overlay_objects(overlay)
-    for workload, container, _ in _containers(objects):
+    for workload, container, _ in workload_containers(objects):
         pod = workload["spec"]["template"]["spec"]
         # Kubernetes would inject <SERVICE>_PORT=tcp://...; edgelora reads EDGELORA_* as flags.
         assert pod["enableServiceLinks"] is False
+        # nothing here calls the Kubernetes API: no token for an intruder to use
+        assert pod["automountServiceAccountToken"] is False
         user = dockerfile_values(dockerfile_for_image(container["image"]), "USER")[-1]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert str(pod["securityContext"]["runAsUser"]) == user.split(":")[0]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.adapter_format import WEIGHTS_FILE, AdapterSpec, read_adapter_spec
-from common.errors import InvalidArgument, NotFound
+from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from tests.conftest import write_random_adapter
 from worker import adapter_memory
 from worker.adapter_memory import AdapterMemory
@@ -47,9 +47,10 @@ def make_memory(tiny_model_dir: Path) -> Iterator[MakeMemory]:
     cfg = read_model_config(tiny_model_dir)
     made: list[AdapterMemory] = []
 
-    def make(num_slots: int = 2, host_capacity: int = 4) -> AdapterMemory:
-        slots = LoraSlots(cfg, num_slots, MAX_RANK, torch.device("cpu"), torch.float32)
-        memory = AdapterMemory(slots, host_capacity, module_shapes(cfg), cfg.num_layers)
+    def make(num_slots: int = 2, host_capacity: int = 4, dtype: torch.dtype = torch.float32,
+             **kwargs: int) -> AdapterMemory:
+        slots = LoraSlots(cfg, num_slots, MAX_RANK, torch.device("cpu"), dtype)
+        memory = AdapterMemory(slots, host_capacity, module_shapes(cfg), cfg.num_layers, **kwargs)
         made.append(memory)
         return memory
 
@@ -302,10 +303,26 @@ def test_register_loaded_serves_weights_without_a_file(make_memory: MakeMemory,
 
 def test_acquire_before_can_acquire_raises(make_memory: MakeMemory,
                                            make_adapter: MakeAdapter) -> None:
+    """Without a host copy, acquire cannot tell a caller that skipped can_acquire from one whose
+    adapter was replaced meanwhile: either way this request fails, never the engine step."""
     memory = make_memory()
     memory.register(make_adapter("a"))
-    with pytest.raises(RuntimeError, match="before can_acquire"):
+    with pytest.raises(Unavailable, match="'a' was replaced or left host memory"):
         memory.acquire("a")
+    assert_counters(memory.stats.device, misses=0, loads=0)
+    acquire(memory, "a")  # the failed acquire started the load
+
+
+def test_acquire_with_every_slot_pinned_is_a_programming_error(
+        make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=1)
+    for name in "ab":
+        memory.register(make_adapter(name))
+    memory.release(acquire(memory, "b"))
+    acquire(memory, "a")  # evicts b to the host tier and pins the only slot
+    assert_tiers(memory, a="device", b="host")
+    with pytest.raises(RuntimeError, match=r"before can_acquire.*no idle slot"):
+        memory.acquire("b")
 
 
 def test_same_adapter_twice_shares_the_slot(make_memory: MakeMemory,
@@ -479,3 +496,209 @@ def test_summary_numbers(make_memory: MakeMemory, make_adapter: MakeAdapter) -> 
     memory.unregister("b")
     assert memory.summary() == {"num_device_slots": 3, "num_device_slots_in_use": 0,
                                 "host_capacity": 5, "num_host_cached": 2, "num_registered": 3}
+
+
+# --- hostile adapters are refused at register ------------------------------------------------
+
+
+def test_register_refuses_nan_weights(make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory()
+    spec = make_adapter("nan")
+    corrupt_data(spec)  # the header is fine: only reading the data finds it
+    with pytest.raises(InvalidArgument, match="holds NaN or infinite values"):
+        memory.register(spec)
+    assert isinstance(memory.error("nan"), NotFound)
+
+
+def test_register_refuses_nan_alpha(make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    """read_adapter_spec refuses NaN in the JSON; a spec built by hand is checked too."""
+    memory = make_memory()
+    good = make_adapter("a")
+    spec = AdapterSpec("a", good.path, good.rank, float("nan"), False, good.target_modules)
+    with pytest.raises(InvalidArgument, match="'a'"):
+        memory.register(spec)
+    assert memory.registry == {}
+
+
+def test_register_refuses_values_the_slot_dtype_cannot_hold(
+        make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    spec = make_adapter("big")
+    file = Path(spec.path) / WEIGHTS_FILE
+    tensors = load_file(str(file))
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name][0, 0] = 1e5  # finite in float32, inf in float16
+    save_file(tensors, str(file))
+    with pytest.raises(InvalidArgument, match=r"beyond 65504.*torch.float16 adapter slots"):
+        make_memory(dtype=torch.float16).register(spec)
+    make_memory(dtype=torch.bfloat16).register(spec)
+    make_memory(dtype=torch.float32).register(spec)
+
+
+def test_register_and_load_keep_to_max_adapter_bytes(make_memory: MakeMemory,
+                                                     make_adapter: MakeAdapter,
+                                                     tiny_model_dir: Path) -> None:
+    small = make_adapter("small", modules=("q_proj",))
+    size = (Path(small.path) / WEIGHTS_FILE).stat().st_size
+    memory = make_memory(max_adapter_bytes=size)
+    with pytest.raises(InvalidArgument, match="--max-adapter-mb"):
+        memory.register(make_adapter("large"))
+    memory.register(small)
+    # The file is replaced by a larger one after registration: the load refuses it too.
+    write_random_adapter(Path(small.path), tiny_model_dir, 4, 8.0, ("q_proj", "v_proj"))
+    assert "--max-adapter-mb" in wait_for_error(memory, "small")
+
+
+# --- acquire racing unregister ---------------------------------------------------------------
+
+
+def test_acquire_of_an_adapter_unregistered_meanwhile_is_not_found(
+        make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=1)
+    memory.register(make_adapter("a"))
+    wait_until(lambda: memory.can_acquire("a"), "a loaded", memory)
+    memory.unregister("a")  # another thread, between can_acquire and acquire
+    with pytest.raises(NotFound) as info:
+        memory.acquire("a")
+    assert str(info.value) == ("adapter 'a' was unregistered while this request was being "
+                               "admitted"), info.value
+    assert memory.refcount == [0, 0] and list(memory._idle_slots) == [1], describe(memory)
+    assert_counters(memory.stats.device, misses=0, loads=0)
+
+
+def test_acquire_of_an_adapter_replaced_meanwhile_is_unavailable(
+        make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    memory = make_memory(num_slots=1)
+    spec = make_adapter("a")
+    memory.register(spec)
+    wait_until(lambda: memory.can_acquire("a"), "a loaded", memory)
+    memory.register(spec)  # re-registered: its host copy is dropped
+    with pytest.raises(Unavailable, match="retry"):
+        memory.acquire("a")
+    assert memory.refcount == [0, 0], describe(memory)
+    assert_slot_holds(memory, acquire(memory, "a"), spec)
+
+
+def test_acquire_racing_register_and_unregister_raises_only_edgelora_errors(
+        make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    """The scheduler's loop against a thread that keeps unregistering and re-registering."""
+    memory = make_memory(num_slots=1)
+    spec = make_adapter("a")
+    memory.register(spec)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            memory.unregister("a")
+            memory.register(spec)
+            time.sleep(0.02)  # long enough for a load to finish now and then
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    outcomes: dict[str, int] = {}
+    started = time.monotonic()
+    try:  # at least 0.5 s and 5 acquisitions
+        while time.monotonic() - started < 0.5 or outcomes.get("acquired", 0) < 5:
+            assert time.monotonic() - started < DEADLINE_S, outcomes
+            if not memory.can_acquire("a"):
+                time.sleep(0.0005)  # the scheduler's poll, not a spin that starves the loader
+                continue
+            try:
+                memory.release(memory.acquire("a"))
+                outcome = "acquired"
+            except EdgeLoraError as exc:
+                outcome = type(exc).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    finally:
+        stop.set()
+        churner.join()
+    assert memory.refcount == [0, 0], describe(memory)
+
+
+# --- transient read failures -----------------------------------------------------------------
+
+
+def flaky_reads(monkeypatch: pytest.MonkeyPatch, num_failures: int) -> list[int]:
+    """Makes the next num_failures reads fail with EIO; -> a list counting every read."""
+    real, reads = adapter_memory.read_adapter_weights, []
+
+    def read(*args, **kwargs):
+        reads.append(1)
+        if len(reads) <= num_failures:
+            raise OSError(5, "Input/output error")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_memory, "read_adapter_weights", read)
+    return reads
+
+
+def test_transient_read_failures_are_retried(make_memory: MakeMemory, make_adapter: MakeAdapter,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = make_memory()
+    spec = make_adapter("a")
+    memory.register(spec)
+    reads = flaky_reads(monkeypatch, num_failures=2)
+
+    def loaded() -> bool:
+        assert memory.error("a") is None, memory.error("a")  # never reported to a request
+        return memory.can_acquire("a")
+
+    wait_until(loaded, "a loaded on the third attempt", memory)
+    assert len(reads) == 3, reads
+    assert memory._num_failures == {}, memory._num_failures  # a success resets the count
+    assert_slot_holds(memory, memory.acquire("a"), spec)
+
+
+def test_failures_count_only_while_consecutive(make_memory: MakeMemory,
+                                               make_adapter: MakeAdapter,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = make_memory(host_capacity=1)
+    for name in "ab":
+        memory.register(make_adapter(name))
+    reads = flaky_reads(monkeypatch, num_failures=2)
+    wait_until(lambda: memory.can_acquire("a"), "a loaded", memory)  # 2 failures, then success
+    wait_until(lambda: memory.can_acquire("b"), "b loaded", memory)  # evicts a from the host
+    reads.clear()
+    wait_until(lambda: memory.can_acquire("a"), "a loaded again", memory)  # 2 more failures
+    assert len(reads) == 3 and memory.error("a") is None, (reads, describe(memory))
+
+
+def test_persistent_read_failure_is_unavailable_then_expires(
+        make_memory: MakeMemory, make_adapter: MakeAdapter,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = make_memory()
+    spec = make_adapter("a")
+    memory.register(spec)
+    reads = flaky_reads(monkeypatch, num_failures=3)
+    monkeypatch.setattr(adapter_memory, "LOAD_RETRY_S", 0.3)
+
+    def failed() -> bool:
+        memory.can_acquire("a")  # the scheduler's poll retries the load
+        return memory.error("a") is not None
+
+    wait_until(failed, "the third failure", memory)
+    error = memory.error("a")
+    assert isinstance(error, Unavailable), error
+    assert str(error) == ("adapter 'a' could not be read after 3 attempts: [Errno 5] "
+                          "Input/output error; retrying in 0.3 s"), error
+    for _ in range(5):  # refused fast meanwhile: no read per request
+        memory.prefetch("a")
+        assert not memory.can_acquire("a")
+    assert len(reads) == 3, reads
+    wait_until(lambda: memory.error("a") is None, "the error to expire", memory)
+    assert_slot_holds(memory, acquire(memory, "a"), spec)
+    assert len(reads) == 4, reads
+
+
+def test_validation_failure_at_load_stays_sticky(make_memory: MakeMemory,
+                                                 make_adapter: MakeAdapter,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = make_memory()
+    spec = make_adapter("a")
+    memory.register(spec)
+    monkeypatch.setattr(adapter_memory, "LOAD_RETRY_S", 0.0)
+    corrupt_data(spec)
+    wait_for_error(memory, "a")
+    time.sleep(0.01)
+    assert isinstance(memory.error("a"), InvalidArgument)
+    memory.prefetch("a")
+    assert memory._loading == {}

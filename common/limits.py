@@ -1,0 +1,76 @@
+"""Bounds on untrusted request fields, checked before any work is done (no tokenizing, no
+embedding, no file access). Each refusal is an InvalidArgument naming the limit, its value and
+the flag that sets it; an untrusted value reaches a message only through repr() and truncated."""
+
+from __future__ import annotations
+
+import re
+
+from common.errors import InvalidArgument
+from common.shared_config import SharedConfig
+from edgelora.v1 import types_pb2
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+AUTO = "auto"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A safe rendering of an untrusted string for messages and logs: repr() escapes control
+    characters, and a long value is cut."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def utf8_len(text: str, limit: int) -> int:
+    """Bytes of `text` in UTF-8, without encoding a text that is surely over `limit`."""
+    if len(text) > limit:  # every character takes at least one byte
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
+    if not ADAPTER_ID.fullmatch(adapter_id) or adapter_id == AUTO:
+        raise InvalidArgument(f"{field} {shown(adapter_id)}: use 1-128 letters, digits, '-', "
+                              "'_', '.', '/', starting with a letter or digit (and not 'auto')")
+
+
+def check_generate(request: types_pb2.GenerateRequest, limits: SharedConfig) -> None:
+    """The prompt (or messages), stop strings and ids of a generation request."""
+    if request.prompt and request.messages:
+        raise InvalidArgument("set either prompt or messages, not both")
+    if len(request.messages) > limits.max_messages:
+        raise InvalidArgument(f"{len(request.messages)} messages; this server takes at most "
+                              f"{limits.max_messages} (--max-messages)")
+    total = utf8_len(request.prompt, limits.max_prompt_bytes)
+    for message in request.messages:
+        if message.role not in ROLES:
+            raise InvalidArgument(f"message role {shown(message.role)}: use one of "
+                                  f"{', '.join(ROLES)}")
+        total += utf8_len(message.content, limits.max_prompt_bytes)
+        if total > limits.max_prompt_bytes:
+            break
+    if total > limits.max_prompt_bytes:
+        raise InvalidArgument(f"the prompt is over {limits.max_prompt_bytes} bytes "
+                              "(--max-prompt-bytes): shorten it")
+    stops = request.params.stop
+    if len(stops) > limits.max_stop_strings:
+        raise InvalidArgument(f"{len(stops)} stop strings; this server takes at most "
+                              f"{limits.max_stop_strings} (--max-stop-strings)")
+    for stop in stops:
+        if not stop or utf8_len(stop, limits.max_stop_bytes) > limits.max_stop_bytes:
+            raise InvalidArgument(f"stop string {shown(stop)}: each must be 1-"
+                                  f"{limits.max_stop_bytes} bytes (--max-stop-bytes)")
+
+
+def check_card(description: str, example_prompts: list[str], max_card_bytes: int,
+               max_example_prompts: int) -> None:
+    """An adapter card (description and example prompts) the selector will embed."""
+    if utf8_len(description, max_card_bytes) > max_card_bytes:
+        raise InvalidArgument(f"description is over {max_card_bytes} bytes (--max-card-bytes)")
+    if len(example_prompts) > max_example_prompts:
+        raise InvalidArgument(f"{len(example_prompts)} example prompts; this server takes at "
+                              f"most {max_example_prompts} (--max-example-prompts)")
+    for index, prompt in enumerate(example_prompts):
+        if utf8_len(prompt, max_card_bytes) > max_card_bytes:
+            raise InvalidArgument(f"example_prompts[{index}] is over {max_card_bytes} bytes "
+                                  "(--max-card-bytes)")
