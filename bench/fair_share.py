@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve_targets import EdgeloraServer  # noqa: E402
-from bench.workload import _percentile  # noqa: E402
-from edgelora.client import build_request  # noqa: E402
+from bench.serve_targets import EdgeloraServer
+from bench.workload import _percentile
+from edgelora.client import build_request
 
 KEYS = {"keys": [{"key": "bench-key-tenant-a", "tenant": "a"},
                  {"key": "bench-key-tenant-b", "tenant": "b"}]}

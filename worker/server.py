@@ -152,7 +152,8 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
     lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype,
                            lora_kernel)
     adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),
-                             cfg.num_layers, pin_memory=device.type == "cuda")
+                             cfg.num_layers, pin_memory=device.type == "cuda",
+                             max_adapter_bytes=config.max_adapter_bytes)
     log.info("adapter memory: %d device slots up to rank %d (%d MiB), host cache %d adapters",
              config.device_adapter_slots, config.max_lora_rank, lora_slots.nbytes >> 20,
              config.host_adapter_cache)
