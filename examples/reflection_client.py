@@ -7,6 +7,11 @@ time. Needs only grpcio, grpcio-reflection and protobuf.
     python examples/reflection_client.py localhost:50051 call edgelora.v1.Router/GenerateStream \\
         '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 
+A server with TLS and API keys, as with grpcurl:
+
+    python examples/reflection_client.py -cacert ca.pem -H "authorization: Bearer $KEY" \
+        localhost:50051 call edgelora.v1.Router/ListAdapters
+
 `call` prints each response as one line of proto JSON (field names in lowerCamelCase, as grpcurl
 prints them); on an error it prints the status code and message to stderr and exits 1.
 """
@@ -67,7 +72,8 @@ class ReflectionClient:
         return (message_factory.GetMessageClass(method.input_type),
                 message_factory.GetMessageClass(method.output_type), method.server_streaming)
 
-    def call(self, full_method: str, body: str = "{}", timeout_s: float = 300.0):
+    def call(self, full_method: str, body: str = "{}", timeout_s: float = 300.0,
+             metadata: tuple[tuple[str, str], ...] = ()):
         """Yields the response messages of one call; `body` is the request in proto JSON."""
         request_cls, response_cls, streams = self.message_classes(full_method)
         request = json_format.Parse(body, request_cls())
@@ -75,13 +81,18 @@ class ReflectionClient:
         kwargs = {"request_serializer": request_cls.SerializeToString,
                   "response_deserializer": response_cls.FromString}
         if streams:
-            yield from self.channel.unary_stream(path, **kwargs)(request, timeout=timeout_s)
+            yield from self.channel.unary_stream(path, **kwargs)(request, timeout=timeout_s,
+                                                                 metadata=metadata)
         else:
-            yield self.channel.unary_unary(path, **kwargs)(request, timeout=timeout_s)
+            yield self.channel.unary_unary(path, **kwargs)(request, timeout=timeout_s,
+                                                           metadata=metadata)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-cacert", default="", help="TLS: trust this PEM certificate bundle")
+    parser.add_argument("-H", dest="headers", action="append", default=[],
+                        help="'name: value' metadata sent with each call (repeatable)")
     parser.add_argument("address", help="host:port of a server with reflection")
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("list", help="services the server offers")
@@ -92,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("body", nargs="?", default="{}", help="request as proto JSON")
     call.add_argument("--timeout-s", type=float, default=300.0)
     args = parser.parse_args(argv)
-    with grpc.insecure_channel(args.address) as channel:
+    metadata = tuple((name.strip().lower(), value.strip()) for name, _, value in
+                     (header.partition(":") for header in args.headers))
+    if args.cacert:
+        with open(args.cacert, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        channel = grpc.secure_channel(args.address, credentials)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    with channel:
         client = ReflectionClient(channel)
         try:
             if args.verb == "list":
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.verb == "describe":
                 print("\n".join(client.describe(args.symbol)))
             else:
-                for reply in client.call(args.method, args.body, args.timeout_s):
+                for reply in client.call(args.method, args.body, args.timeout_s, metadata):
                     print(json_format.MessageToJson(reply, indent=None), flush=True)
         except grpc.RpcError as exc:
             print(f"ERROR: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Who is calling: API keys from the keys file -> (tenant, role, limits). Torch-free, no gRPC.
 
 Keys are kept and looked up only as sha256 digests (so no comparison ever touches a stored
-key's bytes) and never logged. The file is re-read when its mtime or size changes (checked at
-most once a second), so adding a tenant needs no restart; a file that no longer parses keeps the
+key's bytes) and never logged. The file is re-read when its mtime, size or inode changes (one
+stat per call, a few microseconds), so adding a tenant needs no restart and takes effect on the
+next call; a file that no longer parses keeps the
 previous keys (logged).
 Without a keys file there is one open caller with the admin role, whose adapters are the shared
 ones (tenant ""): with a single tenant, "own" and "shared" are the same thing.
@@ -15,7 +16,6 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,6 @@ OPEN_TENANT = ""
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LIMIT_FIELDS = ("max_running", "max_queued", "max_adapters")
 MAX_KEYS_FILE_BYTES = 4 << 20
-RELOAD_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -108,16 +107,13 @@ def load_keys_file(path: Path) -> dict[bytes, Caller]:
 class KeyRing:
     """The callers the keys file names; `None` path = open mode (one admin tenant)."""
 
-    def __init__(self, path: str | None = None, clock=time.monotonic) -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.path = Path(path) if path else None
-        self._clock = clock
         self._callers: dict[bytes, Caller] = {}
-        self._stamp: tuple[float, int] | None = None
-        self._checked_at = float("-inf")
+        self._stamp: tuple[int, int, int] | None = None
         if self.path is not None:
             self._callers = load_keys_file(self.path)  # a bad file at start: refuse to start
             self._stamp = self._file_stamp()
-            self._checked_at = clock()
             log.info("API keys: %d keys for %d tenants from %s", len(self._callers),
                      len(self.tenants()), self.path)
 
@@ -148,15 +144,11 @@ class KeyRing:
             raise Unauthenticated("unknown API key")
         return caller
 
-    def _file_stamp(self) -> tuple[float, int]:
+    def _file_stamp(self) -> tuple[int, int, int]:
         st = os.stat(self.path)
-        return st.st_mtime, st.st_size
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def _reload_if_changed(self) -> None:
-        now = self._clock()
-        if now - self._checked_at < RELOAD_CHECK_S:
-            return
-        self._checked_at = now
         try:
             stamp = self._file_stamp()
             if stamp == self._stamp:

@@ -72,14 +72,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
 class ServeThread:
     """Worker + router running in-process on ephemeral ports, on an asyncio loop in a thread."""
 
-    def __init__(self, worker_config: WorkerConfig) -> None:
+    def __init__(self, worker_config: WorkerConfig, **router_fields) -> None:
         import asyncio
         import threading
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.worker, self.router = self._call(self._start(worker_config))
+        self.worker, self.router = self._call(self._start(worker_config, router_fields))
         self.address = f"127.0.0.1:{self.router.port}"
         self.worker_address = f"127.0.0.1:{self.worker.port}"
 
@@ -89,13 +89,14 @@ class ServeThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
 
     @staticmethod
-    async def _start(worker_config: WorkerConfig):
+    async def _start(worker_config: WorkerConfig, router_fields: dict):
         from router.config import RouterConfig
         from router.server import start_router
         from worker.server import start_worker
 
         worker = await start_worker(worker_config)
-        router = await start_router(RouterConfig(port=0, workers=f"127.0.0.1:{worker.port}"))
+        router = await start_router(RouterConfig(port=0, workers=f"127.0.0.1:{worker.port}",
+                                                 **router_fields))
         return worker, router
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ With one tenant all of it is plain FIFO. Torch-free.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from common.errors import EdgeLoraError, NotFound, ResourceExhausted
@@ -16,6 +17,10 @@ from worker.adapter_memory import AdapterMemory
 from worker.kv_cache import BlockManager
 from worker.sequence import Sequence, SequenceStatus, TokenEvent
 from worker.tenant_queues import TenantGate, TenantQueues, has_newcomer
+
+# A named tenant already running something admits more only while 1/16 of the KV blocks stay
+# free, so another tenant's first request finds room without waiting for a flood to finish.
+KV_HEADROOM_FRACTION = 16
 
 
 @dataclass
@@ -82,11 +87,12 @@ class Scheduler:
         When a tenant with nothing running can be admitted while others run, the step holds only
         newcomers' prompt chunks: their first token then costs one small prefill step rather than
         a full step of someone's flood. Never two such steps in a row, so running sequences
-        advance at least every other step however often new tenants arrive; none right after a
-        step that preempted, or the newcomer (the newest) would be the next victim, and again.
+        advance at least every other step however often new tenants arrive. A newcomer that
+        finds no KV free takes it from the tenant running the most (its newest sequence).
         """
         events: list[TokenEvent] = []
-        if self.running and self._newcomer_step_ok and has_newcomer(self.waiting, self.running):
+        if self.running and self._newcomer_step_ok and has_newcomer(self.waiting, self.running,
+                                                                       self.max_batch_size):
             # Before reserving anything for the running sequences: they skip this step.
             items, events = self._admit(self.max_num_batched_tokens, newcomers_only=True)
             if items:
@@ -94,9 +100,9 @@ class Scheduler:
                 return Batch(items, events)
         num_waiting = len(self.waiting)
         items, budget = self._schedule_running()
+        self._newcomer_step_ok = True
         # After a preemption, memory is short: admitting now would only be preempted again.
-        self._newcomer_step_ok = len(self.waiting) == num_waiting
-        if self._newcomer_step_ok:
+        if len(self.waiting) == num_waiting:
             admitted, admit_events = self._admit(budget)
             items += admitted
             events += admit_events
@@ -135,8 +141,10 @@ class Scheduler:
         """
         items: list[ScheduledSeq] = []
         events: list[TokenEvent] = []
-        gate = TenantGate(self.running, self.max_batch_size, newcomers_only)
+        gate = TenantGate(self.running, self.max_batch_size, newcomers_only,
+                          waiting_tenants=self.waiting.tenants())
         keep = self._running_needs() if newcomers_only else 0
+        headroom = max(1, self.blocks.num_blocks // KV_HEADROOM_FRACTION)
         waiting_for_slot = False
         for seq in self.waiting:
             if budget == 0 or gate.is_full:
@@ -153,8 +161,14 @@ class Scheduler:
                     continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             needed = self.blocks.blocks_needed(seq.block_table, seq.num_computed_tokens + num_new)
-            if not self.blocks.can_allocate(needed + keep):
-                break
+            # A named tenant already running leaves some KV free for the others' first request.
+            extra = headroom if seq.tenant and gate.per_tenant[seq.tenant] else 0
+            if not self.blocks.can_allocate(needed + keep + extra):
+                if extra and self.blocks.can_allocate(needed + keep):
+                    continue
+                if not newcomers_only or not self._make_room(seq, needed):
+                    break
+                keep = self._running_needs()
             failure = self._start(seq, num_new)
             if failure:
                 events.append(failure)
@@ -163,6 +177,19 @@ class Scheduler:
             items.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return items, events
+
+    def _make_room(self, newcomer: Sequence, needed: int) -> bool:
+        """Preempts the newest sequences of the tenant running the most (while it runs two or
+        more, and it is not the newcomer's) until `needed` blocks and the running sequences'
+        next step fit; -> whether they do."""
+        while not self.blocks.can_allocate(needed + self._running_needs()):
+            counts = Counter(s.tenant for s in self.running)
+            tenant, num_running = max(counts.items(), key=lambda item: item[1],
+                                      default=("", 0))
+            if num_running < 2 or tenant == newcomer.tenant:
+                return False
+            self._preempt([s for s in self.running if s.tenant == tenant][-1])
+        return True
 
     def _running_needs(self) -> int:
         """KV blocks the next normal step reserves for the running sequences (their rows in
@@ -200,7 +227,9 @@ class Scheduler:
         target = seq.num_computed_tokens + num_new
         while not self.blocks.can_allocate(self.blocks.blocks_needed(seq.block_table, target)):
             victims = [s for s in self.running if s.request_id not in scheduled]
-            victim = victims[-1]
+            # the newest of the tenant running the most: a flood pays for its own memory
+            counts = Counter(s.tenant for s in self.running)
+            victim = max(reversed(victims), key=lambda s: counts[s.tenant])
             self._preempt(victim)
             if victim is seq:
                 return False

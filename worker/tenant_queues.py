@@ -119,30 +119,45 @@ def overflow_limit(max_batch_size: int) -> int:
     return max_batch_size + max(1, max_batch_size // 8)
 
 
+def fair_share(max_batch_size: int, num_active_tenants: int) -> int:
+    """Rows of the batch each active tenant (running or waiting) is owed."""
+    return max(1, max_batch_size // max(1, num_active_tenants))
+
+
 class TenantGate:
     """One step's per-tenant admission rules, counting as admissions happen.
 
     A tenant already running max_running (> 0, from the candidate's own limits: the newest the
-    router sent) is passed over. A tenant with nothing running (a newcomer) may be admitted up to
+    router sent) is passed over. A tenant running less than its fair share of the batch while
+    others run (an under-served tenant, e.g. a newcomer) may be admitted up to
     overflow_limit(max_batch_size) running in all, so a flood holding the whole batch never makes
-    it wait for the flood's completions; a tenant already running something only below
-    max_batch_size. newcomers_only: only newcomers at all (a newcomer-only step).
+    it wait for the flood's completions; any other tenant only below max_batch_size.
+    newcomers_only: only under-served tenants at all (a newcomer-only step). With one tenant
+    only the old rule holds: a tenant with nothing running is the newcomer.
     """
 
     def __init__(self, running: Iterable[Sequence], max_batch_size: int,
-                 newcomers_only: bool = False) -> None:
+                 newcomers_only: bool = False, waiting_tenants: Iterable[str] = ()) -> None:
         self.per_tenant: Counter[str] = Counter(seq.tenant for seq in running)
         self.num_running = self.per_tenant.total()
         self.max_batch_size = max_batch_size
         self.newcomers_only = newcomers_only
+        active = set(self.per_tenant) | set(waiting_tenants)
+        self.share = fair_share(max_batch_size, len(active)) if len(active) > 1 else 1
 
     @property
     def is_full(self) -> bool:
         return self.num_running >= overflow_limit(self.max_batch_size)
 
+    def is_under_served(self, tenant: str) -> bool:
+        running = self.per_tenant[tenant]
+        others = self.num_running - running
+        return running < self.share and (running == 0 or others > 0)
+
     def allows(self, seq: Sequence) -> bool:
         running = self.per_tenant[seq.tenant]
-        if running and (self.newcomers_only or self.num_running >= self.max_batch_size):
+        if not self.is_under_served(seq.tenant) and (
+                self.newcomers_only or self.num_running >= self.max_batch_size):
             return False
         cap = seq.limits.max_running
         return not (cap and running >= cap)
@@ -152,7 +167,13 @@ class TenantGate:
         self.num_running += 1
 
 
-def has_newcomer(queues: TenantQueues, running: Iterable[Sequence]) -> bool:
-    """Whether some tenant waits with nothing running (False for one tenant with work running)."""
-    running_tenants = {seq.tenant for seq in running}
-    return any(tenant not in running_tenants for tenant in queues.tenants())
+def has_newcomer(queues: TenantQueues, running: Iterable[Sequence],
+                 max_batch_size: int) -> bool:
+    """Whether a prompt-only step is worth it: some tenant waits while under-served, others
+    run, and they run at least half a batch (a smaller step costs little more than the
+    newcomer's prompt alone). False for one tenant alone: its steps stay as they were."""
+    gate = TenantGate(running, max_batch_size, waiting_tenants=queues.tenants())
+    if gate.num_running < max(1, max_batch_size // 2):
+        return False
+    return any(gate.is_under_served(tenant) and gate.num_running > gate.per_tenant[tenant]
+               for tenant in queues.tenants())

@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from edgelora.client import build_request
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from tests.conftest import ServeThread
+from worker.config import WorkerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "examples" / "reflection_client.py"
@@ -30,6 +31,7 @@ ISOLATED = ("import runpy, sys; "
             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 # Docs commands that need the real model and its demo adapters (tiny_server has neither).
 NEEDS_DEMO_ADAPTERS = ("RegisterAdapter", "UnregisterAdapter", '"adapter_id": "')
+DOCS_KEY = "k-acme-77b2e4a9"  # the key docs/clients.md exports as $KEY
 
 
 def run_client(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -102,26 +104,39 @@ def test_errors_keep_their_status_code(tiny_server: ServeThread, tmp_path: Path)
     assert done.stderr.startswith("ERROR: NOT_FOUND:") and "nope" in done.stderr
 
 
-def docs_grpcurl_commands() -> list[list[str]]:
-    """Every `grpcurl ...` command line of docs/clients.md, continuation lines joined."""
+def docs_grpcurl_commands(secure: bool | None = None) -> list[list[str]]:
+    """Every `grpcurl ...` command line of docs/clients.md, continuation lines joined; only the
+    TLS ones (-cacert) or only the plaintext ones when `secure` says which."""
     text = DOCS.read_text().replace("\\\n", " ")
-    return [shlex.split(line.strip()) for line in text.splitlines()
-            if line.strip().startswith("grpcurl ")]
+    commands = [shlex.split(line.strip()) for line in text.splitlines()
+                if line.strip().startswith("grpcurl ")]
+    return [c for c in commands if secure is None or ("-cacert" in c) == secure]
 
 
-def as_client_args(grpcurl: list[str], address: str) -> list[str]:
-    """grpcurl -plaintext [-d BODY] localhost:50051 VERB... -> reflection_client arguments."""
-    assert grpcurl[:2] == ["grpcurl", "-plaintext"], grpcurl
-    rest = grpcurl[2:]
-    body = None
-    if rest[0] == "-d":
-        body, rest = rest[1], rest[2:]
+def as_client_args(grpcurl: list[str], address: str, cacert: str = "") -> list[str]:
+    """grpcurl (-plaintext | -cacert ca.pem [-H HEADER]) [-d BODY] localhost:50051 VERB... ->
+    reflection_client arguments; $KEY in a header becomes the test's API key."""
+    assert grpcurl[0] == "grpcurl", grpcurl
+    rest, options, body = grpcurl[1:], [], None
+    while rest[0].startswith("-"):
+        flag, rest = rest[0], rest[1:]
+        if flag == "-plaintext":
+            continue
+        value, rest = rest[0], rest[1:]
+        if flag == "-d":
+            body = value
+        elif flag == "-cacert":
+            assert value == "ca.pem" and cacert, grpcurl
+            options += ["-cacert", cacert]
+        else:
+            assert flag == "-H", grpcurl
+            options += ["-H", value.replace("$KEY", DOCS_KEY)]
     assert rest[0] == "localhost:50051", grpcurl
     verb = rest[1:]
     if verb[0] in ("list", "describe"):
-        return [address, *verb]
+        return [*options, address, *verb]
     assert len(verb) == 1 and "/" in verb[0], grpcurl
-    return [address, "call", verb[0], body or "{}"]
+    return [*options, address, "call", verb[0], body or "{}"]
 
 
 def test_the_docs_show_each_kind_of_call() -> None:
@@ -132,7 +147,40 @@ def test_the_docs_show_each_kind_of_call() -> None:
         assert any(method in c + " " for c in commands), method
 
 
-@pytest.mark.parametrize("grpcurl", docs_grpcurl_commands(), ids=lambda c: " ".join(c[-2:]))
+@pytest.fixture(scope="module")
+def tls_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny server with TLS (a self-signed certificate for localhost) and one API key."""
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(folder / "key.pem"), "-out", str(folder / "ca.pem"), "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    keys = folder / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": DOCS_KEY, "tenant": "docs"}]}))
+    server = ServeThread(WorkerConfig(model=str(tiny_model_dir), port=0, num_threads=1,
+                                      max_model_len=512, kv_cache_mb=16, max_batch_size=8),
+                         api_keys=str(keys), tls_cert=str(folder / "ca.pem"),
+                         tls_key=str(folder / "key.pem"))
+    yield server, str(folder / "ca.pem")
+    server.stop()
+
+
+@pytest.mark.parametrize("grpcurl", docs_grpcurl_commands(secure=True),
+                         ids=lambda c: " ".join(c[-2:]))
+def test_docs_tls_and_key_commands_work(grpcurl: list[str], tls_server, tmp_path: Path) -> None:
+    server, cacert = tls_server
+    args = as_client_args(grpcurl, f"localhost:{server.router.port}", cacert)
+    done = run_client(*args, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()
+    if "-H" in args:  # the same call without the key is refused
+        index = args.index("-H")
+        refused = run_client(*args[:index], *args[index + 2:], tmp_path=tmp_path)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+
+
+@pytest.mark.parametrize("grpcurl", docs_grpcurl_commands(secure=False),
+                         ids=lambda c: " ".join(c[-2:]))
 def test_docs_grpcurl_command_works(grpcurl: list[str], tiny_server: ServeThread,
                                     tmp_path: Path) -> None:
     args = as_client_args(grpcurl, tiny_server.address)

@@ -718,16 +718,19 @@ def test_a_flood_does_not_delay_another_tenants_first_token() -> None:
 
 
 def test_newcomer_only_steps_never_come_twice_in_a_row() -> None:
-    sched = make_scheduler(num_blocks=64, max_batch_size=8, max_num_batched_tokens=32)
+    # max batch 4: a's two running sequences are half a batch, worth a prompt-only step
+    sched = make_scheduler(num_blocks=64, max_batch_size=4, max_num_batched_tokens=32)
     sched.add(tenant_seq(1, "a", max_tokens=20))
-    assert rows(step(sched)[0]) == [(1, 4)]
+    sched.add(tenant_seq(2, "a", max_tokens=20))
+    assert rows(step(sched)[0]) == [(1, 4), (2, 4)]
     sched.add(tenant_seq(11, "b", max_tokens=20))
     assert rows(step(sched)[0]) == [(11, 4)]
     sched.add(tenant_seq(21, "c", max_tokens=20))
-    assert rows(step(sched)[0]) == [(1, 1), (11, 1), (21, 4)], "c joins a normal step"
-    assert rows(step(sched)[0]) == [(1, 1), (11, 1), (21, 1)]
+    assert rows(step(sched)[0]) == [(1, 1), (2, 1), (11, 1), (21, 4)], "c joins a normal step"
+    assert rows(step(sched)[0]) == [(1, 1), (2, 1), (11, 1), (21, 1)]
     sched.add(tenant_seq(31, "d", max_tokens=20))
     assert rows(step(sched)[0]) == [(31, 4)], "newcomer-only again after a normal step"
+    assert len(sched.running) == 5, "d took an overflow row past the full batch"
 
 
 def test_a_newcomer_only_step_keeps_the_blocks_running_sequences_need_next() -> None:
@@ -742,18 +745,45 @@ def test_a_newcomer_only_step_keeps_the_blocks_running_sequences_need_next() -> 
     assert_blocks_consistent(sched)
 
 
-def test_no_newcomer_only_step_right_after_a_preemption() -> None:
+def test_a_newcomer_gets_its_first_step_even_when_memory_is_short() -> None:
     # 4 blocks of 2: a's two sequences fill them, and a's growth preempts its second.
-    sched = make_scheduler(num_blocks=4, block_size=2, max_batch_size=8, max_num_batched_tokens=16)
+    sched = make_scheduler(num_blocks=4, block_size=2, max_batch_size=2, max_num_batched_tokens=16)
     for request_id in (1, 2):
         sched.add(tenant_seq(request_id, "a", prompt_len=3, max_tokens=10))
     step(sched)
     step(sched)
     assert rows(step(sched)[0]) == [(1, 1)] and ids(sched.waiting) == [2], "2 was preempted"
-    sched.add(tenant_seq(11, "b", prompt_len=1))  # would fit the last free block
-    assert rows(step(sched)[0]) == [(1, 1)], "memory is short: b would be the next victim"
-    assert ids(sched.waiting) == [2, 11]
+    sched.add(tenant_seq(11, "b", prompt_len=1))  # fits the last free block
+    assert rows(step(sched)[0]) == [(11, 1)], "b's first token does not wait for a's flood"
+    assert rows(step(sched)[0]) == [(1, 1), (11, 1)]
     assert_blocks_consistent(sched)
+
+
+def test_a_newcomer_short_of_kv_takes_it_from_the_tenant_running_the_most() -> None:
+    sched = make_scheduler(num_blocks=6, block_size=2, max_batch_size=4, max_num_batched_tokens=16)
+    for request_id in (1, 2, 3):
+        sched.add(tenant_seq(request_id, "a", prompt_len=3, max_tokens=10))
+    step(sched)  # a's three prompts take all six blocks
+    sched.add(tenant_seq(11, "b", prompt_len=3))
+    batch, _ = step(sched)
+    assert rows(batch) == [(11, 3)], "b's prompt runs at once"
+    assert ids(sched.waiting) == [3], "a's newest made room"
+    assert_blocks_consistent(sched)
+
+
+def test_a_named_tenant_leaves_kv_headroom_for_the_others() -> None:
+    sched = make_scheduler(num_blocks=16, block_size=2, max_batch_size=16,
+                           max_num_batched_tokens=64)
+    for request_id in range(1, 9):
+        sched.add(tenant_seq(request_id, "a", prompt_len=4, max_tokens=10))
+    step(sched)
+    assert sched.blocks.num_free_blocks >= 1, "a stops short of the last block"
+    single = make_scheduler(num_blocks=16, block_size=2, max_batch_size=16,
+                            max_num_batched_tokens=64)
+    for request_id in range(1, 9):
+        single.add(tenant_seq(request_id, "", prompt_len=4, max_tokens=10))
+    step(single)
+    assert single.blocks.num_free_blocks == 0, "one anonymous tenant keeps today's behaviour"
 
 
 def test_a_tenants_max_running_caps_it_and_others_pass() -> None:
@@ -908,3 +938,17 @@ def test_whole_run_with_tenants_under_tight_kv(seed: int) -> None:
         assert s.output_ids == expected_outputs(s.request_id, s.options.max_tokens)
         assert streamed[s.request_id] == s.output_ids, "every token streams exactly once"
     assert_all_free(sched)
+
+
+def test_a_tenant_below_its_share_is_not_stuck_behind_a_flood() -> None:
+    # b already runs one request; its next one must not wait for a's flood to finish either
+    sched = make_scheduler(num_blocks=256, max_batch_size=16, max_num_batched_tokens=128)
+    for request_id in range(1, 31):
+        sched.add(tenant_seq(request_id, "a", max_tokens=50))
+    step(sched)
+    sched.add(tenant_seq(101, "b", max_tokens=50))
+    assert rows(step(sched)[0]) == [(101, 4)]
+    step(sched)
+    sched.add(tenant_seq(102, "b", max_tokens=50))
+    assert rows(step(sched)[0]) == [(102, 4)], "b runs 1 of its share of 8: served at once"
+    assert len(sched.running) == 18, "two overflow rows past the batch of 16"

@@ -204,7 +204,11 @@ def test_newcomers_only_gate() -> None:
 
 def test_has_newcomer() -> None:
     queues = queues_of(seq(1, "a"), seq(2, "a"))
-    assert not has_newcomer(queues, [seq(0, "a")])
-    assert has_newcomer(queues, [seq(10, "b")])
-    assert has_newcomer(queues, [])
-    assert not has_newcomer(TenantQueues(), [seq(0, "a")])
+    assert not has_newcomer(queues, [seq(0, "a")], 8)
+    assert has_newcomer(queues, [seq(10 + i, "b") for i in range(4)], 8)
+    assert not has_newcomer(queues, [seq(10, "b")], 8), "a small step: a joins it as is"
+    assert not has_newcomer(queues, [], 8), "nothing runs: no step to jump ahead of"
+    flood = [seq(20 + i, "b") for i in range(7)]
+    assert has_newcomer(queues, [seq(0, "a"), *flood], 8), "a runs 1 of its share of 4"
+    assert not has_newcomer(queues, [*(seq(i, "a") for i in range(4)), *flood], 8)
+    assert not has_newcomer(TenantQueues(), [seq(0, "a")], 8)
