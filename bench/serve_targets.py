@@ -36,6 +36,7 @@ class EdgeloraServer:
                         "--port", str(self.port), "--num-threads", str(threads),
                         "--max-batch-size", str(max_batch), "--max-lora-rank", str(max_rank),
                         "--device-adapter-slots", str(device_slots), "--log-level", "WARNING",
+                        "--state-dir", "",  # a bench registers its own adapters each run
                         *extra_args]
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None

@@ -50,8 +50,15 @@ async def _serve(worker_config: WorkerConfig | None, router_config: RouterConfig
         await runtime.stop()
 
 
+DEFAULT_STATE_DIR = "~/.local/state/edgelora"
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
-    router = config_from_args(RouterConfig, args, workers=f"127.0.0.1:{args.worker_port}")
+    overrides = {}
+    if args.state_dir is None and "EDGELORA_STATE_DIR" not in os.environ:
+        overrides["state_dir"] = os.path.expanduser(DEFAULT_STATE_DIR)  # one box keeps its state
+    router = config_from_args(RouterConfig, args, workers=f"127.0.0.1:{args.worker_port}",
+                              **overrides)
     if not router.internal_secret:  # one process: a fresh secret keeps the worker port private
         router = dataclasses.replace(router, internal_token=secrets.token_urlsafe(32))
     worker = config_from_args(WorkerConfig, args, host="127.0.0.1", port=args.worker_port,

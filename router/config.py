@@ -61,6 +61,10 @@ class RouterConfig(SharedConfig):
         "help": "admins may register adapters by path only inside this folder (real path, no "
                 "symlink escape); '' = path registration refused when --api-keys is set, any "
                 "local path in open mode"})
+    state_dir: str = field(default="", metadata={
+        "help": "folder of the registry database (SQLite): every registration is written there "
+                "before it is acknowledged and served again after a restart. '' = in memory, "
+                "lost at restart (`serve` defaults to ~/.local/state/edgelora)"})
     tenant_max_adapters: int = field(default=100, metadata={
         "help": "adapters one tenant may register (the keys file can set it per tenant)"})
     max_card_bytes: int = field(default=4096, metadata={

@@ -20,6 +20,7 @@ import grpc
 from common.adapter_format import CONFIG_FILE
 from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from edgelora.v1 import types_pb2, worker_pb2
+from router.registry_db import RegistryDB, StoredAdapter
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class AdapterRecord:
     description: str = ""
     example_prompts: list[str] = field(default_factory=list)
     owner: str = SHARED
+    version: int = 1  # +1 at each replacement
 
     @property
     def key(self) -> str:
@@ -62,16 +64,48 @@ class RpcError(EdgeLoraError):
 
 class AdapterRegistry:
     """Registered adapters; every live worker holds the same set. A worker that (re)joins the
-    pool is synced first: missing adapters registered, ones unregistered meanwhile removed."""
+    pool is synced first: missing adapters registered, ones unregistered meanwhile removed.
 
-    def __init__(self, pool: WorkerPool, register_timeout_s: float = 60.0) -> None:
+    With a RegistryDB every change is on disk before it is acknowledged, and load_state()
+    brings them back before any worker is touched; the database is then the whole truth, so a
+    worker's adapters it does not hold were really removed. Without one (in memory), a sync
+    removes only what this router itself unregistered.
+    """
+
+    def __init__(self, pool: WorkerPool, register_timeout_s: float = 60.0,
+                 db: RegistryDB | None = None) -> None:
         self.pool = pool
         self.register_timeout_s = register_timeout_s
+        self.db = db
         self.adapters: dict[str, AdapterRecord] = {}  # by worker key
         self._requests: dict[str, types_pb2.RegisterAdapterRequest] = {}
         self._pending: set[str] = set()  # being registered: on some workers, not yet here
+        self._removed: set[str] = set()  # unregistered by this router (in-memory mode)
         pool.on_join = self.sync_worker
         pool.expected_num_registered = lambda: len(self.adapters)
+
+    def load_state(self) -> int:
+        """The registrations the database holds (call before the pool starts); -> count."""
+        if self.db is None:
+            return 0
+        for stored in self.db.load():
+            forwarded = types_pb2.RegisterAdapterRequest(
+                adapter_id=worker_key(stored.owner, stored.adapter_id), path=stored.path,
+                description=stored.description, example_prompts=stored.example_prompts)
+            self._record(forwarded, stored.rank, stored.adapter_id, stored.owner,
+                         stored.version)
+        return len(self.adapters)
+
+    async def _persist(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int,
+                       adapter_id: str, owner: str) -> int:
+        """Writes the registration durably (off the event loop); -> its version."""
+        if self.db is None:
+            old = self.adapters.get(worker_key(owner, adapter_id))
+            return old.version + 1 if old else 1
+        stored = await asyncio.to_thread(self.db.put, StoredAdapter(
+            owner, adapter_id, forwarded.path, rank, forwarded.description,
+            list(forwarded.example_prompts)))
+        return stored.version
 
     # -- what a tenant sees --
     def find(self, tenant: str, adapter_id: str) -> AdapterRecord | None:
@@ -126,26 +160,38 @@ class AdapterRegistry:
         if refusal is None and not rank:
             refusal = RpcError(grpc.StatusCode.UNAVAILABLE, "every worker failed while "
                                "registering; retry when they are back")
+        if refusal is None:
+            try:
+                version = await self._persist(forwarded, rank, request.adapter_id, owner)
+            except Exception as exc:  # not on disk: not registered, say why
+                log.exception("writing registration %s", key)
+                refusal = RpcError(grpc.StatusCode.UNAVAILABLE, "the registry could not be "
+                                   f"written ({exc}); nothing was registered, retry")
         if refusal is not None:
             if key not in self.adapters:  # a failed re-register keeps the old
                 await self._unregister_on(self.pool.workers, key)
             raise refusal
-        return self._record(forwarded, rank, request.adapter_id, owner)
+        self._removed.discard(key)
+        return self._record(forwarded, rank, request.adapter_id, owner, version)
 
     def _record(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int, adapter_id: str,
-                owner: str) -> AdapterRecord:
+                owner: str, version: int = 1) -> AdapterRecord:
         record = AdapterRecord(adapter_id, forwarded.path, rank, forwarded.description,
-                               list(forwarded.example_prompts), owner)
+                               list(forwarded.example_prompts), owner, version)
         self.adapters[record.key] = record
         self._requests[record.key] = forwarded
         return record
 
     async def unregister(self, key: str) -> None:
         """Removes the adapter of worker key `key` here and on every live worker."""
-        record = self.adapters.pop(key, None)
+        record = self.adapters.get(key)
         if record is None:
             raise NotFound(f"adapter {record_name(key)!r} is not registered")
+        if self.db is not None:  # durably gone first: a restart never brings it back
+            await asyncio.to_thread(self.db.delete, record.owner, record.adapter_id)
+        del self.adapters[key]
         self._requests.pop(key, None)
+        self._removed.add(key)
         await self._unregister_on(self.pool.workers, key)
 
     async def _unregister_on(self, workers: list[WorkerHandle], adapter_id: str) -> None:
@@ -179,9 +225,14 @@ class AdapterRegistry:
             record = self.adapters.get(adapter_id)
             if record is not None and not record.rank:  # deferred at start: now validated
                 record.rank = reply.adapter.rank
+                if self.db is not None:
+                    await asyncio.to_thread(self.db.set_rank, record.owner, record.adapter_id,
+                                            record.rank)
 
         await asyncio.gather(*(register_one(a) for a in sorted(set(wanted) - held)))
         extra = held - set(wanted) - self._pending
+        if self.db is None:  # in memory, a starting router knows nothing: remove only its own
+            extra &= self._removed
         for adapter_id in sorted(extra):
             await self._unregister_on([worker], adapter_id)
         if wanted.keys() - held or extra:
@@ -216,11 +267,15 @@ class AdapterRegistry:
         for path in sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}")):
             try:
                 request = read_card(path)
+                if worker_key(SHARED, request.adapter_id) in self.adapters:
+                    count += 1  # held already (the database): merged, never replaced or dropped
+                    continue
                 check(request)
                 if self.pool.workers:
                     await self.register(request)
                 else:  # workers may start after the router (compose, Kubernetes): sync on join
-                    self._record(request, 0, request.adapter_id, SHARED)
+                    version = await self._persist(request, 0, request.adapter_id, SHARED)
+                    self._record(request, 0, request.adapter_id, SHARED, version)
             except (EdgeLoraError, OSError) as exc:
                 log.error("skipping adapter %s: %s", path, exc)
                 continue

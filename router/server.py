@@ -13,6 +13,7 @@ from edgelora.v1 import router_pb2, router_pb2_grpc
 from router.adapter_paths import confine
 from router.config import RouterConfig
 from router.registry import AdapterRegistry
+from router.registry_db import RegistryDB
 from router.selector import AdapterSelector
 from router.service import RouterService
 from router.tenants import KeyRing
@@ -27,10 +28,13 @@ class RouterRuntime:
     server: grpc.aio.Server
     port: int
     pool: WorkerPool
+    registry: AdapterRegistry | None = None
 
     async def stop(self, grace_s: float = 2.0) -> None:
         await self.server.stop(grace_s)
         await self.pool.close()
+        if self.registry is not None and self.registry.db is not None:
+            self.registry.db.close()
 
 
 async def start_router(config: RouterConfig) -> RouterRuntime:
@@ -43,8 +47,14 @@ async def start_router(config: RouterConfig) -> RouterRuntime:
         log.warning("no router <-> worker secret (EDGELORA_INTERNAL_TOKEN or "
                     "--internal-token-file): workers must accept unauthenticated calls")
     pool = WorkerPool.from_config(config)
-    # before start: workers joining get its adapters
-    registry = AdapterRegistry(pool, config.register_timeout_s)
+    db = RegistryDB(config.state_dir) if config.state_dir else None
+    # before start: workers joining get its adapters, all of them, loaded first
+    registry = AdapterRegistry(pool, config.register_timeout_s, db)
+    if db is None:
+        log.warning("no --state-dir: registrations live in memory and are lost when the router "
+                    "restarts")
+    else:
+        log.info("registry %s: %d adapters", db.path, registry.load_state())
     await pool.start()
     selector = AdapterSelector.from_config(config)  # the embedder loads on first use
     service = RouterService(pool, registry, selector, config, keys)
@@ -65,4 +75,4 @@ async def start_router(config: RouterConfig) -> RouterRuntime:
     log.info("router serving on %s:%d%s -> workers %s (%d live of %d; routing %s)",
              config.host, port, " with TLS" if tls else "", config.workers, len(pool.workers),
              len(pool.all_workers), config.routing)
-    return RouterRuntime(server, port, pool)
+    return RouterRuntime(server, port, pool, registry)

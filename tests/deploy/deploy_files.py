@@ -289,12 +289,21 @@ def compose_secret_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def compose_files(compose: dict[str, Any], name: str, scratch: Path) -> ContainerFiles:
-    """What compose mounts in service `name`: bind volumes (the repository folders), and its
-    secrets as stand-ins (compose mounts the file named in the top-level `secrets:`)."""
+    """What compose mounts in service `name`: bind volumes (the repository folders), named
+    volumes (empty folders), and its secrets as stand-ins (compose mounts the file named in the top-level `secrets:`)."""
     service = compose["services"][name]
     files = ContainerFiles()
     for volume in service.get("volumes", []):
-        assert isinstance(volume, dict) and volume["type"] == "bind", f"{name}: {volume}"
+        assert isinstance(volume, dict) and volume["type"] in ("bind", "volume"), \
+            f"{name}: {volume}"
+        if volume["type"] == "volume":  # a named volume: starts as an empty folder
+            assert volume["source"] in compose.get("volumes", {}), \
+                f"{name}: undefined volume {volume['source']}"
+            folder = scratch / "compose-volumes" / volume["source"]
+            folder.mkdir(parents=True, exist_ok=True)
+            files.add(volume["target"], Mount(folder, f"volume {volume['source']}",
+                                              bool(volume.get("read_only"))))
+            continue
         files.add(volume["target"], Mount((DEPLOY / volume["source"]).resolve(),
                                           f"bind {volume['source']}",
                                           bool(volume.get("read_only"))))

@@ -154,28 +154,42 @@ class RecordingWorker:
         return types_pb2.UnregisterAdapterResponse()
 
 
-def test_sync_registers_only_missing_adapters_and_drops_stale_ones() -> None:
+@pytest.mark.parametrize("durable", [False, True])
+def test_sync_registers_only_missing_adapters_and_drops_stale_ones(durable: bool,
+                                                                   tmp_path: Path) -> None:
+    """A rejoining worker gets what it lacks and loses what was removed. With a database the
+    registry is the whole truth: an id it does not hold ("old") is stale. In memory only what
+    this router itself unregistered ("c") is removed: it cannot know what a predecessor held."""
     import asyncio
 
     from router.registry import AdapterRegistry
+    from router.registry_db import RegistryDB
     from router.workers import WorkerHandle, WorkerPool
 
-    async def scenario() -> list[tuple[str, str]]:
-        registry = AdapterRegistry(WorkerPool(["127.0.0.1:1"]))
+    async def scenario() -> tuple[list[tuple[str, str]], set[str]]:
+        db = RegistryDB(tmp_path) if durable else None
+        registry = AdapterRegistry(WorkerPool(["127.0.0.1:1"]), db=db)
         first = RecordingWorker(set())
         handle = WorkerHandle("10.0.0.1:1", "10.0.0.1:1", None, first, is_live=True)
         registry.pool._handles[handle.address] = handle
-        for adapter_id in ("a", "b", "c"):
+        for adapter_id in ("a", "b", "c", "d"):
             await registry.register(types_pb2.RegisterAdapterRequest(adapter_id=adapter_id,
                                                                      path="/x"))
-        # a worker that kept "a" (its cached weights must stay), lacks b and c, has a stale "old"
-        rejoining = RecordingWorker({"a", "old"})
+        await registry.unregister("c")
+        # a worker that kept "a" (its cached weights must stay) and "c", lacks b and d, and
+        # has "old" that this registry never held
+        rejoining = RecordingWorker({"a", "c", "old"})
         await registry.sync_worker(WorkerHandle("10.0.0.2:1", "10.0.0.2:1", None, rejoining))
-        assert rejoining.held == {"a", "b", "c"}
-        return rejoining.calls
+        return rejoining.calls, rejoining.held
 
-    assert asyncio.run(scenario()) == [("register", "b"), ("register", "c"),
-                                       ("unregister", "old")]
+    calls, held = asyncio.run(scenario())
+    assert calls[:2] == [("register", "b"), ("register", "d")]
+    if durable:
+        assert calls[2:] == [("unregister", "c"), ("unregister", "old")]
+        assert held == {"a", "b", "d"}
+    else:
+        assert calls[2:] == [("unregister", "c")]
+        assert held == {"a", "b", "d", "old"}
 
 
 def test_worker_that_lost_its_registrations_is_resynced_and_serves(

@@ -64,7 +64,8 @@ def sec(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
                "--worker-port", str(worker_port), "--api-keys", str(keys_file),
                "--tls-cert", str(cert), "--tls-key", str(key), "--adapter-root", str(root),
                "--adapters-dir", str(start_dir), "--max-adapter-mb", str(MAX_ADAPTER_MB),
-               "--max-lora-rank", "16", "--register-timeout-s", "5"]
+               "--max-lora-rank", "16", "--register-timeout-s", "5",
+               "--state-dir", str(base / "state")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELORA_")}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
