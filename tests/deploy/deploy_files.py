@@ -290,7 +290,8 @@ def compose_secret_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
 
 def compose_files(compose: dict[str, Any], name: str, scratch: Path) -> ContainerFiles:
     """What compose mounts in service `name`: bind volumes (the repository folders), named
-    volumes (empty folders), and its secrets as stand-ins (compose mounts the file named in the top-level `secrets:`)."""
+    volumes (empty folders), and its secrets as stand-ins (compose mounts the file named in the
+    top-level `secrets:`)."""
     service = compose["services"][name]
     files = ContainerFiles()
     for volume in service.get("volumes", []):
