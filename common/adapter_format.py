@@ -2,40 +2,39 @@
 
 Adapter directories come from tenants, so every byte is hostile input: nothing in them may block,
 crash or poison the process. Every problem becomes an InvalidArgument naming the file, tensor or
-field; an I/O failure that may pass becomes Unavailable. Never touches a device. Past the ~300
-lines of STYLE §11 because the whole trust boundary stays in one file.
+field; an I/O failure that may pass becomes Unavailable. Never touches a device. Opening files
+safely: common/untrusted_files.py; target_modules regexes: common/target_modules.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import stat
-import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-import regex
 import torch
 
 from common.errors import InvalidArgument, Unavailable
+from common.target_modules import LORA_MODULES, targets
+from common.untrusted_files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    human_size,
+    open_checked,
+    read_exact,
+    stat_checked,
+)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["CONFIG_FILE", "LORA_MODULES", "MAX_WEIGHTS_BYTES", "WEIGHTS_FILE", "AdapterSpec",
+           "check_adapter_shapes", "read_adapter_spec", "read_adapter_weights",
+           "validate_adapter_weights"]
 MAX_CONFIG_BYTES = 64 << 10
 MAX_WEIGHTS_BYTES = 512 << 20  # the default of every max_weights_bytes (--max-adapter-mb)
 MAX_RANK = 4096
-MAX_REGEX_CHARS = 256
-REGEX_BUDGET_S = 1.0  # for matching a target_modules regex against every candidate name
-# regex expands counted repeats when it compiles: "((a{1000}){1000}){1000}" is 10^9 nodes.
-_MAX_REPEAT_PRODUCT = 1000
-_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 _WEIGHTS_LIMIT = "this server accepts adapter files up to {} (--max-adapter-mb)"
 _MAX_LAYERS = 256  # layer indices tried when matching a target_modules regex
 # A 256-layer adapter's header is ~0.5 MiB; json.loads of safetensors' own 100 MB limit can take
@@ -44,8 +43,6 @@ _MAX_HEADER_BYTES = 8 << 20
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 # \d{1,9}: int() of over 4300 digits raises ValueError, not our InvalidArgument
 _KEY = re.compile(r"layers\.(\d{1,9})\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-# A FIFO swapped in between stat() and open() would block a plain open() forever.
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 @dataclass(frozen=True)
@@ -73,76 +70,15 @@ class _Entry(NamedTuple):
     end: int
 
 
-# --- files ---------------------------------------------------------------------------------------
-
-
-def _size(num_bytes: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if num_bytes >= 1 << shift:
-            return f"{num_bytes / (1 << shift):.4g} {unit}"
-    return f"{num_bytes} bytes"
-
-
-def _check_stat(adapter_id: str, file: Path, info: os.stat_result, max_bytes: int,
-                limit: str) -> int:
-    """-> the size of a regular file of at most max_bytes; refuses FIFOs, devices, directories."""
-    if not stat.S_ISREG(info.st_mode):
-        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is not a regular file")
-    if info.st_size > max_bytes:
-        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is {_size(info.st_size)}; "
-                              + limit.format(_size(max_bytes)))
-    return info.st_size
-
-
-@contextmanager
-def _os_errors(adapter_id: str, file: Path) -> Iterator[None]:
-    """A missing file is the tenant's mistake; other OSErrors (EIO, EMFILE) may pass."""
-    try:
-        yield
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is missing (a PEFT adapter "
-                              f"directory holds {CONFIG_FILE} and {WEIGHTS_FILE})") from exc
-    except OSError as exc:
-        raise Unavailable(f"adapter {adapter_id!r}: {file} cannot be read now ({exc})") from exc
-
-
-def _stat_checked(adapter_id: str, file: Path, max_bytes: int, limit: str) -> int:
-    """Before opening: open() of a FIFO blocks until a writer comes, possibly forever."""
-    with _os_errors(adapter_id, file):
-        return _check_stat(adapter_id, file, os.stat(file), max_bytes, limit)
-
-
-@contextmanager
-def _open_checked(adapter_id: str, file: Path, max_bytes: int,
-                  limit: str) -> Iterator[tuple[BinaryIO, int]]:
-    """-> (file, size): a regular file of at most max_bytes, checked before and after opening."""
-    with _os_errors(adapter_id, file):
-        _stat_checked(adapter_id, file, max_bytes, limit)
-        with os.fdopen(os.open(file, os.O_RDONLY | _NONBLOCK), "rb") as f:
-            # the file opened need not be the one stat() saw: it may have been swapped since
-            yield f, _check_stat(adapter_id, file, os.fstat(f.fileno()), max_bytes, limit)
-
-
-def _read_exact(adapter_id: str, file: Path, f: BinaryIO, num_bytes: int) -> bytearray:
-    """Reads num_bytes into a fresh (writable, so torch.frombuffer can view it) buffer."""
-    buf = bytearray(num_bytes)
-    view, done = memoryview(buf), 0
-    while done < num_bytes:
-        got = f.readinto(view[done:])
-        if not got:
-            raise Unavailable(f"adapter {adapter_id!r}: {file} shrank while being read")
-        done += got
-    return buf
-
-
 # --- adapter_config.json -------------------------------------------------------------------------
 
 
 def _read_config(adapter_id: str, file: Path) -> dict:
-    with _open_checked(adapter_id, file, MAX_CONFIG_BYTES, "{} at most") as (f, _):
+    with open_checked(adapter_id, file, MAX_CONFIG_BYTES, "{} at most") as (f, _):
         data = f.read(MAX_CONFIG_BYTES + 1)  # bounded: the file may have grown since fstat
     if len(data) > MAX_CONFIG_BYTES:
-        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is over {_size(MAX_CONFIG_BYTES)}")
+        raise InvalidArgument(f"adapter {adapter_id!r}: {file} is over "
+                              f"{human_size(MAX_CONFIG_BYTES)}")
     try:
         config = json.loads(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deeply
@@ -188,69 +124,6 @@ def _use_rslora(config: dict, where: Path) -> bool:
     return bool(value)
 
 
-# --- target_modules ------------------------------------------------------------------------------
-
-
-def _compile_target_regex(pattern: str, where: Path) -> regex.Pattern:
-    if len(pattern) > MAX_REGEX_CHARS:
-        raise InvalidArgument(f"{where}: target_modules regex is {len(pattern)} characters; at "
-                              f"most {MAX_REGEX_CHARS} are accepted")
-    product = 1
-    for low, high in _REPEAT.findall(pattern):  # over-counts (escaped braces): never under
-        product *= max(int(low or 0), int(high or 0), 1)
-    if product > _MAX_REPEAT_PRODUCT:
-        raise InvalidArgument(f"{where}: target_modules regex {pattern!r} repeats too much "
-                              f"(counted repeats multiply to over {_MAX_REPEAT_PRODUCT})")
-    try:
-        return regex.compile(pattern)
-    except (regex.error, ValueError, OverflowError, RecursionError) as exc:
-        raise InvalidArgument(f"{where}: target_modules {pattern!r} is not a valid regex "
-                              f"({exc})") from exc
-
-
-def _full_names(module: str, num_layers: int) -> Iterator[str]:
-    kind = "self_attn" if module in LORA_MODULES[:4] else "mlp"
-    return (f"model.layers.{i}.{kind}.{module}" for i in range(num_layers))
-
-
-def _regex_targets(pattern: str, where: Path, num_layers: int) -> list[str]:
-    """PEFT full-matches a regex against full module names ("model.layers.3.self_attn.q_proj");
-    a bare search of the short name ("q_proj|v_proj") is accepted too.
-
-    A tenant's regex can backtrack for hours, so all matching shares one time budget; each match
-    runs with concurrent=True (the GIL released) so other threads keep serving meanwhile."""
-    compiled = _compile_target_regex(pattern, where)
-    deadline = time.monotonic() + REGEX_BUDGET_S
-
-    def matches(name: str, full: bool) -> bool:
-        timeout_s = deadline - time.monotonic()
-        if timeout_s <= 0:
-            raise TimeoutError
-        match = compiled.fullmatch if full else compiled.search
-        return match(name, timeout=timeout_s, concurrent=True) is not None
-
-    try:
-        return [m for m in LORA_MODULES if matches(m, False)
-                or any(matches(n, True) for n in _full_names(m, num_layers))]
-    except TimeoutError as exc:
-        raise InvalidArgument(f"{where}: target_modules regex {pattern!r} takes too long to match "
-                              "(catastrophic backtracking?)") from exc
-
-
-def _targets(raw: object, where: Path, num_layers: int) -> tuple[str, ...]:
-    if isinstance(raw, str):  # PEFT allows a regex or "all-linear"
-        raw = LORA_MODULES if raw == "all-linear" else _regex_targets(raw, where, num_layers)
-    if raw is not None and not isinstance(raw, list | tuple):
-        raise InvalidArgument(f"{where}: target_modules must be a list of module names or a "
-                              f"regex string, got {raw!r}")
-    names = tuple(sorted({str(m).rsplit(".", 1)[-1] for m in raw or ()}))
-    unsupported = [m for m in names if m not in LORA_MODULES]
-    if unsupported or not names:
-        raise InvalidArgument(f"{where}: target_modules {list(names)} not supported; LoRA can "
-                              f"target {', '.join(LORA_MODULES)}")
-    return names
-
-
 def read_adapter_spec(adapter_id: str, path: str | Path, num_layers: int = _MAX_LAYERS,
                       max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> AdapterSpec:
     """Reads and checks adapter_config.json; the weights file must be a regular file of at most
@@ -259,12 +132,12 @@ def read_adapter_spec(adapter_id: str, path: str | Path, num_layers: int = _MAX_
     root = Path(path).expanduser()
     config_file = root / CONFIG_FILE
     config = _read_config(adapter_id, config_file)
-    _stat_checked(adapter_id, root / WEIGHTS_FILE, max_weights_bytes, _WEIGHTS_LIMIT)
+    stat_checked(adapter_id, root / WEIGHTS_FILE, max_weights_bytes, _WEIGHTS_LIMIT)
     _check_features(config, config_file)
     rank = _rank(config, config_file)
     spec = AdapterSpec(adapter_id, str(root), rank, _alpha(config, rank, config_file),
                        _use_rslora(config, config_file),
-                       _targets(config.get("target_modules"), config_file, num_layers))
+                       targets(config.get("target_modules"), config_file, num_layers))
     if not math.isfinite(spec.scaling):
         raise InvalidArgument(f"{config_file}: lora_alpha / r is not a finite scaling")
     return spec
@@ -275,7 +148,7 @@ def read_adapter_spec(adapter_id: str, path: str | Path, num_layers: int = _MAX_
 
 def _open_weights(spec: AdapterSpec, max_weights_bytes: int
                   ) -> AbstractContextManager[tuple[BinaryIO, int]]:
-    return _open_checked(spec.adapter_id, Path(spec.path) / WEIGHTS_FILE, max_weights_bytes,
+    return open_checked(spec.adapter_id, Path(spec.path) / WEIGHTS_FILE, max_weights_bytes,
                          _WEIGHTS_LIMIT)
 
 
@@ -416,7 +289,7 @@ def read_adapter_weights(spec: AdapterSpec, shapes: dict[str, tuple[int, int]], 
     with _open_weights(spec, max_weights_bytes) as (f, size):
         entries, data_start = _read_header(spec, f, size)
         pairs = _pairs(spec, entries, shapes, num_layers)
-        data = _read_exact(spec.adapter_id, Path(spec.path) / WEIGHTS_FILE, f, size - data_start)
+        data = read_exact(spec.adapter_id, Path(spec.path) / WEIGHTS_FILE, f, size - data_start)
     return {key: _scaled_pair(spec, key, _tensor(data, entries[names["A"]]),
                               _tensor(data, entries[names["B"]]))
             for key, names in pairs.items()}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import adapter_format
+from common import untrusted_files
 from common.adapter_format import (
     CONFIG_FILE,
     LORA_MODULES,
@@ -452,7 +452,7 @@ def test_io_errors_are_unavailable_not_invalid(adapter_dir: Path, base,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     spec = read_adapter_spec("a", adapter_dir)
 
-    class FailingOpen:  # os for adapter_format alone, whose open() fails as a bad disk does
+    class FailingOpen:  # os for untrusted_files alone, whose open() fails as a bad disk does
         def __getattr__(self, name: str) -> object:
             return getattr(os, name)
 
@@ -460,14 +460,14 @@ def test_io_errors_are_unavailable_not_invalid(adapter_dir: Path, base,
         def open(*args, **kwargs) -> int:
             raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(adapter_format, "os", FailingOpen())
+    monkeypatch.setattr(untrusted_files, "os", FailingOpen())
     with pytest.raises(Unavailable, match=r"cannot be read now.*Input/output error"):
         read_adapter_weights(spec, *base)
 
 
 def test_a_file_that_shrinks_while_read_is_unavailable() -> None:
     with pytest.raises(Unavailable, match="shrank while being read"):
-        adapter_format._read_exact("a", Path(WEIGHTS_FILE), io.BytesIO(b"12345"), 10)
+        untrusted_files.read_exact("a", Path(WEIGHTS_FILE), io.BytesIO(b"12345"), 10)
 
 
 # --- hostile config values ---------------------------------------------------------------------

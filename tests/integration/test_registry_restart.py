@@ -7,7 +7,6 @@ worker never saw an unregister or a re-registration (its cached copies were kept
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,36 +17,28 @@ import pytest
 from edgelora.client import build_request
 from edgelora.v1 import router_pb2_grpc, types_pb2
 from tests.conftest import write_random_adapter
-from tests.integration.test_worker_failover import REPO, WorkerProcess, free_port
+from tests.integration.test_worker_failover import WorkerProcess, free_port
 
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
-class RouterProcess:
+class RouterProcess(WorkerProcess):
+    """`python -m edgelora.cli router` in front of `worker`, its registry in `state_dir`
+    (started, killed and stopped as a WorkerProcess is)."""
+
     def __init__(self, worker: WorkerProcess, state_dir: Path, log_path: Path) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        port = free_port()
+        self.port, self.address = port, f"127.0.0.1:{port}"
         self.command = [sys.executable, "-m", "edgelora.cli", "router", "--workers",
-                        worker.address, "--port", str(self.port), "--state-dir", str(state_dir),
+                        worker.address, "--port", str(port), "--state-dir", str(state_dir),
                         "--embedder-threads", "1", "--health-interval-s", "0.2"]
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, cwd=REPO, stdout=log,
-                                         stderr=subprocess.STDOUT)
+        super().start()
         with grpc.insecure_channel(self.address) as channel:
             grpc.channel_ready_future(channel).result(timeout=120)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture()
