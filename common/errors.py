@@ -45,3 +45,7 @@ class AlreadyExists(EdgeLoraError):
 
 class DeadlineExceeded(EdgeLoraError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(EdgeLoraError):
+    code = grpc.StatusCode.FAILED_PRECONDITION

@@ -93,6 +93,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     sys.exit(generate_to(sys.stdout, args))
 
 
+def _cmd_adapters_upload(args: argparse.Namespace) -> None:
+    from edgelora.client import upload_to
+
+    sys.exit(upload_to(sys.stdout, args))
+
+
 def _cmd_router_profile(args: argparse.Namespace) -> None:
     from router.profiling import run_profile
 
@@ -198,13 +204,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--timeout-s", type=float, default=300.0)
-    gen.add_argument("--api-key", default=None,
-                     help="API key sent as 'authorization: Bearer' (default: env EDGELORA_API_KEY)")
-    gen.add_argument("--tls-ca", default=os.environ.get("EDGELORA_TLS_CA", ""),
-                     help="connect with TLS, trusting this PEM certificate bundle (default: env "
-                          "EDGELORA_TLS_CA; unset = plain connection)")
     gen.set_defaults(func=_cmd_generate)
+    _add_client_options(gen)
+    adapters = sub.add_parser("adapters", help="manage adapters on a router")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    upload = adapters_sub.add_parser("upload", help="upload a PEFT adapter directory and "
+                                     "register it (no path on the server needed)")
+    upload.add_argument("dir", help="adapter_config.json + adapter_model.safetensors "
+                        "(+ card.json)")
+    upload.add_argument("--id", required=True, help="adapter id to register it under")
+    upload.add_argument("--description", default="", help="what it does (else card.json's)")
+    upload.add_argument("--example-prompt", action="append", default=[],
+                        help="a prompt it is meant for (repeatable)")
+    upload.add_argument("--replace", action="store_true", help="replace your adapter of this id")
+    upload.add_argument("--tenant", default="", help="admin: upload for this tenant")
+    upload.add_argument("--shared", action="store_true", help="admin: for every tenant")
+    upload.add_argument("--timeout-s", type=float, default=600.0)
+    _add_client_options(upload)
+    upload.set_defaults(func=_cmd_adapters_upload)
     return parser
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    """Where the router is and how to reach it (the same for every client command)."""
+    if not any(a.dest == "address" for a in parser._actions):
+        parser.add_argument("--address", default="127.0.0.1:50051", help="router host:port")
+    parser.add_argument("--api-key", default=None,
+                        help="API key sent as 'authorization: Bearer' (default: env "
+                             "EDGELORA_API_KEY)")
+    parser.add_argument("--tls-ca", default=os.environ.get("EDGELORA_TLS_CA", ""),
+                        help="connect with TLS, trusting this PEM certificate bundle (default: "
+                             "env EDGELORA_TLS_CA; unset = plain connection)")
 
 
 def main(argv: list[str] | None = None) -> None:

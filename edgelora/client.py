@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 import grpc
 
-from edgelora.v1 import router_pb2_grpc, types_pb2
+from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 
 
 def build_request(prompt: str, chat: bool = False, adapter_id: str = "",
@@ -57,4 +58,44 @@ def generate_to(out: TextIO, args: argparse.Namespace) -> int:
         out.write(f"\n[{last.finish_reason}; {last.usage.prompt_tokens} prompt + "
                   f"{last.usage.completion_tokens} completion tokens; adapter "
                   f"{last.adapter_id or 'base'}]\n")
+    return 0
+
+
+UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors", "card.json")
+UPLOAD_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB message limit
+
+
+def upload_messages(folder: str | Path, header: router_pb2.UploadAdapterHeader
+                    ) -> Iterator[router_pb2.UploadAdapterRequest]:
+    """The UploadAdapter stream of a PEFT directory: the header, then each file (card.json
+    when there is one) in 1 MiB chunks."""
+    yield router_pb2.UploadAdapterRequest(header=header)
+    for name in UPLOAD_FILES:
+        path = Path(folder) / name
+        if name == "card.json" and not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                yield router_pb2.UploadAdapterRequest(
+                    chunk=types_pb2.AdapterFileChunk(file_name=name, data=chunk))
+
+
+def upload_to(out: TextIO, args: argparse.Namespace) -> int:
+    """`edgelora adapters upload DIR --id X`: uploads and registers; -> the exit code."""
+    header = router_pb2.UploadAdapterHeader(
+        adapter_id=args.id, description=args.description or "",
+        example_prompts=args.example_prompt, replace=args.replace, tenant=args.tenant or "",
+        shared=args.shared)
+    with open_channel(args.address, args.tls_ca) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        try:
+            reply = stub.UploadAdapter(upload_messages(args.dir, header), timeout=args.timeout_s,
+                                       metadata=auth_metadata(args.api_key))
+        except grpc.RpcError as exc:
+            out.write(f"error: {exc.code().name}: {exc.details()}\n")
+            return 1
+    adapter = reply.adapter
+    out.write(f"registered {adapter.adapter_id!r} (rank {adapter.rank}, digest "
+              f"{adapter.digest[:12]}, {'shared' if adapter.shared else adapter.tenant or 'yours'})"
+              "\n")
     return 0

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from common.adapter_blobs import BlobStore
 
-from common.adapter_format import CONFIG_FILE
+from common.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from edgelora.v1 import types_pb2, worker_pb2
 from router.registry_db import RegistryDB, StoredAdapter
@@ -25,6 +26,7 @@ from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 SYNC_CONCURRENCY = 16  # RegisterAdapter calls at once when a worker (re)joins
+PUSH_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB message limit
 CARD_FILE = "card.json"  # optional: {"description": ..., "example_prompts": [...]}
 MAX_CARD_FILE_BYTES = 64 << 10
 SHARED = ""  # the owner of shared adapters
@@ -44,6 +46,7 @@ class AdapterRecord:
     example_prompts: list[str] = field(default_factory=list)
     owner: str = SHARED
     version: int = 1  # +1 at each replacement
+    digest: str = ""  # an uploaded adapter's content in the store ("" = registered by path)
 
     @property
     def key(self) -> str:
@@ -73,8 +76,9 @@ class AdapterRegistry:
     """
 
     def __init__(self, pool: WorkerPool, register_timeout_s: float = 60.0,
-                 db: RegistryDB | None = None) -> None:
+                 db: RegistryDB | None = None, store: BlobStore | None = None) -> None:
         self.pool = pool
+        self.store = store  # uploaded adapters' files, pushed to each worker that lacks them
         self.register_timeout_s = register_timeout_s
         self.db = db
         self.adapters: dict[str, AdapterRecord] = {}  # by worker key
@@ -91,10 +95,42 @@ class AdapterRegistry:
         for stored in self.db.load():
             forwarded = types_pb2.RegisterAdapterRequest(
                 adapter_id=worker_key(stored.owner, stored.adapter_id), path=stored.path,
-                description=stored.description, example_prompts=stored.example_prompts)
+                description=stored.description, example_prompts=stored.example_prompts,
+                digest=stored.digest)
             self._record(forwarded, stored.rank, stored.adapter_id, stored.owner,
                          stored.version)
         return len(self.adapters)
+
+    async def _register_on(self, worker: WorkerHandle,
+                           forwarded: types_pb2.RegisterAdapterRequest
+                           ) -> types_pb2.RegisterAdapterResponse:
+        """RegisterAdapter on one worker; an uploaded adapter's files are pushed there first
+        when the worker lacks them (or its copy is corrupt), then registered again."""
+        try:
+            return await worker.stub.RegisterAdapter(forwarded, timeout=self.register_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if not (forwarded.digest and self.store is not None
+                    and exc.code() is grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+        await worker.stub.PutAdapter(self._chunks(forwarded.digest),
+                                     timeout=self.register_timeout_s)
+        return await worker.stub.RegisterAdapter(forwarded, timeout=self.register_timeout_s)
+
+    async def _chunks(self, digest: str) -> AsyncIterator[worker_pb2.PutAdapterRequest]:
+        yield worker_pb2.PutAdapterRequest(digest=digest)
+        folder = self.store.path(digest)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            with open(folder / name, "rb") as f:  # our own store: read a chunk at a time
+                while chunk := await asyncio.to_thread(f.read, PUSH_CHUNK_BYTES):
+                    yield worker_pb2.PutAdapterRequest(chunk=types_pb2.AdapterFileChunk(
+                        file_name=name, data=chunk))
+
+    def drop_blob_if_unused(self, digest: str) -> None:
+        """Removes an uploaded content from the store once no registration uses it."""
+        if digest and self.store is not None and not any(
+                r.digest == digest for r in self.adapters.values()) and not any(
+                r.digest == digest for r in self._requests.values()):
+            self.store.remove(digest)
 
     async def _persist(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int,
                        adapter_id: str, owner: str) -> int:
@@ -104,7 +140,7 @@ class AdapterRegistry:
             return old.version + 1 if old else 1
         stored = await asyncio.to_thread(self.db.put, StoredAdapter(
             owner, adapter_id, forwarded.path, rank, forwarded.description,
-            list(forwarded.example_prompts)))
+            list(forwarded.example_prompts), digest=forwarded.digest))
         return stored.version
 
     # -- what a tenant sees --
@@ -140,12 +176,11 @@ class AdapterRegistry:
         key = worker_key(owner, request.adapter_id)
         forwarded = types_pb2.RegisterAdapterRequest(
             adapter_id=key, path=request.path, description=request.description,
-            example_prompts=request.example_prompts)
+            example_prompts=request.example_prompts, digest=request.digest)
         self._pending.add(key)
         try:
             results = await asyncio.gather(
-                *(w.stub.RegisterAdapter(forwarded, timeout=self.register_timeout_s)
-                  for w in workers), return_exceptions=True)
+                *(self._register_on(w, forwarded) for w in workers), return_exceptions=True)
         finally:
             self._pending.discard(key)
         rank, refusal = 0, None
@@ -172,12 +207,16 @@ class AdapterRegistry:
                 await self._unregister_on(self.pool.workers, key)
             raise refusal
         self._removed.discard(key)
-        return self._record(forwarded, rank, request.adapter_id, owner, version)
+        old = self.adapters.get(key)
+        record = self._record(forwarded, rank, request.adapter_id, owner, version)
+        if old is not None and old.digest != record.digest:
+            self.drop_blob_if_unused(old.digest)
+        return record
 
     def _record(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int, adapter_id: str,
                 owner: str, version: int = 1) -> AdapterRecord:
         record = AdapterRecord(adapter_id, forwarded.path, rank, forwarded.description,
-                               list(forwarded.example_prompts), owner, version)
+                               list(forwarded.example_prompts), owner, version, forwarded.digest)
         self.adapters[record.key] = record
         self._requests[record.key] = forwarded
         return record
@@ -193,6 +232,7 @@ class AdapterRegistry:
         self._requests.pop(key, None)
         self._removed.add(key)
         await self._unregister_on(self.pool.workers, key)
+        self.drop_blob_if_unused(record.digest)
 
     async def _unregister_on(self, workers: list[WorkerHandle], adapter_id: str) -> None:
         request = types_pb2.UnregisterAdapterRequest(adapter_id=adapter_id)
@@ -214,7 +254,7 @@ class AdapterRegistry:
         async def register_one(adapter_id: str) -> None:
             async with limit:
                 try:
-                    reply = await worker.stub.RegisterAdapter(wanted[adapter_id], timeout=60)
+                    reply = await self._register_on(worker, wanted[adapter_id])
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in (grpc.StatusCode.UNAVAILABLE,
                                       grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -254,7 +294,7 @@ class AdapterRegistry:
                 tiers[held.adapter_id] = max(tiers.get(held.adapter_id, 0), held.tier)
         return [types_pb2.AdapterInfo(
             adapter_id=r.adapter_id, rank=r.rank, path=r.path if with_paths else "",
-            description=r.description, tenant=r.owner, shared=r.is_shared,
+            description=r.description, tenant=r.owner, shared=r.is_shared, digest=r.digest,
             tier=tiers.get(r.key, types_pb2.ADAPTER_TIER_DISK))
             for r in records]
 

@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS adapters (
     description TEXT NOT NULL,
     example_prompts TEXT NOT NULL,  -- JSON list of strings
     version INTEGER NOT NULL,       -- 1, then +1 at each replacement
+    digest TEXT NOT NULL,           -- an uploaded adapter's content in the store, '' = a path
     created_s REAL NOT NULL,
     updated_s REAL NOT NULL,
     PRIMARY KEY (owner, adapter_id)
@@ -42,6 +43,7 @@ class StoredAdapter:
     version: int = 1
     created_s: float = 0.0
     updated_s: float = 0.0
+    digest: str = ""
 
 
 class RegistryDB:
@@ -60,9 +62,10 @@ class RegistryDB:
         with self._lock:
             rows = self._db.execute(
                 "SELECT owner, adapter_id, path, rank, description, example_prompts, version, "
-                "created_s, updated_s FROM adapters ORDER BY owner, adapter_id").fetchall()
-        return [StoredAdapter(o, a, p, r, d, json.loads(e), v, c, u)
-                for o, a, p, r, d, e, v, c, u in rows]
+                "created_s, updated_s, digest FROM adapters ORDER BY owner, adapter_id"
+            ).fetchall()
+        return [StoredAdapter(o, a, p, r, d, json.loads(e), v, c, u, g)
+                for o, a, p, r, d, e, v, c, u, g in rows]
 
     def put(self, adapter: StoredAdapter) -> StoredAdapter:
         """Inserts or replaces (owner, adapter_id); -> the row as stored (version, times)."""
@@ -75,17 +78,17 @@ class RegistryDB:
                     (adapter.owner, adapter.adapter_id)).fetchone()
                 version, created = (old[0] + 1, old[1]) if old else (1, now)
                 self._db.execute(
-                    "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (adapter.owner, adapter.adapter_id, adapter.path, adapter.rank,
                      adapter.description, json.dumps(adapter.example_prompts), version,
-                     created, now))
+                     adapter.digest, created, now))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return StoredAdapter(adapter.owner, adapter.adapter_id, adapter.path, adapter.rank,
                              adapter.description, list(adapter.example_prompts), version,
-                             created, now)
+                             created, now, adapter.digest)
 
     def delete(self, owner: str, adapter_id: str) -> None:
         with self._lock:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from common.adapter_blobs import BlobStore
 from common.server import create_server, mark_serving
 from edgelora.v1 import router_pb2, router_pb2_grpc
 from router.adapter_paths import confine
@@ -35,6 +38,8 @@ class RouterRuntime:
         await self.pool.close()
         if self.registry is not None and self.registry.db is not None:
             self.registry.db.close()
+        elif self.registry is not None and self.registry.store is not None:
+            shutil.rmtree(self.registry.store.root, ignore_errors=True)  # a temporary store
 
 
 async def start_router(config: RouterConfig) -> RouterRuntime:
@@ -48,8 +53,12 @@ async def start_router(config: RouterConfig) -> RouterRuntime:
                     "--internal-token-file): workers must accept unauthenticated calls")
     pool = WorkerPool.from_config(config)
     db = RegistryDB(config.state_dir) if config.state_dir else None
+    # uploaded adapters' files: beside the database, or for this process's life
+    store_dir = (Path(config.state_dir).expanduser() / "store" if config.state_dir
+                 else Path(tempfile.mkdtemp(prefix="edgelora-store-")))
+    store = BlobStore(store_dir, config.max_adapter_bytes)
     # before start: workers joining get its adapters, all of them, loaded first
-    registry = AdapterRegistry(pool, config.register_timeout_s, db)
+    registry = AdapterRegistry(pool, config.register_timeout_s, db, store)
     if db is None:
         log.warning("no --state-dir: registrations live in memory and are lost when the router "
                     "restarts")

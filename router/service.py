@@ -6,8 +6,11 @@ Never tokenizes or runs a model; worker errors reach the client with their statu
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
@@ -19,7 +22,7 @@ from router.adapter_paths import confine
 from router.config import RouterConfig
 from router.embedder import prompt_text
 from router.ownership import check_replace, listed, not_found, registration_owner, removal_target
-from router.registry import AdapterRegistry, record_name
+from router.registry import CARD_FILE, AdapterRegistry, read_card, record_name
 from router.selector import AdapterSelector, Selection
 from router.tenants import Caller, KeyRing, TenantLimits
 from router.workers import WorkerHandle, WorkerPool
@@ -172,18 +175,77 @@ class RouterService(router_pb2_grpc.RouterServicer):
             record = await self._register(caller, request)
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
+        return self._registered(caller, record)
+
+    @staticmethod
+    def _registered(caller: Caller, record) -> types_pb2.RegisterAdapterResponse:
         log.info("%s registered adapter %r for %s", caller.tenant or "the open tenant",
                  record.adapter_id, record.owner or "every tenant (shared)")
         return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
             adapter_id=record.adapter_id, rank=record.rank, description=record.description,
             path=record.path if caller.is_admin else "", tenant=record.owner,
-            shared=record.is_shared, tier=types_pb2.ADAPTER_TIER_DISK))
+            shared=record.is_shared, digest=record.digest, tier=types_pb2.ADAPTER_TIER_DISK))
+
+    async def UploadAdapter(self, requests: AsyncIterator[router_pb2.UploadAdapterRequest],
+                            context: grpc.aio.ServicerContext
+                            ) -> types_pb2.RegisterAdapterResponse:
+        caller = await self._caller(context)
+        try:
+            record = await self._upload(caller, requests)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        return self._registered(caller, record)
+
+    async def _upload(self, caller: Caller,
+                      requests: AsyncIterator[router_pb2.UploadAdapterRequest]):
+        """Header checks first; the files go to a temporary blob (sizes checked as they come)
+        that is kept only once every worker validated and registered it."""
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("UploadAdapter starts with a header message")
+        header = first.header
+        request = types_pb2.RegisterAdapterRequest(
+            adapter_id=header.adapter_id, description=header.description,
+            example_prompts=header.example_prompts, replace=header.replace,
+            tenant=header.tenant, shared=header.shared)
+        check_adapter_id(request.adapter_id)
+        owner = registration_owner(caller, request)
+        self._check_card_and_limits(caller, owner, request)
+        with self.registry.store.writer() as writer:
+            async for message in requests:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("after the header, UploadAdapter takes file chunks")
+                await asyncio.to_thread(writer.write, message.chunk.file_name,
+                                        message.chunk.data)
+            request.digest = await asyncio.to_thread(writer.commit)
+            card = writer.card
+        if card is not None and not request.description and not request.example_prompts:
+            with tempfile.TemporaryDirectory() as folder:  # read_card's checks, on the bytes
+                (Path(folder) / CARD_FILE).write_bytes(card)
+                from_card = read_card(Path(folder))
+            request.description = from_card.description
+            request.example_prompts.extend(from_card.example_prompts)
+            self._check_card_and_limits(caller, owner, request)
+        try:
+            return await self.registry.register(request, owner)
+        except BaseException:
+            self.registry.drop_blob_if_unused(request.digest)
+            raise
+
+    def _check_card_and_limits(self, caller: Caller, owner: str,
+                               request: types_pb2.RegisterAdapterRequest) -> None:
+        config = self.config
+        check_card(request.description, list(request.example_prompts), config.max_card_bytes,
+                   config.max_example_prompts)
+        # the owner's own limit, also when an admin registers on its behalf
+        limit = self.keys.tenants().get(owner, caller.limits if owner == caller.tenant
+                                        else TenantLimits()).max_adapters
+        check_replace(self.registry, owner, request,
+                      limit if limit is not None else config.tenant_max_adapters)
 
     async def _register(self, caller: Caller, request: types_pb2.RegisterAdapterRequest):
         config = self.config
         check_adapter_id(request.adapter_id)
-        check_card(request.description, list(request.example_prompts), config.max_card_bytes,
-                   config.max_example_prompts)
         owner = registration_owner(caller, request)
         if not caller.is_admin:
             raise PermissionDenied("registering by path is for admin keys (the files must lie "
@@ -192,11 +254,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if not self.keys.is_open and not config.adapter_root:
             raise PermissionDenied("this server takes no registration by path: it runs with "
                                    "--api-keys but without --adapter-root")
-        # the owner's own limit, also when an admin registers on its behalf
-        limit = self.keys.tenants().get(owner, caller.limits if owner == caller.tenant
-                                        else TenantLimits()).max_adapters
-        check_replace(self.registry, owner, request,
-                      limit if limit is not None else config.tenant_max_adapters)
+        self._check_card_and_limits(caller, owner, request)
         checked = types_pb2.RegisterAdapterRequest()
         checked.CopyFrom(request)
         checked.path = confine(request.path, config.adapter_root, config.max_adapter_bytes)

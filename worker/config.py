@@ -21,6 +21,9 @@ class WorkerConfig(SharedConfig):
         "'default' (embedded SmolLM2-135M-Instruct) or an HF Llama-family checkpoint directory"))
     cache_dir: str = field(default="", metadata=_help(
         "where the default model is dequantized once (empty = ~/.cache/edgelora)"))
+    adapter_cache_dir: str = field(default="", metadata=_help(
+        "where adapters pushed by the router (uploads) are kept by digest (empty = "
+        "<cache dir>/adapters); no folder is shared with the router or other workers"))
     host: str = field(default="127.0.0.1", metadata=_help("address the worker gRPC server binds"))
     port: int = field(default=50052, metadata=_help("worker gRPC port (0 = pick a free one)"))
     device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda' or 'cuda:N'"))
@@ -83,6 +86,10 @@ class WorkerConfig(SharedConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def adapter_cache_path(self) -> Path:
+        return Path(self.adapter_cache_dir or self.cache_path / "adapters").expanduser()
 
     @property
     def cache_path(self) -> Path:

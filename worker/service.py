@@ -13,11 +13,19 @@ import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from common.adapter_blobs import DIGEST, BlobStore, check_digest
 from common.adapter_format import read_adapter_spec
-from common.errors import DeadlineExceeded, EdgeLoraError, InvalidArgument, NotFound
+from common.errors import (
+    DeadlineExceeded,
+    EdgeLoraError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from common.limits import check_generate
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from worker.adapter_memory import AdapterMemory, TierStats
@@ -102,6 +110,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # the engine thread, each under a deadline; a read that hangs anyway ties up only this
         # pool, never the threads that serve other requests.
         self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-check")
+        self.blobs = BlobStore(config.adapter_cache_path, config.max_adapter_bytes)
 
     def attach(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine, self._loop = engine, loop
@@ -256,11 +265,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             description=request.description, tier=types_pb2.ADAPTER_TIER_DISK))
 
     async def _check_adapter(self, request: types_pb2.RegisterAdapterRequest):
-        """Reads and validates the adapter's files (config, every tensor) and registers it."""
+        """Reads and validates the adapter's files (config, every tensor) and registers it:
+        from its path, or from this worker's cache when the router names a digest."""
         memory = self.engine.scheduler.adapters
 
         def check_and_register():
-            spec = read_adapter_spec(request.adapter_id, request.path,
+            path = request.path
+            if request.digest:
+                if not self.blobs.verify(check_digest(request.digest)):  # absent or corrupt
+                    raise FailedPrecondition(f"adapter {request.adapter_id!r}: the files of "
+                                             f"digest {request.digest} are not cached here")
+                path = str(self.blobs.path(request.digest))
+            spec = read_adapter_spec(request.adapter_id, path,
                                      max_weights_bytes=self.config.max_adapter_bytes,
                                      num_layers=memory.num_layers)
             memory.register(spec)
@@ -277,12 +293,39 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def close(self) -> None:
         self._validator.shutdown(wait=False, cancel_futures=True)
 
+    async def PutAdapter(self, requests: AsyncIterator[worker_pb2.PutAdapterRequest],
+                         context: grpc.aio.ServicerContext) -> worker_pb2.PutAdapterResponse:
+        """Writes the pushed files into the cache (off the event loop), keeping them only if
+        they hash to the digest named first."""
+        loop = asyncio.get_running_loop()
+        try:
+            first = await anext(aiter(requests), None)
+            if first is None or first.WhichOneof("part") != "digest":
+                raise InvalidArgument("PutAdapter starts with the digest")
+            digest = check_digest(first.digest)
+            with self.blobs.writer() as writer:
+                async for message in requests:
+                    if message.WhichOneof("part") != "chunk":
+                        raise InvalidArgument("after the digest, PutAdapter takes file chunks")
+                    await loop.run_in_executor(self._validator, writer.write,
+                                               message.chunk.file_name, message.chunk.data)
+                await loop.run_in_executor(self._validator, writer.commit, digest)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        return worker_pb2.PutAdapterResponse()
+
     async def UnregisterAdapter(self, request: types_pb2.UnregisterAdapterRequest,
                                 context: grpc.aio.ServicerContext
                                 ) -> types_pb2.UnregisterAdapterResponse:
-        if not self.engine.scheduler.adapters.unregister(request.adapter_id):
+        memory = self.engine.scheduler.adapters
+        spec = memory.registry.get(request.adapter_id)
+        if spec is None or not memory.unregister(request.adapter_id):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"adapter {request.adapter_id!r} is not registered")
+        blob = Path(spec.path)
+        if DIGEST.fullmatch(blob.name) and blob == self.blobs.path(blob.name) and not any(
+                s.path == spec.path for s in list(memory.registry.values())):
+            self.blobs.remove(blob.name)  # the last adapter of those pushed files is gone
         return types_pb2.UnregisterAdapterResponse()
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
