@@ -47,6 +47,8 @@ def test_k8s_router_keeps_its_registry_on_a_pvc(overlay: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
-def test_images_give_serve_a_writable_state_dir(dockerfile: str) -> None:
-    assert dockerfile_env(DEPLOY / dockerfile)["EDGELORA_STATE_DIR"] == "/var/lib/edgelora"
+def test_images_give_serve_and_workers_writable_state(dockerfile: str) -> None:
+    env = dockerfile_env(DEPLOY / dockerfile)
+    assert env["EDGELORA_STATE_DIR"] == "/var/lib/edgelora"
+    assert env["EDGELORA_ADAPTER_CACHE_DIR"].startswith("/var/lib/edgelora/")
     assert "chown 10001:10001 /var/lib/edgelora" in (DEPLOY / dockerfile).read_text()

@@ -1,0 +1,121 @@
+"""common.adapter_blobs: content addressing, whole-or-nothing writes, verification."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from common.adapter_blobs import BlobStore, check_digest, digest_files
+from common.errors import InvalidArgument
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def adapter(folder: Path, weights: bytes = b"w" * 1000, config: bytes = b"{}") -> Path:
+    folder.mkdir(parents=True)
+    (folder / CONFIG).write_bytes(config)
+    (folder / WEIGHTS).write_bytes(weights)
+    return folder
+
+
+def upload(store: BlobStore, folder: Path, chunk: int = 100, expected: str = "") -> str:
+    with store.writer() as writer:
+        for name in (CONFIG, WEIGHTS):
+            data = (folder / name).read_bytes()
+            for start in range(0, max(len(data), 1), chunk):
+                writer.write(name, data[start:start + chunk])
+        return writer.commit(expected)
+
+
+def leftovers(store: BlobStore) -> list[Path]:
+    return list((store.root / "tmp").iterdir())
+
+
+def test_digest_is_the_content_not_the_place(tmp_path: Path) -> None:
+    a = adapter(tmp_path / "a")
+    same = adapter(tmp_path / "b")
+    flipped = adapter(tmp_path / "c", weights=b"w" * 999 + b"x")
+    moved = adapter(tmp_path / "d", weights=b"{}", config=b"w" * 1000)  # bytes swapped over
+    digests = [digest_files(f, 1 << 20) for f in (a, same, flipped, moved)]
+    assert digests[0] == digests[1]
+    assert len(set(digests)) == 3 and check_digest(digests[0]) == digests[0]
+
+
+def test_a_streamed_write_keeps_each_content_once(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store", max_weights_bytes=1 << 20)
+    folder = adapter(tmp_path / "a")
+    digest = upload(store, folder)
+    assert digest == digest_files(folder, 1 << 20) == upload(store, folder, chunk=7)
+    assert store.digests() == {digest} and store.has(digest) and store.verify(digest)
+    assert (store.path(digest) / WEIGHTS).read_bytes() == b"w" * 1000
+    assert not leftovers(store)
+
+
+@pytest.mark.parametrize("messages, says", [
+    ([(CONFIG, b"{}"), (WEIGHTS, b"w"), (CONFIG, b"{}")], "consecutive"),
+    ([("../evil", b"x")], "an upload holds"),
+    ([(CONFIG, b"x" * ((64 << 10) + 1))], "over 64"),
+    ([(CONFIG, b"{}"), (WEIGHTS, b"w" * 600), (WEIGHTS, b"w" * 600)], "--max-adapter-mb"),
+    ([(CONFIG, b"{}")], "has no adapter_model"),
+])
+def test_bad_uploads_leave_nothing(tmp_path: Path, messages: list, says: str) -> None:
+    store = BlobStore(tmp_path / "store", max_weights_bytes=1000)
+    with pytest.raises(InvalidArgument, match=says), store.writer() as writer:
+        for name, data in messages:
+            writer.write(name, data)
+        writer.commit()
+    assert not store.digests() and not leftovers(store)
+
+
+def test_an_interrupted_write_or_a_wrong_digest_leaves_nothing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    with pytest.raises(RuntimeError), store.writer() as writer:
+        writer.write(CONFIG, b"{}")
+        raise RuntimeError("the client went away")
+    with pytest.raises(InvalidArgument, match="not to the digest"):
+        upload(store, adapter(tmp_path / "a"), expected="0" * 64)
+    assert not store.digests() and not leftovers(store)
+
+
+def test_card_is_kept_aside_and_not_hashed(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    folder = adapter(tmp_path / "a")
+    with store.writer() as writer:
+        writer.write(CONFIG, b"{}")
+        writer.write(WEIGHTS, b"w" * 1000)
+        writer.write("card.json", b'{"description": "x"}')
+        digest = writer.commit()
+    assert writer.card == b'{"description": "x"}' and digest == digest_files(folder, 1 << 20)
+
+
+def test_verify_removes_a_corrupt_blob_and_a_restart_clears_tmp(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    digest = upload(store, adapter(tmp_path / "a"))
+    weights = store.path(digest) / WEIGHTS
+    weights.write_bytes(b"x" + weights.read_bytes()[1:])
+    assert not store.verify(digest) and not store.has(digest)
+    (store.root / "tmp" / "crashed").mkdir()
+    assert not leftovers(BlobStore(tmp_path / "store"))
+
+
+def test_the_same_content_committed_at_once_by_two_threads(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    folder = adapter(tmp_path / "a", weights=b"w" * 200_000)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(upload(store, folder, 4096)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and len(set(results)) == 1
+    assert store.digests() == {results[0]} and store.verify(results[0])
+    assert not leftovers(store)
+
+
+@pytest.mark.parametrize("digest", ["", "abc", "A" * 64, "0" * 63, "../" + "0" * 61])
+def test_bad_digests_are_refused(digest: str) -> None:
+    with pytest.raises(InvalidArgument):
+        check_digest(digest)
