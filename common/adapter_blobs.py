@@ -2,9 +2,10 @@
 adapters and each worker's cache of the ones pushed to it.
 
 root/blobs/<digest>/ holds adapter_config.json and adapter_model.safetensors; work in progress
-lives in root/tmp/ and becomes a blob only by an atomic rename once it is whole, so a crash or an
-interrupted upload never leaves a blob that counts (leftovers in tmp/ go at the next start). The
-digest is sha256 over a canonical form of the two files (names, sizes, bytes). Torch-free.
+lives in root/tmp/ and becomes a blob only by an atomic rename once it is whole, so a crash or
+an interrupted upload never leaves a blob that counts (stale leftovers in tmp/ go at the next
+start). The digest is sha256 over a canonical form of the two files (names, sizes, bytes).
+Torch-free.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +27,8 @@ CARD_FILE = "card.json"
 MAX_CONFIG_BYTES = 64 << 10
 DIGEST = re.compile(r"[0-9a-f]{64}")
 READ_BYTES = 1 << 20
+TRIM_GRACE_S = 30.0
+STALE_TMP_S = 600.0
 
 
 def check_digest(digest: str) -> str:
@@ -61,13 +65,31 @@ def _fsync(path: Path) -> None:
 
 
 class BlobStore:
-    def __init__(self, root: str | Path, max_weights_bytes: int = 512 << 20) -> None:
+    """`max_bytes` (0 = no bound) caps what trim() keeps: a worker's cache, whose blobs the
+    router can push again. The router's own store is the source of truth and never trims."""
+
+    def __init__(self, root: str | Path, max_weights_bytes: int = 512 << 20,
+                 max_bytes: int = 0) -> None:
         self.root = Path(root).expanduser()
         self.max_weights_bytes = max_weights_bytes
+        self.max_bytes = max_bytes
         self._blobs, self._tmp = self.root / "blobs", self.root / "tmp"
         self._blobs.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self._tmp, ignore_errors=True)  # a crash's leftovers never count
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._clean_tmp()
+
+    def _clean_tmp(self) -> None:
+        """Removes a crash's leftovers: work in tmp/ untouched for STALE_TMP_S. Younger work may
+        be another process's upload in progress (two workers given one folder)."""
+        now = time.time()
+        for folder in self._tmp.iterdir():
+            try:
+                touched = max([folder.stat().st_mtime,
+                               *(f.stat().st_mtime for f in folder.iterdir())])
+            except OSError:  # finished or removed meanwhile
+                continue
+            if now - touched > STALE_TMP_S:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def path(self, digest: str) -> Path:
         return self._blobs / check_digest(digest)
@@ -82,6 +104,7 @@ class BlobStore:
             return False
         try:
             if digest_files(self.path(digest), self.max_weights_bytes) == digest:
+                os.utime(self.path(digest))  # used: last in trim()'s order
                 return True
         except Exception:  # unreadable or grown past the caps: as bad as a wrong hash
             pass
@@ -91,11 +114,48 @@ class BlobStore:
     def writer(self) -> BlobWriter:
         return BlobWriter(self)
 
+    def add_folder(self, folder: Path) -> str:
+        """Copies an adapter directory's files in (regular files, sizes capped as they are read);
+        -> their digest. What is served is then this copy: a later change of the files on disk
+        changes nothing until they are registered again."""
+        with self.writer() as writer:
+            for name in ADAPTER_FILES:
+                limit = _limit(name, self.max_weights_bytes)
+                with open_checked(folder.name, folder / name, limit, "{} at most") as (f, _):
+                    while chunk := f.read(READ_BYTES):
+                        writer.write(name, chunk)
+            return writer.commit()
+
     def remove(self, digest: str) -> None:
         shutil.rmtree(self.path(digest), ignore_errors=True)
 
     def digests(self) -> set[str]:
         return {p.name for p in self._blobs.iterdir() if DIGEST.fullmatch(p.name)}
+
+    def trim(self, keep: str = "") -> list[str]:
+        """Removes the least recently used blobs (a blob's folder mtime: set when written and
+        at each verified read) until the rest fit in max_bytes; -> the digests removed. `keep`
+        and blobs written in the last TRIM_GRACE_S stay: a push is followed by its registration.
+        """
+        if not self.max_bytes:
+            return []
+        blobs = []
+        for digest in self.digests():
+            folder = self.path(digest)
+            try:
+                size = sum((folder / name).stat().st_size for name in ADAPTER_FILES)
+                blobs.append((folder.stat().st_mtime, digest, size))
+            except OSError:  # removed meanwhile, or half there: nothing to count
+                continue
+        total, removed, now = sum(size for _, _, size in blobs), [], time.time()
+        for used, digest, size in sorted(blobs):
+            if total <= self.max_bytes:
+                break
+            if digest != keep and now - used >= TRIM_GRACE_S:
+                self.remove(digest)
+                total -= size
+                removed.append(digest)
+        return removed
 
     def _new_tmp(self) -> Path:
         folder = self._tmp / uuid.uuid4().hex

@@ -55,6 +55,7 @@ class AdapterSpec:
     lora_alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
+    digest: str = ""  # content in a BlobStore, checked again at every read from disk
 
     @property
     def scaling(self) -> float:

@@ -43,6 +43,10 @@ class AlreadyExists(EdgeLoraError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class Aborted(EdgeLoraError):
+    code = grpc.StatusCode.ABORTED
+
+
 class DeadlineExceeded(EdgeLoraError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -31,6 +31,15 @@ def built_cpu_kernels():
     return module
 
 
+@pytest.fixture(scope="session", autouse=True)
+def adapter_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Workers' pushed adapter files go under the session's temporary folder, never to the
+    user's ~/.cache: in-process workers (ServeThread) and worker processes (the environment)."""
+    folder = tmp_path_factory.mktemp("adapter-cache")
+    os.environ.setdefault("EDGELORA_ADAPTER_CACHE_DIR", str(folder))
+    return Path(os.environ["EDGELORA_ADAPTER_CACHE_DIR"])
+
+
 @pytest.fixture(scope="session")
 def cpu_kernels():
     return built_cpu_kernels()
@@ -74,7 +83,12 @@ class ServeThread:
 
     def __init__(self, worker_config: WorkerConfig, **router_fields) -> None:
         import asyncio
+        import dataclasses
         import threading
+
+        if not worker_config.adapter_cache_dir and "EDGELORA_ADAPTER_CACHE_DIR" in os.environ:
+            worker_config = dataclasses.replace(
+                worker_config, adapter_cache_dir=os.environ["EDGELORA_ADAPTER_CACHE_DIR"])
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

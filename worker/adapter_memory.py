@@ -8,16 +8,26 @@ they overlap compute; host -> device copies happen on acquire. Thread-safe behin
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from common.adapter_blobs import digest_files
 from common.adapter_format import MAX_WEIGHTS_BYTES, AdapterSpec, read_adapter_weights
-from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
+from common.errors import (
+    Aborted,
+    EdgeLoraError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from worker.lora import LoraSlots
 
 log = logging.getLogger(__name__)
@@ -33,9 +43,10 @@ class LoadError:
 
     message: str
     retry_at: float | None = None  # time.monotonic() when it expires; None: until re-registered
+    kind: type[EdgeLoraError] = InvalidArgument
 
     def to_error(self) -> EdgeLoraError:
-        return InvalidArgument(self.message) if self.retry_at is None else Unavailable(self.message)
+        return self.kind(self.message) if self.retry_at is None else Unavailable(self.message)
 
 
 @dataclass
@@ -68,6 +79,7 @@ class AdapterMemory:
         self.registry: dict[str, AdapterSpec] = {}
         self.host: OrderedDict[str, HostWeights] = OrderedDict()  # least recently used first
         self.slot_to_adapter: list[str | None] = [None] * (slots.num_slots + 1)
+        self.slot_spec: list[AdapterSpec | None] = [None] * (slots.num_slots + 1)  # its version
         self.adapter_to_slot: dict[str, int] = {}
         self.refcount = [0] * (slots.num_slots + 1)
         self.stats = AdapterStats()
@@ -157,11 +169,26 @@ class AdapterMemory:
 
     def _read(self, spec: AdapterSpec) -> HostWeights:
         started = time.perf_counter()
+        if spec.digest:
+            self._check_content(spec)
         weights = self.slots.host_layout(self._read_checked(spec), pin=self.pin_memory)
         with self._lock:
             self.stats.host.loads += 1
             self.stats.host.load_ms_total += (time.perf_counter() - started) * 1e3
         return weights
+
+    def _check_content(self, spec: AdapterSpec) -> None:
+        """Files from a content store must still hash to their digest: a flipped byte or a
+        blob evicted from the cache fails FAILED_PRECONDITION, which the router answers by
+        sending the files again and retrying the request."""
+        try:
+            intact = digest_files(Path(spec.path), self.max_adapter_bytes) == spec.digest
+        except Exception:  # missing, unreadable or grown past the caps
+            intact = False
+        if not intact:
+            raise FailedPrecondition(f"adapter {spec.adapter_id!r}: the files of digest "
+                                     f"{spec.digest} are missing or corrupt on this worker")
+        os.utime(spec.path)  # the cache's least-recently-used clock (BlobStore.trim)
 
     def _collect(self, adapter_id: str) -> HostWeights | None:
         """The host copy if ready (moving a finished load into the LRU), else None."""
@@ -187,7 +214,7 @@ class AdapterMemory:
         Unavailable, out of memory) is retried by the next prefetch, MAX_LOAD_ATTEMPTS times, then
         refused for LOAD_RETRY_S only."""
         if isinstance(exc, EdgeLoraError) and not isinstance(exc, Unavailable):
-            self._errors[adapter_id] = LoadError(str(exc))
+            self._errors[adapter_id] = LoadError(str(exc), kind=type(exc))
             return
         attempts = self._num_failures.get(adapter_id, 0) + 1
         log.warning("adapter %r: load attempt %d failed: %s", adapter_id, attempts, exc)
@@ -241,9 +268,14 @@ class AdapterMemory:
                 self.prefetch(adapter_id)
             return self._collect(adapter_id) is not None
 
-    def acquire(self, adapter_id: str) -> int:
-        """Pins the adapter in a device slot (loading it there if needed); -> slot."""
+    def acquire(self, adapter_id: str, pinned: AdapterSpec | None = None) -> int:
+        """Pins the adapter in a device slot (loading it there if needed); -> slot, whose
+        weights are those of `slot_spec[slot]`. A request that ran on `pinned` (then was
+        preempted) must not go on with other weights: replaced since, it ends (Aborted)."""
         with self._lock:
+            if pinned is not None and self.registry.get(adapter_id) != pinned:
+                raise Aborted(f"adapter {adapter_id!r} was replaced or unregistered while this "
+                              "request ran; its output so far came from the old weights, retry")
             slot = self.adapter_to_slot.get(adapter_id)
             if slot is not None:
                 self.stats.device.hits += 1
@@ -261,6 +293,7 @@ class AdapterMemory:
                 self.stats.device.loads += 1
                 self.stats.device.load_ms_total += (time.perf_counter() - started) * 1e3
                 self.slot_to_adapter[slot] = adapter_id
+                self.slot_spec[slot] = self.registry[adapter_id]
                 self.adapter_to_slot[adapter_id] = slot
             if self.refcount[slot] == 0:
                 self._idle_slots.pop(slot, None)

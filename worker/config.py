@@ -24,6 +24,9 @@ class WorkerConfig(SharedConfig):
     adapter_cache_dir: str = field(default="", metadata=_help(
         "where adapters pushed by the router (uploads) are kept by digest (empty = "
         "<cache dir>/adapters); no folder is shared with the router or other workers"))
+    adapter_cache_mb: int = field(default=4096, metadata=_help(
+        "most MiB of pushed adapter files kept in --adapter-cache-dir; the least recently "
+        "used go first and are pushed again when next needed (0 = no bound)"))
     host: str = field(default="127.0.0.1", metadata=_help("address the worker gRPC server binds"))
     port: int = field(default=50052, metadata=_help("worker gRPC port (0 = pick a free one)"))
     device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda' or 'cuda:N'"))
@@ -71,6 +74,7 @@ class WorkerConfig(SharedConfig):
              "--max-num-batched-tokens must be >= --max-batch-size (each decode takes one token)"),
             (self.kv_block_size >= 1, "--kv-block-size must be at least 1"),
             (self.kv_cache_mb >= 1, "--kv-cache-mb must be at least 1"),
+            (self.adapter_cache_mb >= 0, "--adapter-cache-mb must be >= 0 (0 = no bound)"),
             (self.max_model_len >= 2, "--max-model-len must be at least 2"),
             (self.max_queue >= 1, "--max-queue must be at least 1"),
             (self.max_lora_rank >= 1, "--max-lora-rank must be at least 1"),

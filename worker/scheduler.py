@@ -206,7 +206,9 @@ class Scheduler:
     def _start(self, seq: Sequence, num_new: int) -> TokenEvent | None:
         """Waiting -> running with KV for num_new tokens; an error event if its adapter fails."""
         try:
-            seq.slot = self.adapters.acquire(seq.adapter_id) if seq.adapter_id else 0
+            if seq.adapter_id:
+                seq.slot = self.adapters.acquire(seq.adapter_id, pinned=seq.adapter_spec)
+                seq.adapter_spec = self.adapters.slot_spec[seq.slot]
         except EdgeLoraError as error:
             # e.g. NotFound: unregistered by another thread since can_acquire(). Nothing is
             # allocated yet; only this request ends, the step goes on.

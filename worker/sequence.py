@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from common.adapter_format import AdapterSpec
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache
     block_table: list[int] = field(default_factory=list)
     slot: int = 0  # device adapter slot while admitted (0 = base model)
+    adapter_spec: AdapterSpec | None = None  # the version it first ran on: kept to its end
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str = ""
     # Scoring: the last num_reference_tokens prompt tokens are scored, nothing is sampled, and

@@ -12,7 +12,7 @@ import random
 import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -110,7 +110,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # the engine thread, each under a deadline; a read that hangs anyway ties up only this
         # pool, never the threads that serve other requests.
         self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-check")
-        self.blobs = BlobStore(config.adapter_cache_path, config.max_adapter_bytes)
+        self.blobs = BlobStore(config.adapter_cache_path, config.max_adapter_bytes,
+                               config.adapter_cache_mb << 20)
+        self.blobs.trim()  # the bound may have shrunk since the last run
 
     def attach(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine, self._loop = engine, loop
@@ -276,9 +278,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     raise FailedPrecondition(f"adapter {request.adapter_id!r}: the files of "
                                              f"digest {request.digest} are not cached here")
                 path = str(self.blobs.path(request.digest))
-            spec = read_adapter_spec(request.adapter_id, path,
-                                     max_weights_bytes=self.config.max_adapter_bytes,
-                                     num_layers=memory.num_layers)
+            spec = replace(read_adapter_spec(request.adapter_id, path,
+                                             max_weights_bytes=self.config.max_adapter_bytes,
+                                             num_layers=memory.num_layers),
+                           digest=request.digest)
             memory.register(spec)
             return spec
 
@@ -310,6 +313,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     await loop.run_in_executor(self._validator, writer.write,
                                                message.chunk.file_name, message.chunk.data)
                 await loop.run_in_executor(self._validator, writer.commit, digest)
+            removed = await loop.run_in_executor(self._validator, self.blobs.trim, digest)
+            if removed:
+                log.info("adapter cache over --adapter-cache-mb %d: removed %d least recently "
+                         "used blobs", self.config.adapter_cache_mb, len(removed))
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
         return worker_pb2.PutAdapterResponse()
@@ -351,7 +358,7 @@ _TIERS = {"disk": types_pb2.ADAPTER_TIER_DISK, "host": types_pb2.ADAPTER_TIER_HO
 
 def adapters_to_pb(memory: AdapterMemory) -> list[types_pb2.AdapterInfo]:
     return [types_pb2.AdapterInfo(adapter_id=spec.adapter_id, rank=spec.rank, path=spec.path,
-                                  tier=_TIERS[tier])
+                                  digest=spec.digest, tier=_TIERS[tier])
             for spec, tier in memory.snapshot()]
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from common.adapter_blobs import BlobStore, check_digest, digest_files
+from common.adapter_blobs import (
+    STALE_TMP_S,
+    TRIM_GRACE_S,
+    BlobStore,
+    check_digest,
+    digest_files,
+)
 from common.errors import InvalidArgument
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -96,8 +104,43 @@ def test_verify_removes_a_corrupt_blob_and_a_restart_clears_tmp(tmp_path: Path) 
     weights = store.path(digest) / WEIGHTS
     weights.write_bytes(b"x" + weights.read_bytes()[1:])
     assert not store.verify(digest) and not store.has(digest)
-    (store.root / "tmp" / "crashed").mkdir()
-    assert not leftovers(BlobStore(tmp_path / "store"))
+    crashed, busy = store.root / "tmp" / "crashed", store.root / "tmp" / "busy"
+    for folder in (crashed, busy):
+        folder.mkdir()
+        (folder / WEIGHTS).write_bytes(b"w")
+    stale = time.time() - STALE_TMP_S - 1
+    for path in (crashed, crashed / WEIGHTS):
+        os.utime(path, (stale, stale))
+    # another process's upload in progress (two workers given one folder) stays
+    assert leftovers(BlobStore(tmp_path / "store")) == [busy]
+
+
+def test_add_folder_copies_so_later_changes_on_disk_change_nothing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store", max_weights_bytes=1 << 20)
+    folder = adapter(tmp_path / "a")
+    digest = store.add_folder(folder)
+    assert digest == digest_files(folder, 1 << 20)
+    (folder / WEIGHTS).write_bytes(b"changed")
+    assert store.verify(digest) and (store.path(digest) / WEIGHTS).read_bytes() == b"w" * 1000
+    (folder / WEIGHTS).write_bytes(b"w" * (2 << 20))
+    with pytest.raises(InvalidArgument, match=r"over|at most"):
+        store.add_folder(folder)
+    assert not leftovers(store)
+
+
+def test_trim_removes_least_recently_used_beyond_the_bound(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store", max_bytes=3100)  # 3 of the 4 fit
+    digests = [upload(store, adapter(tmp_path / str(i), weights=bytes([i]) * 1000))
+               for i in range(4)]
+    long_ago = time.time() - TRIM_GRACE_S - 100
+    for age, digest in enumerate(digests):  # 0 oldest ... 3 newest
+        os.utime(store.path(digest), (long_ago + age, long_ago + age))
+    assert store.verify(digests[0])  # a verified read makes it the most recently used
+    assert sorted(store.trim(keep=digests[1])) == sorted([digests[2]])
+    assert store.digests() == {digests[0], digests[1], digests[3]}
+    assert BlobStore(tmp_path / "store").trim() == []  # no bound: keeps everything
+    young = upload(store, adapter(tmp_path / "young", weights=b"y" * 3000))
+    assert young not in store.trim() and store.has(young)  # just pushed: its registration follows
 
 
 def test_the_same_content_committed_at_once_by_two_threads(tmp_path: Path) -> None:

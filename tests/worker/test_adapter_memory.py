@@ -3,6 +3,7 @@ slots with LRU eviction of idle slots, the host LRU cache, counters and tiers.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.adapter_format import WEIGHTS_FILE, AdapterSpec, read_adapter_spec
-from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
+from common.errors import Aborted, EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from tests.conftest import write_random_adapter
 from worker import adapter_memory
 from worker.adapter_memory import AdapterMemory
@@ -576,6 +577,35 @@ def test_acquire_of_an_adapter_replaced_meanwhile_is_unavailable(
         memory.acquire("a")
     assert memory.refcount == [0, 0], describe(memory)
     assert_slot_holds(memory, acquire(memory, "a"), spec)
+
+
+def test_a_request_pinned_to_a_replaced_version_is_aborted(
+        make_memory: MakeMemory, make_adapter: MakeAdapter) -> None:
+    """A sequence preempted after its adapter was replaced must not go on with the new
+    weights: its tokens so far came from the old ones."""
+    memory = make_memory(num_slots=1)
+    old = make_adapter("a")
+    memory.register(old)
+    slot = acquire(memory, "a")
+    assert memory.slot_spec[slot] == old
+    memory.release(slot)  # preempted
+    new = dataclasses.replace(make_adapter("a2"), adapter_id="a")
+    memory.register(new)
+    with pytest.raises(Aborted, match="replaced or unregistered while this request ran"):
+        memory.acquire("a", pinned=old)
+    assert memory.refcount == [0, 0], describe(memory)
+    slot = acquire(memory, "a")  # a new request gets the new version
+    assert memory.slot_spec[slot] == new
+    assert_slot_holds(memory, slot, new)
+    memory.release(slot)
+    assert memory.acquire("a", pinned=new) == slot  # the same version goes on
+    memory.release(slot)
+    memory.register(dataclasses.replace(new))  # the same content again: an equal version
+    wait_until(lambda: memory.can_acquire("a"), "a loaded", memory)
+    memory.release(memory.acquire("a", pinned=new))
+    memory.unregister("a")
+    with pytest.raises(Aborted):
+        memory.acquire("a", pinned=new)
 
 
 def test_acquire_racing_register_and_unregister_raises_only_edgelora_errors(

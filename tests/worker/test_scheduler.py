@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from common.errors import NotFound, ResourceExhausted
+from common.errors import Aborted, NotFound, ResourceExhausted
 from worker.kv_cache import BlockManager
 from worker.scheduler import Batch, Scheduler
 from worker.sequence import SamplingOptions, Sequence, SequenceStatus, TenantLimits, TokenEvent
@@ -843,12 +843,15 @@ def ids_of_rows(batch: Batch) -> list[int]:
 
 class FakeAdapters:
     """AdapterMemory's calls from the scheduler: any adapter loads at once, but those in `gone`
-    were unregistered by another thread between can_acquire() and acquire()."""
+    were unregistered by another thread between can_acquire() and acquire(). An adapter's
+    version is `versions[id]` ("v1" unless set): a request pinned to another is refused."""
 
     def __init__(self, gone: tuple[str, ...] = ()) -> None:
         self.gone = set(gone)
         self.slot_of: dict[str, int] = {}
         self.refcount: Counter[int] = Counter()
+        self.versions: dict[str, str] = {}
+        self.slot_spec: dict[int, str] = {}
 
     def prefetch(self, adapter_id: str) -> None:
         pass
@@ -865,10 +868,14 @@ class FakeAdapters:
     def has_no_idle_slot(self) -> bool:
         return False
 
-    def acquire(self, adapter_id: str) -> int:
+    def acquire(self, adapter_id: str, pinned: str | None = None) -> int:
         if adapter_id in self.gone:
             raise NotFound(f"adapter {adapter_id!r} is not registered on this worker")
+        version = self.versions.get(adapter_id, "v1")
+        if pinned is not None and pinned != version:
+            raise Aborted(f"adapter {adapter_id!r} was replaced while this request ran")
         slot = self.slot_of.setdefault(adapter_id, len(self.slot_of) + 1)
+        self.slot_spec[slot] = version
         self.refcount[slot] += 1
         return slot
 
@@ -952,3 +959,21 @@ def test_a_tenant_below_its_share_is_not_stuck_behind_a_flood() -> None:
     sched.add(tenant_seq(102, "b", max_tokens=50))
     assert rows(step(sched)[0]) == [(102, 4)], "b runs 1 of its share of 8: served at once"
     assert len(sched.running) == 18, "two overflow rows past the batch of 16"
+
+
+def test_a_preempted_sequence_never_resumes_on_a_replaced_adapter() -> None:
+    adapters = FakeAdapters()
+    sched = Scheduler(BlockManager(64, 4), 8, 32, 64, eos_token_ids=(EOS,), adapters=adapters)
+    old, same = make_seq(1, prompt_len=4, max_tokens=8), make_seq(2, prompt_len=4, max_tokens=8)
+    old.adapter_id = same.adapter_id = "a"
+    sched.add(old)
+    step(sched)
+    assert old.adapter_spec == "v1" and old.num_output_tokens == 1
+    sched._preempt(old)  # what _reserve does when memory runs short
+    adapters.versions["a"] = "v2"  # replaced meanwhile
+    sched.add(same)
+    batch, _ = step(sched)
+    assert [(e.request_id, e.error_code) for e in batch.events] == [(1, "ABORTED")]
+    assert old.status is SequenceStatus.FINISHED and old.finish_reason == "error"
+    assert same.adapter_spec == "v2", "a request admitted after the replacement: new version"
+    assert adapters.refcount == Counter({1: 1}), "only the new request holds the slot"
