@@ -45,7 +45,7 @@ def check_replace(registry: AdapterRegistry, owner: str, request: types_pb2.Regi
                   max_adapters: int) -> None:
     """ALREADY_EXISTS without `replace`; RESOURCE_EXHAUSTED over the owner's adapter limit."""
     key = worker_key(owner, request.adapter_id)
-    if registry.is_pending(key):
+    if registry.is_pending(key) and not request.replace:  # a replacement waits its turn
         raise AlreadyExists(f"adapter {request.adapter_id!r} is being registered right now; "
                             "retry when that finishes")
     if key in registry.adapters:

@@ -1,5 +1,6 @@
-"""The router's adapter registry: owner, id, path, description and example prompts, kept in sync
-with every worker (which validate and hold the weights). Never reads adapter weights itself.
+"""The router's adapter registry: owner, id, card and content digest of every adapter, kept in
+sync with every worker (which validate and hold the weights). Reads no adapter weights itself:
+it copies files into its content-addressed store and streams them to workers.
 
 Every adapter has an owner: a tenant, or SHARED (registered by an admin for every tenant). A
 worker knows an adapter by its `worker_key` ("tenant:id", or the plain id for a shared one), so
@@ -9,26 +10,28 @@ the same id in two tenants is two adapters that can never collide in a worker's 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from common.adapter_blobs import BlobStore
 
+from common.adapter_blobs import BlobStore
 from common.adapter_format import CONFIG_FILE, WEIGHTS_FILE
-from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
+from common.errors import AlreadyExists, EdgeLoraError, NotFound, Unavailable
 from edgelora.v1 import types_pb2, worker_pb2
+from router.adapter_cards import read_card
 from router.registry_db import RegistryDB, StoredAdapter
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 SYNC_CONCURRENCY = 16  # RegisterAdapter calls at once when a worker (re)joins
+SYNC_ROUNDS = 3  # a sync runs again while registrations change under it, this often at most
 PUSH_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB message limit
-CARD_FILE = "card.json"  # optional: {"description": ..., "example_prompts": [...]}
-MAX_CARD_FILE_BYTES = 64 << 10
 SHARED = ""  # the owner of shared adapters
 
 
@@ -46,7 +49,9 @@ class AdapterRecord:
     example_prompts: list[str] = field(default_factory=list)
     owner: str = SHARED
     version: int = 1  # +1 at each replacement
-    digest: str = ""  # an uploaded adapter's content in the store ("" = registered by path)
+    digest: str = ""  # its content in the store ("" = a path registration from before the store)
+    created_s: float = 0.0  # first registered (Unix time)
+    updated_s: float = 0.0  # last replaced
 
     @property
     def key(self) -> str:
@@ -55,6 +60,15 @@ class AdapterRecord:
     @property
     def is_shared(self) -> bool:
         return self.owner == SHARED
+
+    def info(self, with_path: bool, tier: int = types_pb2.ADAPTER_TIER_DISK
+             ) -> types_pb2.AdapterInfo:
+        """As clients see it; the path only for admins (it says where files live)."""
+        return types_pb2.AdapterInfo(
+            adapter_id=self.adapter_id, rank=self.rank, path=self.path if with_path else "",
+            description=self.description, tenant=self.owner, shared=self.is_shared,
+            digest=self.digest, version=self.version, created_s=self.created_s,
+            updated_s=self.updated_s, tier=tier)
 
 
 class RpcError(EdgeLoraError):
@@ -66,25 +80,32 @@ class RpcError(EdgeLoraError):
 
 
 class AdapterRegistry:
-    """Registered adapters; every live worker holds the same set. A worker that (re)joins the
-    pool is synced first: missing adapters registered, ones unregistered meanwhile removed.
+    """Registered adapters; every live worker holds the same set, each id with the same content
+    (digest). A worker that (re)joins the pool is synced first: what it lacks or holds with
+    other content registered, what was removed meanwhile removed.
 
     With a RegistryDB every change is on disk before it is acknowledged, and load_state()
     brings them back before any worker is touched; the database is then the whole truth, so a
     worker's adapters it does not hold were really removed. Without one (in memory), a sync
     removes only what this router itself unregistered.
+
+    Changes to one id (register, replace, unregister, a worker's sync of it) run one at a time
+    under that id's lock, so every worker ends with the same winner.
     """
 
     def __init__(self, pool: WorkerPool, register_timeout_s: float = 60.0,
                  db: RegistryDB | None = None, store: BlobStore | None = None) -> None:
         self.pool = pool
-        self.store = store  # uploaded adapters' files, pushed to each worker that lacks them
+        self.store = store  # every adapter's files, pushed to each worker that lacks them
         self.register_timeout_s = register_timeout_s
         self.db = db
         self.adapters: dict[str, AdapterRecord] = {}  # by worker key
         self._requests: dict[str, types_pb2.RegisterAdapterRequest] = {}
-        self._pending: set[str] = set()  # being registered: on some workers, not yet here
+        self._pending: Counter[str] = Counter()  # keys being registered
+        self._pending_digests: Counter[str] = Counter()  # their contents: not to be collected
         self._removed: set[str] = set()  # unregistered by this router (in-memory mode)
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # by key: lock, users
+        self._generation = 0  # +1 at each change: a sync that saw an older one runs again
         pool.on_join = self.sync_worker
         pool.expected_num_registered = lambda: len(self.adapters)
 
@@ -97,15 +118,26 @@ class AdapterRegistry:
                 adapter_id=worker_key(stored.owner, stored.adapter_id), path=stored.path,
                 description=stored.description, example_prompts=stored.example_prompts,
                 digest=stored.digest)
-            self._record(forwarded, stored.rank, stored.adapter_id, stored.owner,
-                         stored.version)
+            self._record(forwarded, stored)
         return len(self.adapters)
+
+    @asynccontextmanager
+    async def _exclusive(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
 
     async def _register_on(self, worker: WorkerHandle,
                            forwarded: types_pb2.RegisterAdapterRequest
                            ) -> types_pb2.RegisterAdapterResponse:
-        """RegisterAdapter on one worker; an uploaded adapter's files are pushed there first
-        when the worker lacks them (or its copy is corrupt), then registered again."""
+        """RegisterAdapter on one worker; the adapter's files are pushed there first when the
+        worker lacks them (or its copy is corrupt), then registered again."""
         try:
             return await worker.stub.RegisterAdapter(forwarded, timeout=self.register_timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -126,22 +158,49 @@ class AdapterRegistry:
                         file_name=name, data=chunk))
 
     def drop_blob_if_unused(self, digest: str) -> None:
-        """Removes an uploaded content from the store once no registration uses it."""
-        if digest and self.store is not None and not any(
-                r.digest == digest for r in self.adapters.values()) and not any(
-                r.digest == digest for r in self._requests.values()):
+        """Removes a content from the store once no registration (done or under way) uses it."""
+        if digest and self.store is not None and not self._pending_digests[digest] and not any(
+                r.digest == digest for r in self.adapters.values()):
             self.store.remove(digest)
 
+    def collect_unused(self) -> int:
+        """Removes every stored content no registration uses: a crash between a blob's commit
+        and its registration's leaves one. Call at start, before any request; -> count."""
+        if self.store is None:
+            return 0
+        used = {r.digest for r in self.adapters.values()}
+        unused = sorted(self.store.digests() - used)
+        for digest in unused:
+            self.store.remove(digest)
+        return len(unused)
+
     async def _persist(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int,
-                       adapter_id: str, owner: str) -> int:
-        """Writes the registration durably (off the event loop); -> its version."""
-        if self.db is None:
-            old = self.adapters.get(worker_key(owner, adapter_id))
-            return old.version + 1 if old else 1
-        stored = await asyncio.to_thread(self.db.put, StoredAdapter(
-            owner, adapter_id, forwarded.path, rank, forwarded.description,
-            list(forwarded.example_prompts), digest=forwarded.digest))
-        return stored.version
+                       adapter_id: str, owner: str) -> StoredAdapter:
+        """Writes the registration durably (off the event loop); -> it with version, times."""
+        stored = StoredAdapter(owner, adapter_id, forwarded.path, rank, forwarded.description,
+                               list(forwarded.example_prompts), digest=forwarded.digest)
+        if self.db is not None:
+            return await asyncio.to_thread(self.db.put, stored)
+        old, now = self.adapters.get(worker_key(owner, adapter_id)), time.time()
+        stored.version = old.version + 1 if old else 1
+        stored.created_s, stored.updated_s = (old.created_s if old else now), now
+        return stored
+
+    async def repair(self, worker: WorkerHandle, key: str) -> bool:
+        """Sends `key`'s files to `worker` again (its copy went missing or corrupt: the worker
+        answered FAILED_PRECONDITION) and registers them there; -> whether that worked."""
+        async with self._exclusive(key):
+            request = self._requests.get(key)
+            if request is None or not request.digest:
+                return False
+            try:
+                await self._register_on(worker, request)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("restoring adapter %s on %s: %s", key, worker.name, exc.details())
+                return False
+        log.info("adapter %s: files sent again to %s (missing or corrupt there)", key,
+                 worker.name)
+        return True
 
     # -- what a tenant sees --
     def find(self, tenant: str, adapter_id: str) -> AdapterRecord | None:
@@ -167,72 +226,114 @@ class AdapterRegistry:
 
     async def register(self, request: types_pb2.RegisterAdapterRequest,
                        owner: str = SHARED) -> AdapterRecord:
-        """Registers `request` (its adapter_id public, its path already checked) for `owner` on
-        every live worker at once (each validates it against its base model), then here; a
-        refusal by any undoes it on the others."""
+        """Registers `request` (its adapter_id public; its path, if any, already confined) for
+        `owner` on every live worker at once (each validates it against its base model), then
+        here. A path's files are copied into the store first: workers get them by digest."""
+        key = worker_key(owner, request.adapter_id)
+        self._pending[key] += 1
+        digest = request.digest
+        try:
+            async with self._exclusive(key):
+                if key in self.adapters and not request.replace:
+                    raise AlreadyExists(f"adapter {request.adapter_id!r} is already registered; "
+                                        "set replace to replace it")
+                if not digest and self.store is not None:
+                    digest = await asyncio.to_thread(self.store.add_folder, Path(request.path))
+                self._pending_digests[digest] += 1
+                try:
+                    forwarded = types_pb2.RegisterAdapterRequest(
+                        adapter_id=key, path=request.path, description=request.description,
+                        example_prompts=request.example_prompts, digest=digest)
+                    return await self._register_everywhere(forwarded, request.adapter_id, owner)
+                finally:
+                    _decrement(self._pending_digests, digest)
+        finally:
+            _decrement(self._pending, key)
+            self.drop_blob_if_unused(digest)  # a refused content; kept when registered
+
+    async def _register_everywhere(self, forwarded: types_pb2.RegisterAdapterRequest,
+                                   adapter_id: str, owner: str) -> AdapterRecord:
+        """On every live worker, then durably, then here; a refusal by any (or a failed write)
+        puts the others back as they were: the old content, or nothing."""
         workers = self.pool.workers
         if not workers:
             raise Unavailable(self.pool.unavailable_reason())
-        key = worker_key(owner, request.adapter_id)
-        forwarded = types_pb2.RegisterAdapterRequest(
-            adapter_id=key, path=request.path, description=request.description,
-            example_prompts=request.example_prompts, digest=request.digest)
-        self._pending.add(key)
-        try:
-            results = await asyncio.gather(
-                *(self._register_on(w, forwarded) for w in workers), return_exceptions=True)
-        finally:
-            self._pending.discard(key)
+        results = await asyncio.gather(
+            *(self._register_on(w, forwarded) for w in workers), return_exceptions=True)
         rank, refusal = 0, None
         for worker, result in zip(workers, results, strict=True):
-            if not isinstance(result, grpc.aio.AioRpcError):
+            if not isinstance(result, BaseException):
                 rank = result.adapter.rank
-            elif result.code() is grpc.StatusCode.UNAVAILABLE:  # synced when it rejoins
+            elif isinstance(result, grpc.aio.AioRpcError) and \
+                    result.code() is grpc.StatusCode.UNAVAILABLE:  # synced when it rejoins
                 self.pool.mark_failed(worker, f"RegisterAdapter: {result.details()}")
-            else:
+            elif isinstance(result, grpc.aio.AioRpcError):
                 refusal = refusal or RpcError(result.code(), result.details() or
                                               result.code().name)
+            else:  # e.g. the store unreadable while pushing: ours, not the adapter's fault
+                log.error("registering %s on %s: %r", forwarded.adapter_id, worker.name, result)
+                refusal = refusal or RpcError(grpc.StatusCode.UNAVAILABLE,
+                                              f"registering failed on {worker.name}: {result}")
         if refusal is None and not rank:
             refusal = RpcError(grpc.StatusCode.UNAVAILABLE, "every worker failed while "
                                "registering; retry when they are back")
         if refusal is None:
             try:
-                version = await self._persist(forwarded, rank, request.adapter_id, owner)
+                stored = await self._persist(forwarded, rank, adapter_id, owner)
             except Exception as exc:  # not on disk: not registered, say why
-                log.exception("writing registration %s", key)
+                log.exception("writing registration %s", forwarded.adapter_id)
                 refusal = RpcError(grpc.StatusCode.UNAVAILABLE, "the registry could not be "
                                    f"written ({exc}); nothing was registered, retry")
         if refusal is not None:
-            if key not in self.adapters:  # a failed re-register keeps the old
-                await self._unregister_on(self.pool.workers, key)
+            await self._undo(forwarded.adapter_id, [
+                w for w, r in zip(workers, results, strict=True)
+                if not isinstance(r, BaseException)])
             raise refusal
-        self._removed.discard(key)
-        old = self.adapters.get(key)
-        record = self._record(forwarded, rank, request.adapter_id, owner, version)
+        self._removed.discard(forwarded.adapter_id)
+        old = self.adapters.get(forwarded.adapter_id)
+        record = self._record(forwarded, stored)
         if old is not None and old.digest != record.digest:
             self.drop_blob_if_unused(old.digest)
         return record
 
-    def _record(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int, adapter_id: str,
-                owner: str, version: int = 1) -> AdapterRecord:
-        record = AdapterRecord(adapter_id, forwarded.path, rank, forwarded.description,
-                               list(forwarded.example_prompts), owner, version, forwarded.digest)
+    async def _undo(self, key: str, workers: list[WorkerHandle]) -> None:
+        """`workers` took a registration that failed elsewhere: back to what is registered
+        here. One that cannot be put back leaves the pool and is synced when it rejoins."""
+        old = self._requests.get(key)
+        if old is None:
+            await self._unregister_on(workers, key)
+            return
+        results = await asyncio.gather(*(self._register_on(w, old) for w in workers),
+                                       return_exceptions=True)
+        for worker, result in zip(workers, results, strict=True):
+            if isinstance(result, BaseException):
+                self.pool.mark_failed(worker, f"restoring adapter {key} failed: {result!r}")
+
+    def _record(self, forwarded: types_pb2.RegisterAdapterRequest,
+                stored: StoredAdapter) -> AdapterRecord:
+        record = AdapterRecord(stored.adapter_id, forwarded.path, stored.rank,
+                               forwarded.description, list(forwarded.example_prompts),
+                               stored.owner, stored.version, forwarded.digest, stored.created_s,
+                               stored.updated_s)
         self.adapters[record.key] = record
         self._requests[record.key] = forwarded
+        self._generation += 1
         return record
 
     async def unregister(self, key: str) -> None:
         """Removes the adapter of worker key `key` here and on every live worker."""
-        record = self.adapters.get(key)
-        if record is None:
-            raise NotFound(f"adapter {record_name(key)!r} is not registered")
-        if self.db is not None:  # durably gone first: a restart never brings it back
-            await asyncio.to_thread(self.db.delete, record.owner, record.adapter_id)
-        del self.adapters[key]
-        self._requests.pop(key, None)
-        self._removed.add(key)
-        await self._unregister_on(self.pool.workers, key)
-        self.drop_blob_if_unused(record.digest)
+        async with self._exclusive(key):
+            record = self.adapters.get(key)
+            if record is None:
+                raise NotFound(f"adapter {record_name(key)!r} is not registered")
+            if self.db is not None:  # durably gone first: a restart never brings it back
+                await asyncio.to_thread(self.db.delete, record.owner, record.adapter_id)
+            del self.adapters[key]
+            self._requests.pop(key, None)
+            self._removed.add(key)
+            self._generation += 1
+            await self._unregister_on(self.pool.workers, key)
+            self.drop_blob_if_unused(record.digest)
 
     async def _unregister_on(self, workers: list[WorkerHandle], adapter_id: str) -> None:
         request = types_pb2.UnregisterAdapterRequest(adapter_id=adapter_id)
@@ -244,40 +345,57 @@ class AdapterRegistry:
                             result.details())
 
     async def sync_worker(self, worker: WorkerHandle) -> None:
-        """Makes `worker` hold exactly the registered adapters. Registers only the missing ones:
-        registering again would drop the cached weights of those it has."""
+        """Makes `worker` hold exactly the registered adapters, each with its registered
+        content. Registers only what is missing or different: registering again would drop
+        the cached weights of the rest. Runs again while registrations changed meanwhile."""
+        for _ in range(SYNC_ROUNDS):
+            generation = self._generation
+            await self._sync_once(worker)
+            if generation == self._generation:
+                return
+
+    async def _sync_once(self, worker: WorkerHandle) -> None:
         listed = await worker.stub.ListAdapters(types_pb2.ListAdaptersRequest(), timeout=30)
-        held = {a.adapter_id for a in listed.adapters}
-        wanted = dict(self._requests)
+        held = {a.adapter_id: a.digest for a in listed.adapters}
+        stale = sorted(key for key, request in self._requests.items()
+                       if held.get(key) != request.digest)
+        extra = sorted(held.keys() - self._requests.keys())
         limit = asyncio.Semaphore(SYNC_CONCURRENCY)
 
-        async def register_one(adapter_id: str) -> None:
-            async with limit:
+        async def register_one(key: str) -> None:
+            async with limit, self._exclusive(key):
+                request = self._requests.get(key)  # now: it may have changed while waiting
+                if request is None:
+                    return
                 try:
-                    reply = await self._register_on(worker, wanted[adapter_id])
+                    reply = await self._register_on(worker, request)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in (grpc.StatusCode.UNAVAILABLE,
                                       grpc.StatusCode.DEADLINE_EXCEEDED):
                         raise
-                    log.error("worker %s refuses adapter %s: %s", worker.name, adapter_id,
+                    log.error("worker %s refuses adapter %s: %s", worker.name, key,
                               exc.details())
                     return
-            record = self.adapters.get(adapter_id)
-            if record is not None and not record.rank:  # deferred at start: now validated
-                record.rank = reply.adapter.rank
-                if self.db is not None:
-                    await asyncio.to_thread(self.db.set_rank, record.owner, record.adapter_id,
-                                            record.rank)
+                record = self.adapters.get(key)
+                if record is not None and not record.rank:  # deferred at start: now validated
+                    record.rank = reply.adapter.rank
+                    if self.db is not None:
+                        await asyncio.to_thread(self.db.set_rank, record.owner,
+                                                record.adapter_id, record.rank)
 
-        await asyncio.gather(*(register_one(a) for a in sorted(set(wanted) - held)))
-        extra = held - set(wanted) - self._pending
-        if self.db is None:  # in memory, a starting router knows nothing: remove only its own
-            extra &= self._removed
-        for adapter_id in sorted(extra):
-            await self._unregister_on([worker], adapter_id)
-        if wanted.keys() - held or extra:
+        async def remove_one(key: str) -> bool:
+            async with self._exclusive(key):
+                if key in self._requests or key in self._pending or (
+                        self.db is None and key not in self._removed):
+                    return False  # in memory, a starting router knows nothing: only its own
+                await self._unregister_on([worker], key)
+                return True
+
+        await asyncio.gather(*(register_one(key) for key in stale))
+        removed = [key for key in extra if await remove_one(key)]
+        if stale or removed:
             log.info("worker %s synced: %d adapters registered, %d removed", worker.name,
-                     len(wanted.keys() - held), len(extra))
+                     len(stale), len(removed))
 
     async def list(self, records: list[AdapterRecord],
                    with_paths: bool = False) -> list[types_pb2.AdapterInfo]:
@@ -292,11 +410,8 @@ class AdapterRegistry:
                 continue  # a worker that is down holds nothing
             for held in info.adapters:
                 tiers[held.adapter_id] = max(tiers.get(held.adapter_id, 0), held.tier)
-        return [types_pb2.AdapterInfo(
-            adapter_id=r.adapter_id, rank=r.rank, path=r.path if with_paths else "",
-            description=r.description, tenant=r.owner, shared=r.is_shared, digest=r.digest,
-            tier=tiers.get(r.key, types_pb2.ADAPTER_TIER_DISK))
-            for r in records]
+        return [r.info(with_paths, tiers.get(r.key, types_pb2.ADAPTER_TIER_DISK))
+                for r in records]
 
     async def register_dir(self, root: Path, check: Callable[[types_pb2.RegisterAdapterRequest],
                                                              None] = lambda request: None) -> int:
@@ -314,8 +429,11 @@ class AdapterRegistry:
                 if self.pool.workers:
                     await self.register(request)
                 else:  # workers may start after the router (compose, Kubernetes): sync on join
-                    version = await self._persist(request, 0, request.adapter_id, SHARED)
-                    self._record(request, 0, request.adapter_id, SHARED, version)
+                    if self.store is not None:
+                        request.digest = await asyncio.to_thread(self.store.add_folder,
+                                                                 Path(request.path))
+                    self._record(request, await self._persist(request, 0, request.adapter_id,
+                                                              SHARED))
             except (EdgeLoraError, OSError) as exc:
                 log.error("skipping adapter %s: %s", path, exc)
                 continue
@@ -323,29 +441,12 @@ class AdapterRegistry:
         return count
 
 
-def read_card(path: Path) -> types_pb2.RegisterAdapterRequest:
-    """The registration of the adapter directory `path`: id, description and example prompts
-    from its optional card.json (id = the directory's name unless the card says otherwise)."""
-    card_file = path / CARD_FILE
-    card: object = {}
-    if card_file.is_file():
-        if card_file.stat().st_size > MAX_CARD_FILE_BYTES:
-            raise InvalidArgument(f"{card_file} is over {MAX_CARD_FILE_BYTES >> 10} KiB")
-        try:
-            card = json.loads(card_file.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidArgument(f"{card_file} is not valid JSON ({exc})") from exc
-    examples = card.get("example_prompts", []) if isinstance(card, dict) else None
-    if not isinstance(card, dict) or not isinstance(card.get("adapter_id", ""), str) or \
-            not isinstance(card.get("description", ""), str) or \
-            not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
-        raise InvalidArgument(f"{card_file}: expected {{\"adapter_id\": str, \"description\": "
-                              "str, \"example_prompts\": [str, ...]} (each optional)")
-    return types_pb2.RegisterAdapterRequest(
-        adapter_id=card.get("adapter_id", path.name), path=str(path.resolve()),
-        description=card.get("description", ""), example_prompts=examples)
-
-
 def record_name(key: str) -> str:
     """The public id inside a worker key."""
     return key.partition(":")[2] or key
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -77,6 +77,8 @@ async def start_router(config: RouterConfig) -> RouterRuntime:
             check=lambda request: confine(request.path, "", config.max_adapter_bytes))
         log.info("registered %d adapters from %s (shared by every tenant)", count,
                  config.adapters_dir)
+    if removed := registry.collect_unused():
+        log.info("adapter store: removed %d contents no registration uses", removed)
     if registry.adapters or config.selector_head:  # 'auto' will be asked for: load it now
         selector.start_warm_up(registry.adapters)
     await server.start()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 
@@ -18,11 +16,12 @@ from common.errors import EdgeLoraError, InvalidArgument, PermissionDenied
 from common.internal_auth import bearer_token
 from common.limits import AUTO, check_adapter_id, check_card, check_generate
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
+from router.adapter_cards import CARD_FILE, parse_card
 from router.adapter_paths import confine
 from router.config import RouterConfig
 from router.embedder import prompt_text
 from router.ownership import check_replace, listed, not_found, registration_owner, removal_target
-from router.registry import CARD_FILE, AdapterRegistry, read_card, record_name
+from router.registry import AdapterRegistry, record_name
 from router.selector import AdapterSelector, Selection
 from router.tenants import Caller, KeyRing, TenantLimits
 from router.workers import WorkerHandle, WorkerPool
@@ -126,19 +125,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
                          resynced: set[str]) -> bool:
         """Handles a worker's failure before the first chunk; True when worth another try.
         UNAVAILABLE: another worker is tried. NOT_FOUND for an adapter
-        registered here: the worker restarted between two health polls; re-sync it once."""
+        registered here: the worker restarted between two health polls; re-sync it once.
+        FAILED_PRECONDITION: the worker's copy of the files went missing or corrupt (a flipped
+        byte, its cache's bound); they are sent again, once."""
         if exc.code() is grpc.StatusCode.UNAVAILABLE:  # taken out of the pool by the caller
             log.info("worker %s failed before the first token; retrying elsewhere", worker.name)
             tried.append(worker.address)
             return True
-        if (exc.code() is grpc.StatusCode.NOT_FOUND and worker.address not in resynced
-                and request.adapter_id in self.registry.adapters):
+        if worker.address in resynced or request.adapter_id not in self.registry.adapters:
+            return False
+        if exc.code() is grpc.StatusCode.NOT_FOUND:
             resynced.add(worker.address)
             try:
                 await self.registry.sync_worker(worker)
             except grpc.aio.AioRpcError:
                 return False
             return True
+        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            resynced.add(worker.address)
+            return await self.registry.repair(worker, request.adapter_id)
         return False
 
     async def Generate(self, request: types_pb2.GenerateRequest,
@@ -181,10 +186,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def _registered(caller: Caller, record) -> types_pb2.RegisterAdapterResponse:
         log.info("%s registered adapter %r for %s", caller.tenant or "the open tenant",
                  record.adapter_id, record.owner or "every tenant (shared)")
-        return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
-            adapter_id=record.adapter_id, rank=record.rank, description=record.description,
-            path=record.path if caller.is_admin else "", tenant=record.owner,
-            shared=record.is_shared, digest=record.digest, tier=types_pb2.ADAPTER_TIER_DISK))
+        return types_pb2.RegisterAdapterResponse(adapter=record.info(caller.is_admin))
 
     async def UploadAdapter(self, requests: AsyncIterator[router_pb2.UploadAdapterRequest],
                             context: grpc.aio.ServicerContext
@@ -220,17 +222,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             request.digest = await asyncio.to_thread(writer.commit)
             card = writer.card
         if card is not None and not request.description and not request.example_prompts:
-            with tempfile.TemporaryDirectory() as folder:  # read_card's checks, on the bytes
-                (Path(folder) / CARD_FILE).write_bytes(card)
-                from_card = read_card(Path(folder))
-            request.description = from_card.description
-            request.example_prompts.extend(from_card.example_prompts)
-            self._check_card_and_limits(caller, owner, request)
-        try:
-            return await self.registry.register(request, owner)
-        except BaseException:
-            self.registry.drop_blob_if_unused(request.digest)
-            raise
+            try:
+                from_card = parse_card(card, f"the upload's {CARD_FILE}")
+                request.description = from_card.get("description", "")
+                request.example_prompts.extend(from_card.get("example_prompts", []))
+                check_card(request.description, list(request.example_prompts),
+                           self.config.max_card_bytes, self.config.max_example_prompts)
+            except BaseException:
+                self.registry.drop_blob_if_unused(request.digest)
+                raise
+        return await self.registry.register(request, owner)  # drops the blob if refused
 
     def _check_card_and_limits(self, caller: Caller, owner: str,
                                request: types_pb2.RegisterAdapterRequest) -> None:

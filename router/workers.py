@@ -30,6 +30,8 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # a worker's ListAdapters (~220 bytes an adapter) passes gRPC's 4 MiB default near 20,000
+    ("grpc.max_receive_message_length", 64 << 20),
 ]
 RESIDENT_TIERS = (types_pb2.ADAPTER_TIER_HOST, types_pb2.ADAPTER_TIER_DEVICE)
 MAX_SLOW_POLLS = 2  # failed polls (other than connection refused) before a worker is taken out

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from edgelora.client import build_request
-from edgelora.v1 import router_pb2_grpc, types_pb2
+from edgelora.client import build_request, upload_messages
+from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from tests.conftest import write_random_adapter
 from tests.integration.test_worker_failover import WorkerProcess, free_port
 
@@ -60,7 +60,8 @@ def snapshot(address: str) -> tuple[list[tuple], dict[str, list[int]]]:
     with grpc.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         listed = stub.ListAdapters(types_pb2.ListAdaptersRequest(), timeout=30).adapters
-        rows = sorted((a.adapter_id, a.rank, a.description, a.tenant, a.shared) for a in listed)
+        rows = sorted((a.adapter_id, a.rank, a.description, a.tenant, a.shared, a.digest,
+                       a.version, a.created_s, a.updated_s) for a in listed)
         tokens = {a.adapter_id: list(stub.Generate(build_request(
             "Tell me about the sea", adapter_id=a.adapter_id, **GREEDY), timeout=60).token_ids)
             for a in listed}
@@ -80,9 +81,14 @@ def test_kill_9_router_then_restart_serves_the_same(processes, tiny_model_dir: P
         replaced = write_random_adapter(tmp_path / "beta2", tiny_model_dir, rank=4, seed=3)
         stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
             adapter_id="beta", path=str(replaced), replace=True), timeout=60)
+        stub.UploadAdapter(upload_messages(
+            write_random_adapter(tmp_path / "gamma", tiny_model_dir, rank=4, seed=4),
+            router_pb2.UploadAdapterHeader(adapter_id="gamma", description="gamma card")),
+            timeout=60)
     before = snapshot(router.address)
-    assert [row[0] for row in before[0]] == ["alpha", "beta"] and before[0][1][1] == 4
-    assert before[1]["alpha"] != before[1]["beta"]
+    assert [row[0] for row in before[0]] == ["alpha", "beta", "gamma"]
+    assert before[0][1][1] == 4 and before[0][1][6] == 2, "beta: rank 4, version 2"
+    assert len({tuple(t) for t in before[1].values()}) == 3
     loads = worker.info().adapter_stats.host.loads
 
     router.kill()
@@ -91,7 +97,7 @@ def test_kill_9_router_then_restart_serves_the_same(processes, tiny_model_dir: P
     after = snapshot(router.address)
     assert after == before
     info = worker.info()
-    assert info.adapter_stats.num_registered == 2
+    assert info.adapter_stats.num_registered == 3
     assert held <= {a.adapter_id for a in info.adapters}, "cached copies kept across the restart"
     assert info.adapter_stats.host.loads == loads, "nothing was registered again or reloaded"
 

@@ -62,10 +62,15 @@ def test_an_upload_serves_as_the_same_files_by_path(server, tiny_model_dir: Path
                                                              timeout=30).adapters}
         assert listed["uploaded"].description == "Sea stories."  # from card.json
         assert listed["uploaded"].digest == reply.adapter.digest
+        assert listed["by-path"].digest == reply.adapter.digest, "one content, stored once"
+        assert stored(server.state).count(reply.adapter.digest) == 1
         with pytest.raises(grpc.RpcError) as again:
             stub.UploadAdapter(upload_messages(folder, header("uploaded")), timeout=60)
         assert again.value.code() is grpc.StatusCode.ALREADY_EXISTS
         stub.UnregisterAdapter(types_pb2.UnregisterAdapterRequest(adapter_id="uploaded"),
+                               timeout=30)
+        assert reply.adapter.digest in stored(server.state), "by-path still uses it"
+        stub.UnregisterAdapter(types_pb2.UnregisterAdapterRequest(adapter_id="by-path"),
                                timeout=30)
     assert reply.adapter.digest not in stored(server.state), "its last registration is gone"
 
