@@ -7,8 +7,10 @@ packages fails, so its messages can only come from the descriptors the server se
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +21,13 @@ from google.protobuf import json_format
 
 from edgelora.client import build_request
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
-from tests.conftest import ServeThread
+from tests.conftest import ServeThread, write_random_adapter
 from worker.config import WorkerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "examples" / "reflection_client.py"
+NODE_CLIENT = REPO / "examples" / "node-client" / "client.js"
+DEMO = REPO / "adapters" / "demo"
 DOCS = REPO / "docs" / "clients.md"
 # Blocks the project's packages (and their generated stubs) before running the client script.
 ISOLATED = ("import runpy, sys; "
@@ -204,17 +208,111 @@ def test_docs_grpcurl_command_works(grpcurl: list[str], tiny_server: ServeThread
 def test_node_example_uses_only_names_the_proto_defines() -> None:
     """examples/node-client reads proto/ at run time (keepCase): a renamed field or method would
     only fail there, so its names are checked against the descriptors here."""
-    source = (REPO / "examples" / "node-client" / "client.js").read_text()
+    source = NODE_CLIENT.read_text()
     proto_file = re.search(r"loadSync\('([^']+)'", source).group(1)
     assert (REPO / "proto" / proto_file).is_file()
     router = router_pb2.DESCRIPTOR.services_by_name["Router"]
     assert router.methods_by_name["GenerateStream"].server_streaming
+    assert router.methods_by_name["UploadAdapter"].client_streaming
     assert "router.GenerateStream(" in source and "edgelora.v1.Router(" in source
+    assert "router.UploadAdapter(" in source
     fields = {f.name for message in (types_pb2.GenerateRequest, types_pb2.GenerateResponse,
                                      types_pb2.ChatMessage, types_pb2.SamplingParams,
-                                     types_pb2.Usage)
+                                     types_pb2.Usage, router_pb2.UploadAdapterRequest,
+                                     router_pb2.UploadAdapterHeader, types_pb2.AdapterFileChunk,
+                                     types_pb2.RegisterAdapterResponse, types_pb2.AdapterInfo)
               for f in message.DESCRIPTOR.fields}
-    used = set(re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", source)) | set(
-        re.findall(r"\b(messages|role|content|params|text|usage)\b", source))
+    # snake_case words, less the adapter's file names (adapter_config.json, ...)
+    used = set(re.findall(r"\b[a-z]+(?:_[a-z]+)+\b(?!\.\w)", source)) | set(
+        re.findall(r"\b(messages|role|content|params|text|usage|header|chunk|data)\b", source))
     assert used, "no field names found"
     assert used <= fields, used - fields
+    assert {"example_prompts", "file_name"} <= used
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """node, when it is installed and finds the client's packages (`npm install` in
+    examples/node-client, or NODE_PATH); else the Node tests skip."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    found = subprocess.run([node, "-e", "require('@grpc/grpc-js'); require('@grpc/proto-loader')"],
+                           cwd=NODE_CLIENT.parent, capture_output=True, text=True, timeout=60)
+    if found.returncode != 0:
+        pytest.skip("the Node client's packages are not installed (npm ci in "
+                    "examples/node-client)")
+    return node
+
+
+def run_node(node: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """client.js ARGS, with only the EDGELORA_ variables given here."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EDGELORA_")}
+    return subprocess.run([node, str(NODE_CLIENT), *args], cwd=NODE_CLIENT.parent,
+                          env={**base, **env}, capture_output=True, text=True, timeout=300)
+
+
+def generated(done: subprocess.CompletedProcess) -> tuple[str, str]:
+    """client.js's output -> (the text, the closing [finish; tokens; adapter] line)."""
+    assert done.returncode == 0, done.stderr
+    text, summary = done.stdout.rstrip("\n").rsplit("\n", 1)
+    return text, summary
+
+
+@pytest.mark.smollm2
+def test_node_client_uploads_a_demo_adapter_and_generates_with_it(
+        node: str, default_model_dir: Path, tmp_path: Path) -> None:
+    """The Node client streams adapters/demo/shout (its safetensors spans two 1 MiB chunks) to a
+    router with the real model, then the answer under the uploaded id is in capitals."""
+    from scripts.demo_adapter_checks import check
+
+    server = ServeThread(WorkerConfig(model=str(default_model_dir), port=0, num_threads=1,
+                                      max_model_len=512, kv_cache_mb=64),
+                         state_dir=str(tmp_path / "state"))
+    try:
+        folder = str(DEMO / "shout")
+        done = run_node(node, server.address, "upload", folder, "--id", "node-shout")
+        assert done.returncode == 0, done.stderr
+        digest = re.fullmatch(r"registered node-shout \(rank 4, digest ([0-9a-f]{64})\)\n",
+                              done.stdout).group(1)
+        with grpc.insecure_channel(server.address) as channel:
+            listed = {a.adapter_id: a for a in router_pb2_grpc.RouterStub(channel).ListAdapters(
+                types_pb2.ListAdaptersRequest(), timeout=30).adapters}
+        assert listed["node-shout"].digest == digest
+        assert listed["node-shout"].description == "Answers in ALL CAPS."  # from card.json
+
+        text, summary = generated(run_node(node, server.address,
+                                           "How do airplanes stay in the air?", "node-shout",
+                                           MAX_TOKENS="24"))
+        assert summary.endswith("; adapter node-shout]"), summary
+        assert check("shout", text), text
+
+        again = run_node(node, server.address, "upload", folder, "--id", "node-shout")
+        assert again.returncode == 1 and again.stdout == ""
+        assert again.stderr.startswith("error: ALREADY_EXISTS:"), again.stderr
+        replaced = run_node(node, server.address, "upload", folder, "--id", "node-shout",
+                            "--replace")
+        assert replaced.returncode == 0 and digest in replaced.stdout, replaced.stderr
+    finally:
+        server.stop()
+
+
+def test_node_client_uploads_with_tls_and_a_key(node: str, tls_server, tiny_model_dir: Path,
+                                                tmp_path: Path) -> None:
+    """EDGELORA_TLS_CA and EDGELORA_API_KEY reach the client stream as they reach the
+    generation; without the key the upload is refused and nothing is registered."""
+    server, cacert = tls_server
+    address = f"localhost:{server.router.port}"
+    folder = str(write_random_adapter(tmp_path / "a", tiny_model_dir, rank=4, seed=21))
+    refused = run_node(node, address, "upload", folder, "--id", "node-tls",
+                       EDGELORA_TLS_CA=cacert)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error: UNAUTHENTICATED:"), refused.stderr
+    secure = {"EDGELORA_TLS_CA": cacert, "EDGELORA_API_KEY": DOCS_KEY}
+    done = run_node(node, address, "upload", folder, "--id", "node-tls", "--description",
+                    "Random weights.", **secure)
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"registered node-tls \(rank 4, digest [0-9a-f]{64}\)\n", done.stdout)
+    _, summary = generated(run_node(node, address, "Tell me about the sea", "node-tls",
+                                    MAX_TOKENS="4", **secure))
+    assert summary.endswith("; adapter node-tls]"), summary
