@@ -74,7 +74,8 @@ class Mount:
     """What a container sees at one path."""
 
     host: Path  # where it is here: a repository folder (bind mounts) or a stand-in in scratch
-    origin: str  # what is mounted: "secret internal_token", "pvc edgelora-adapters", ...
+    origin: str  # what is mounted: "secret internal_token", "pvc edgelora-adapters",
+    #              "volume router-state", "emptyDir adapter-cache", ...
     read_only: bool
 
 
@@ -319,12 +320,18 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in service.get("environment", {}).items()}
 
 
+def compose_process_env(service: dict[str, Any]) -> dict[str, str]:
+    """What the process sees: the image's ENV, then the service's `environment:` (later wins)."""
+    return {**dockerfile_env(dockerfile_for_image(service["image"])), **compose_env(service)}
+
+
 def compose_configs(compose: dict[str, Any], name: str, scratch: Path
                     ) -> tuple[dict[str, Any], ContainerFiles]:
-    """The configs of compose service `name`, its flags checked against its mounts."""
+    """The configs of compose service `name` (under its image's ENV and its environment), its
+    flags checked against its mounts."""
     files = compose_files(compose, name, scratch)
     service = compose["services"][name]
-    return configs_for(service["command"], compose_env(service), files), files
+    return configs_for(service["command"], compose_process_env(service), files), files
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
@@ -407,8 +414,8 @@ def _secret_items(source: dict[str, Any], volume: str) -> tuple[str, list[dict[s
 
 def pod_files(workload: dict[str, Any], container: dict[str, Any],
               scratch: Path) -> ContainerFiles:
-    """What the container's volumeMounts show: PVCs as empty folders, Secrets' keys as
-    stand-in files (one mount per file, origin "secret NAME/KEY")."""
+    """What the container's volumeMounts show: PVCs and emptyDirs as empty folders, Secrets'
+    keys as stand-in files (one mount per file, origin "secret NAME/KEY")."""
     volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
     files = ContainerFiles()
     for mount in container.get("volumeMounts", []):
@@ -420,6 +427,11 @@ def pod_files(workload: dict[str, Any], container: dict[str, Any],
             folder = scratch / "pvc" / claim
             folder.mkdir(parents=True, exist_ok=True)
             files.add(target, Mount(folder, f"pvc {claim}", read_only))
+            continue
+        if "emptyDir" in volume:  # the pod's own, empty at its start
+            folder = scratch / "emptydir" / workload["metadata"]["name"] / mount["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            files.add(target, Mount(folder, f"emptyDir {mount['name']}", read_only))
             continue
         if "secret" in volume:
             sources = [volume["secret"]]
@@ -455,6 +467,24 @@ def k8s_configs(workload: dict[str, Any], container: dict[str, Any],
     argv = container_argv(container)
     assert argv[0] == "edgelora", argv
     return configs_for(argv[1:], container_env(container, objects), files), files
+
+
+def pod_volume(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    """The pod's volume `name` (as its volumeMounts name it)."""
+    (volume,) = [v for v in workload["spec"]["template"]["spec"].get("volumes", [])
+                 if v["name"] == name]
+    return volume
+
+
+_QUANTITY = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str | int) -> int:
+    """A Kubernetes storage quantity ("6Gi", "512M", 1024) in bytes."""
+    match = re.fullmatch(r"(\d+)([kMGT]i?|Ki)?", str(quantity))
+    assert match, f"quantity {quantity!r}: a whole number with a unit these tests know"
+    return int(match.group(1)) * _QUANTITY[match.group(2) or ""]
 
 
 def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
@@ -499,6 +529,27 @@ def shell_commands(markdown: Path) -> list[list[str]]:
                     part = []
                 else:
                     part.append(word)
+    return commands
+
+
+def comment_commands(path: Path, program: str) -> list[list[str]]:
+    """The `program ...` command lines shown in a file's leading comment block (continuation
+    lines joined, a trailing "  (remark)" dropped), as argv lists."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    commands, pending = [], ""
+    for line in lines:
+        line = pending + line
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        line = re.sub(r"\s{2,}\(.*\)$", "", line)
+        if line.startswith(program + " "):
+            commands.append(shlex.split(line))
     return commands
 
 

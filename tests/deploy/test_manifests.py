@@ -38,6 +38,7 @@ from tests.deploy.deploy_files import (
     load_compose,
     overlay_objects,
     parse_cli,
+    pod_volume,
     selects,
     split_address,
     workload_containers,
@@ -175,18 +176,33 @@ def test_compose_health_checks_ask_each_process_its_own_service(files: tuple[str
 
 
 @pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
-def test_compose_mounts_the_adapters_read_only_at_one_path(files: tuple[str],
-                                                           tmp_path: Path) -> None:
+def test_compose_mounts_the_adapters_read_only_in_the_router_alone(files: tuple[str],
+                                                                   tmp_path: Path) -> None:
+    """The router reads the adapters folder (--adapters-dir, --adapter-root) and pushes what it
+    registers to the workers: no worker mounts it, or any host folder."""
     compose = load_compose(*files)
     services = compose["services"]
     router_name = next(n for n, s in services.items() if s["command"][0] == "router")
-    adapters_dir = compose_configs(compose, router_name, tmp_path)[0]["router"].adapters_dir
+    router = compose_configs(compose, router_name, tmp_path)[0]["router"]
+    assert router.adapters_dir and router.adapter_root == router.adapters_dir
+    adapter_sources = set()
     for name, service in services.items():
-        mounts = [v for v in service["volumes"] if v["target"] == adapters_dir]
-        assert len(mounts) == 1 and mounts[0]["read_only"] is True, name
-        source = (DEPLOY / mounts[0]["source"]).resolve()
-        assert any(source.glob("*/adapter_config.json")), f"{name}: {source} has no adapters"
         assert (REPO / service["build"]["dockerfile"]) == dockerfile_for_image(service["image"])
+        binds = [v for v in service.get("volumes", []) if v["type"] == "bind"]
+        if name != router_name:
+            assert binds == [], f"{name}: a worker mounts no host folder (the router pushes)"
+            assert not any(v["target"] == router.adapters_dir
+                           for v in service.get("volumes", [])), name
+            continue
+        (mount,) = [v for v in binds if v["target"] == router.adapters_dir]
+        assert mount["read_only"] is True
+        source = (DEPLOY / mount["source"]).resolve()
+        assert any(source.glob("*/adapter_config.json")), f"{name}: {source} has no adapters"
+        adapter_sources.add(mount["source"])
+    assert len(adapter_sources) == 1
+    raw = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    anchor = raw["x-edgelora"]  # what every service starts from
+    assert "volumes" not in anchor, "the shared anchor would mount the adapters in the workers"
 
 
 @pytest.mark.parametrize("files", COMPOSE_VARIANTS, ids=lambda f: "+".join(f))
@@ -301,25 +317,30 @@ def test_cuda_workers_request_a_gpu_and_cpu_workers_do_not(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_adapters_volume_is_read_only_at_the_routers_adapters_dir(overlay: str,
-                                                                  tmp_path: Path) -> None:
+def test_adapters_volume_is_read_only_at_the_routers_adapters_dir_and_nowhere_else(
+        overlay: str, tmp_path: Path) -> None:
     objects = overlay_objects(overlay)
     (router_deploy,) = find(objects, "Deployment", "edgelora-router")
     router_container = router_deploy["spec"]["template"]["spec"]["containers"][0]
     router = k8s_configs(router_deploy, router_container, objects, tmp_path)[0]["router"]
     adapters_dir = router.adapters_dir
-    # admins register by path only inside the volume every worker mounts at the same place
+    # admins register by path only inside the volume the router reads
     assert router.adapter_root == adapters_dir
-    claims = set()
-    for workload, container, is_init in workload_containers(objects):
-        if is_init:
+    (mount,) = [m for m in router_container["volumeMounts"] if m["mountPath"] == adapters_dir]
+    assert mount["readOnly"] is True
+    claim = pod_volume(router_deploy, mount["name"])["persistentVolumeClaim"]["claimName"]
+    (pvc,) = find(objects, "PersistentVolumeClaim", claim)
+    # one pod reads it: any storage class will do, no ReadWriteMany
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    for workload, container, _ in workload_containers(objects):
+        if workload is router_deploy:
             continue
-        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == adapters_dir]
-        assert mount["readOnly"] is True
-        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
-        claims.add(volumes[mount["name"]]["persistentVolumeClaim"]["claimName"])
-    assert len(claims) == 1
-    assert find(objects, "PersistentVolumeClaim", claims.pop())
+        where = f"{workload['metadata']['name']}/{container['name']}"
+        mounts = container.get("volumeMounts", [])
+        assert not any(m["mountPath"] == adapters_dir for m in mounts), where
+        claims = {pod_volume(workload, m["name"]).get("persistentVolumeClaim", {})
+                  .get("claimName") for m in mounts}
+        assert claim not in claims, f"{where} mounts {claim}: the router pushes the adapters"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

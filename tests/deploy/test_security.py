@@ -25,6 +25,7 @@ from tests.deploy.deploy_files import (
     SECRETS,
     ContainerFiles,
     Mount,
+    comment_commands,
     compose_configs,
     compose_env,
     configs_for,
@@ -337,16 +338,28 @@ def _without_env_assignments(argv: list[str]) -> list[str]:
     return argv
 
 
+CLIENT_COMMANDS = (["edgelora", "generate"], ["edgelora", "adapters", "upload"])
+
+
+def check_client_command(argv: list[str]) -> bool:
+    """An `edgelora` client line: it parses with the real CLI and dials the router over TLS,
+    trusting deploy/secrets/tls.crt. -> whether `argv` is one."""
+    if not any(argv[:len(c)] == c for c in CLIENT_COMMANDS):
+        return False
+    args = parse_cli(argv[1:])
+    assert args.tls_ca == "deploy/secrets/tls.crt" and args.address, argv
+    return True
+
+
 def test_deploy_readme_commands_run_with_the_cli_over_tls_with_a_key(tmp_path: Path) -> None:
     """deploy/README.md's `edgelora` and `docker run` command lines parse with the real CLI (and
     build valid configs, with deploy/secrets mounted where `-v` puts it); its clients speak TLS
     with a key."""
-    servers = clients = 0
+    servers = clients = uploads = 0
     for argv in map(_without_env_assignments, shell_commands(DEPLOY / "README.md")):
-        if argv[:2] == ["edgelora", "generate"]:
-            args = parse_cli(argv[1:])
-            assert args.tls_ca == "deploy/secrets/tls.crt" and args.address, argv
+        if check_client_command(argv):
             clients += 1
+            uploads += argv[:3] == ["edgelora", "adapters", "upload"]
         elif argv[:2] == ["docker", "run"]:
             image = next(i for i, a in enumerate(argv) if a.startswith("edgelora:"))
             files = ContainerFiles()
@@ -367,4 +380,12 @@ def test_deploy_readme_commands_run_with_the_cli_over_tls_with_a_key(tmp_path: P
             assert argv[argv.index("-cacert") + 1] == "deploy/secrets/tls.crt", argv
             assert argv[argv.index("-H") + 1].startswith("authorization: Bearer "), argv
             clients += 1
-    assert servers >= 1 and clients >= 3
+    assert servers >= 1 and clients >= 3 and uploads >= 1
+
+
+def test_compose_header_commands_run_with_the_cli_over_tls_with_a_key() -> None:
+    """The client lines in docker-compose.yml's header comment, an upload among them."""
+    commands = comment_commands(DEPLOY / "docker-compose.yml", "edgelora")
+    assert [c for c in commands if check_client_command(c)] == commands
+    assert any(c[:3] == ["edgelora", "adapters", "upload"] for c in commands)
+    assert all("--api-key" in c for c in commands), "the router wants a key"
