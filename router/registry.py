@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -103,6 +104,8 @@ class AdapterRegistry:
         self._requests: dict[str, types_pb2.RegisterAdapterRequest] = {}
         self._pending: Counter[str] = Counter()  # keys being registered
         self._pending_digests: Counter[str] = Counter()  # their contents: not to be collected
+        self._installing = 0  # blobs being installed: removals wait (one may be theirs)
+        self._deferred: set[str] = set()  # contents to remove once no install is under way
         self._removed: set[str] = set()  # unregistered by this router (in-memory mode)
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # by key: lock, users
         self._generation = 0  # +1 at each change: a sync that saw an older one runs again
@@ -158,10 +161,36 @@ class AdapterRegistry:
                         file_name=name, data=chunk))
 
     def drop_blob_if_unused(self, digest: str) -> None:
-        """Removes a content from the store once no registration (done or under way) uses it."""
-        if digest and self.store is not None and not self._pending_digests[digest] and not any(
+        """Removes a content from the store once no registration (done or under way) uses it.
+        While a blob is being installed (on a thread) it may be this very content, found there
+        already: the removal waits until that install is held."""
+        if not digest or self.store is None or self._pending_digests[digest] or any(
                 r.digest == digest for r in self.adapters.values()):
+            return
+        if self._installing:
+            self._deferred.add(digest)
+        else:
             self.store.remove(digest)
+
+    async def add_content(self, install: Callable[[], str]) -> str:
+        """Runs `install` (a BlobWriter.commit or BlobStore.add_folder: -> digest) off the event
+        loop and holds the content until release(digest): nothing removes it meanwhile."""
+        self._installing += 1
+        try:
+            digest = await asyncio.to_thread(install)
+            self._pending_digests[digest] += 1
+            return digest
+        finally:
+            self._installing -= 1
+            if not self._installing:
+                deferred, self._deferred = self._deferred, set()
+                for waiting in deferred:
+                    self.drop_blob_if_unused(waiting)
+
+    def release(self, digest: str) -> None:
+        """Ends add_content's hold; the content goes unless a registration uses it."""
+        _decrement(self._pending_digests, digest)
+        self.drop_blob_if_unused(digest)
 
     def collect_unused(self) -> int:
         """Removes every stored content no registration uses: a crash between a blob's commit
@@ -238,8 +267,10 @@ class AdapterRegistry:
                     raise AlreadyExists(f"adapter {request.adapter_id!r} is already registered; "
                                         "set replace to replace it")
                 if not digest and self.store is not None:
-                    digest = await asyncio.to_thread(self.store.add_folder, Path(request.path))
-                self._pending_digests[digest] += 1
+                    digest = await self.add_content(partial(self.store.add_folder,
+                                                            Path(request.path)))
+                else:
+                    self._pending_digests[digest] += 1
                 try:
                     forwarded = types_pb2.RegisterAdapterRequest(
                         adapter_id=key, path=request.path, description=request.description,
@@ -273,7 +304,7 @@ class AdapterRegistry:
             else:  # e.g. the store unreadable while pushing: ours, not the adapter's fault
                 log.error("registering %s on %s: %r", forwarded.adapter_id, worker.name, result)
                 refusal = refusal or RpcError(grpc.StatusCode.UNAVAILABLE,
-                                              f"registering failed on {worker.name}: {result}")
+                                              f"registering failed on {worker.name}: {result!r}")
         if refusal is None and not rank:
             refusal = RpcError(grpc.StatusCode.UNAVAILABLE, "every worker failed while "
                                "registering; retry when they are back")
@@ -430,10 +461,13 @@ class AdapterRegistry:
                     await self.register(request)
                 else:  # workers may start after the router (compose, Kubernetes): sync on join
                     if self.store is not None:
-                        request.digest = await asyncio.to_thread(self.store.add_folder,
-                                                                 Path(request.path))
-                    self._record(request, await self._persist(request, 0, request.adapter_id,
-                                                              SHARED))
+                        request.digest = await self.add_content(
+                            partial(self.store.add_folder, Path(request.path)))
+                    try:
+                        self._record(request, await self._persist(request, 0,
+                                                                  request.adapter_id, SHARED))
+                    finally:
+                        self.release(request.digest)
             except (EdgeLoraError, OSError) as exc:
                 log.error("skipping adapter %s: %s", path, exc)
                 continue

@@ -219,19 +219,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     raise InvalidArgument("after the header, UploadAdapter takes file chunks")
                 await asyncio.to_thread(writer.write, message.chunk.file_name,
                                         message.chunk.data)
-            request.digest = await asyncio.to_thread(writer.commit)
+            request.digest = await self.registry.add_content(writer.commit)  # held till done
             card = writer.card
-        if card is not None and not request.description and not request.example_prompts:
-            try:
+        try:
+            if card is not None and not request.description and not request.example_prompts:
                 from_card = parse_card(card, f"the upload's {CARD_FILE}")
                 request.description = from_card.get("description", "")
                 request.example_prompts.extend(from_card.get("example_prompts", []))
                 check_card(request.description, list(request.example_prompts),
                            self.config.max_card_bytes, self.config.max_example_prompts)
-            except BaseException:
-                self.registry.drop_blob_if_unused(request.digest)
-                raise
-        return await self.registry.register(request, owner)  # drops the blob if refused
+            return await self.registry.register(request, owner)
+        finally:
+            self.registry.release(request.digest)  # the blob goes unless registered
 
     def _check_card_and_limits(self, caller: Caller, owner: str,
                                request: types_pb2.RegisterAdapterRequest) -> None:

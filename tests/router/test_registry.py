@@ -237,3 +237,39 @@ def test_a_start_collects_contents_no_registration_uses(tmp_path: Path,
     assert registry.load_state() == 1
     assert registry.collect_unused() == 1
     assert store.digests() == {kept} and orphan != kept
+
+
+def test_a_content_being_installed_is_never_removed_under_it(tmp_path: Path,
+                                                             tiny_model_dir: Path) -> None:
+    """An upload installs content identical to a blob whose last registration goes meanwhile:
+    the removal waits for the install, the upload holds the blob, and release() drops it."""
+    import asyncio
+    import threading
+
+    from common.adapter_blobs import BlobStore
+    from router.registry import AdapterRegistry
+    from router.workers import WorkerPool
+
+    store = BlobStore(tmp_path / "store")
+    folder = write_random_adapter(tmp_path / "a", tiny_model_dir, rank=4)
+    digest = store.add_folder(folder)  # the blob a removed registration leaves
+    registry = AdapterRegistry(WorkerPool(["127.0.0.1:1"]), store=store)
+    installing, go_on = threading.Event(), threading.Event()
+
+    def install() -> str:
+        installing.set()
+        go_on.wait(10)
+        return store.add_folder(folder)  # finds it there already
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        upload = asyncio.create_task(registry.add_content(install))
+        await asyncio.to_thread(installing.wait, 10)
+        registry.drop_blob_if_unused(digest)  # the other registration's last use ends now
+        during = store.has(digest)
+        go_on.set()
+        assert await upload == digest
+        held = store.has(digest)
+        registry.release(digest)
+        return during, held, store.has(digest)
+
+    assert asyncio.run(scenario()) == (True, True, False)
