@@ -4,6 +4,8 @@ the flag that sets it; an untrusted value reaches a message only through repr() 
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 from common.errors import InvalidArgument
@@ -13,6 +15,13 @@ from edgelora.v1 import types_pb2
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 AUTO = "auto"
 ROLES = ("system", "user", "assistant", "tool")
+# OpenAI's bounds (and vLLM's): presence/frequency penalties, and top_logprobs.
+MAX_ABS_PENALTY = 2.0
+MAX_TOP_LOGPROBS = 20
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# A JSON Schema is compiled to a grammar per request (milliseconds for a few KiB): bounded so
+# that one request cannot hold a compile thread for long.
+MAX_JSON_SCHEMA_BYTES = 64 * 1024
 
 
 def shown(value: str, limit: int = 80) -> str:
@@ -34,8 +43,9 @@ def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
                               "'_', '.', '/', starting with a letter or digit (and not 'auto')")
 
 
-def check_generate(request: types_pb2.GenerateRequest, limits: SharedConfig) -> None:
-    """The prompt (or messages), stop strings and ids of a generation request."""
+def check_prompt(request: types_pb2.GenerateRequest | types_pb2.TokenizeRequest,
+                 limits: SharedConfig) -> None:
+    """The prompt or messages of a request (Generate, Tokenize): one of them, roles, sizes."""
     if request.prompt and request.messages:
         raise InvalidArgument("set either prompt or messages, not both")
     if len(request.messages) > limits.max_messages:
@@ -52,6 +62,11 @@ def check_generate(request: types_pb2.GenerateRequest, limits: SharedConfig) -> 
     if total > limits.max_prompt_bytes:
         raise InvalidArgument(f"the prompt is over {limits.max_prompt_bytes} bytes "
                               "(--max-prompt-bytes): shorten it")
+
+
+def check_generate(request: types_pb2.GenerateRequest, limits: SharedConfig) -> None:
+    """The prompt (or messages), stop strings, ids and generation controls of a request."""
+    check_prompt(request, limits)
     stops = request.params.stop
     if len(stops) > limits.max_stop_strings:
         raise InvalidArgument(f"{len(stops)} stop strings; this server takes at most "
@@ -60,6 +75,47 @@ def check_generate(request: types_pb2.GenerateRequest, limits: SharedConfig) -> 
         if not stop or utf8_len(stop, limits.max_stop_bytes) > limits.max_stop_bytes:
             raise InvalidArgument(f"stop string {shown(stop)}: each must be 1-"
                                   f"{limits.max_stop_bytes} bytes (--max-stop-bytes)")
+    check_controls(request.params)
+
+
+def check_controls(params: types_pb2.SamplingParams) -> None:
+    """Penalties, logprobs and response_format, within vLLM's (and OpenAI's) bounds."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if params.HasField(name) and not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:
+            raise InvalidArgument(f"params.{name} must be in [-{MAX_ABS_PENALTY:g}, "
+                                  f"{MAX_ABS_PENALTY:g}] (0 = off), got {value:g}")
+    rep = params.repetition_penalty
+    if params.HasField("repetition_penalty") and not (rep > 0 and math.isfinite(rep)):
+        raise InvalidArgument(f"params.repetition_penalty must be > 0 (1 = off), got {rep:g}")
+    if params.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"params.top_logprobs must be at most {MAX_TOP_LOGPROBS}, got "
+                              f"{params.top_logprobs}")
+    if params.top_logprobs and not params.logprobs:
+        raise InvalidArgument("params.top_logprobs needs params.logprobs set")
+    check_response_format(params.response_format)
+
+
+def check_response_format(fmt: types_pb2.ResponseFormat) -> None:
+    """A known type; for json_schema, a bounded JSON object (the worker compiles it)."""
+    if fmt.type and fmt.type not in RESPONSE_FORMATS:
+        raise InvalidArgument(f"response_format.type {shown(fmt.type)}: use one of "
+                              f"{', '.join(RESPONSE_FORMATS)}")
+    if fmt.type != "json_schema":
+        if fmt.json_schema:
+            raise InvalidArgument("response_format.json_schema is for type json_schema only")
+        return
+    if utf8_len(fmt.json_schema, MAX_JSON_SCHEMA_BYTES) > MAX_JSON_SCHEMA_BYTES:
+        raise InvalidArgument(f"response_format.json_schema is over {MAX_JSON_SCHEMA_BYTES} "
+                              "bytes")
+    try:
+        schema = json.loads(fmt.json_schema) if fmt.json_schema else None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"response_format.json_schema is not valid JSON: "
+                              f"{shown(str(exc), 120)}") from exc
+    if not isinstance(schema, dict):
+        raise InvalidArgument("response_format.json_schema must be a JSON object (a JSON "
+                              "Schema)")
 
 
 def check_card(description: str, example_prompts: list[str], max_card_bytes: int,

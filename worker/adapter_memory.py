@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,10 @@ class AdapterMemory:
         self.adapter_to_slot: dict[str, int] = {}
         self.refcount = [0] * (slots.num_slots + 1)
         self.stats = AdapterStats()
+        # Called with (tier, seconds) after each disk -> host read ("host") and host -> device
+        # copy ("device"), on the thread that did it, maybe under the lock: keep it quick
+        # (worker.metrics observes a histogram).
+        self.on_load: Callable[[str, float], None] | None = None
         self._idle_slots: OrderedDict[int, None] = OrderedDict(
             (s, None) for s in range(1, slots.num_slots + 1))  # refcount 0, LRU first
         self._loading: dict[str, Future[HostWeights]] = {}
@@ -173,9 +178,15 @@ class AdapterMemory:
             self._check_content(spec)
         weights = self.slots.host_layout(self._read_checked(spec), pin=self.pin_memory)
         with self._lock:
-            self.stats.host.loads += 1
-            self.stats.host.load_ms_total += (time.perf_counter() - started) * 1e3
+            self._record_load("host", time.perf_counter() - started)
         return weights
+
+    def _record_load(self, tier: str, seconds: float) -> None:
+        stats = self.stats.host if tier == "host" else self.stats.device
+        stats.loads += 1
+        stats.load_ms_total += seconds * 1e3
+        if self.on_load is not None:
+            self.on_load(tier, seconds)
 
     def _check_content(self, spec: AdapterSpec) -> None:
         """Files from a content store must still hash to their digest: a flipped byte or a
@@ -290,8 +301,7 @@ class AdapterMemory:
                 started = time.perf_counter()
                 self.slots.write(slot, weights, self.registry[adapter_id].rank)
                 self._from_disk.discard(adapter_id)
-                self.stats.device.loads += 1
-                self.stats.device.load_ms_total += (time.perf_counter() - started) * 1e3
+                self._record_load("device", time.perf_counter() - started)
                 self.slot_to_adapter[slot] = adapter_id
                 self.slot_spec[slot] = self.registry[adapter_id]
                 self.adapter_to_slot[adapter_id] = slot

@@ -29,6 +29,13 @@ class WorkerConfig(SharedConfig):
         "used go first and are pushed again when next needed (0 = no bound)"))
     host: str = field(default="127.0.0.1", metadata=_help("address the worker gRPC server binds"))
     port: int = field(default=50052, metadata=_help("worker gRPC port (0 = pick a free one)"))
+    metrics_port: int = field(default=0, metadata=_help(
+        "serve Prometheus /metrics over plain HTTP on --host at this port (0 = off; the deploy "
+        "files use 9402). Unauthenticated, it shows adapter ids and tenant names: keep it on "
+        "the internal network, as the worker port (docs/metrics.md)"))
+    metrics_max_tenants: int = field(default=100, metadata=_help(
+        "distinct tenant label values in this worker's metrics; later tenants count as "
+        "'_other' (bounds the series count)"))
     device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda' or 'cuda:N'"))
     dtype: str = field(default="auto", metadata=_help(
         "'auto' (bfloat16 on CUDA and on CPUs with AMX, else float32), 'float32', 'bfloat16' "
@@ -82,6 +89,10 @@ class WorkerConfig(SharedConfig):
             (self.host_adapter_cache >= 1, "--host-adapter-cache must be at least 1"),
             (self.num_threads >= 0, "--num-threads must be >= 0 (0 = torch default)"),
             (0 <= self.port < 65536, "--port must be in [0, 65535]"),
+            (0 <= self.metrics_port < 65536, "--metrics-port must be in [0, 65535] (0 = off)"),
+            (not self.metrics_port or self.metrics_port != self.port,
+             "--metrics-port must differ from --port"),
+            (self.metrics_max_tenants >= 1, "--metrics-max-tenants must be at least 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              "--dtype must be auto, float32, bfloat16 or float16"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

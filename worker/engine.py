@@ -109,7 +109,8 @@ class Engine:
                        message.adapter_id,
                        detok=None if scoring else self.make_detokenizer(message.options.stop),
                        num_reference_tokens=message.num_reference_tokens,
-                       tenant=message.tenant, limits=message.limits)
+                       tenant=message.tenant, limits=message.limits,
+                       constraint=message.constraint)
         try:
             self.scheduler.add(seq)
         except EdgeLoraError as exc:

@@ -12,10 +12,13 @@ import torch
 
 from worker.decode_graphs import DecodeGraphs
 from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
+from worker.json_constraint import TokenMasks
 from worker.kv_cache import KVCache
+from worker.logprobs import StepLogprobs
 from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
 from worker.paged_attention import DecodeAttention, table_slots
+from worker.penalties import PenaltyState
 from worker.sampler import make_sampling_tensors, sample
 from worker.scheduler import Batch, ScheduledSeq
 from worker.scoring import row_log_likelihoods, scored_positions
@@ -94,6 +97,9 @@ class ModelRunner:
         # weight copies for the smallest steps (worker.int8_weights); set once built.
         self.graphs: DecodeGraphs | None = None
         self.int8: Int8Weights | None = None
+        # Device state of the generation controls, made when a request first uses them.
+        self.penalty_state: PenaltyState | None = None
+        self.masks: TokenMasks | None = None
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, ForwardBatch, torch.Tensor]:
         """-> input_ids [T], the ForwardBatch, and each row's last-token index [rows]."""
@@ -158,14 +164,34 @@ class ModelRunner:
                             else int8.logits(last))
 
     def _sample(self, items: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
-        """logits [rows, vocab] of `items` -> one sampled token per row."""
-        opts = [it.seq.options for it in items]
+        """logits [rows, vocab] of `items` -> one sampled token per row (and, on the items
+        that asked, its logprobs). JSON masks, then logprobs, then penalties and sampling, as
+        vLLM orders them; each extra costs nothing in a step where no row uses it."""
+        seqs = [it.seq for it in items]
+        opts = [seq.options for seq in seqs]
         tensors = make_sampling_tensors(
             temperature=[o.temperature for o in opts], top_p=[o.top_p for o in opts],
             top_k=[o.top_k for o in opts], seed=[o.seed for o in opts],
-            step=[it.seq.num_output_tokens for it in items], device=self.device)
-        # The step's one host sync.
-        return sample(logits, tensors).tolist()
+            step=[seq.num_output_tokens for seq in seqs], device=self.device)
+        constrained = [i for i, seq in enumerate(seqs) if seq.constraint is not None]
+        if constrained:
+            self.masks = self.masks or TokenMasks(logits.shape[-1], self.device)
+            self.masks.apply(logits, constrained, [seqs[i].constraint for i in constrained])
+        wanted = [i for i, o in enumerate(opts) if o.logprobs]
+        logprobs = (StepLogprobs(logits, wanted, [opts[i].top_logprobs for i in wanted])
+                    if wanted else None)
+        penalized = [i for i, o in enumerate(opts) if o.has_penalties]
+        if penalized:
+            state = self.penalty_state or PenaltyState(logits.shape[-1], self.device)
+            self.penalty_state = state
+            tensors.penalties = state.gather(penalized, [seqs[i] for i in penalized])
+        tokens = sample(logits, tensors)
+        if logprobs is None:
+            return tokens.tolist()  # the step's one host sync
+        host_tokens, rows = logprobs.fetch(tokens)  # the same one sync, logprobs included
+        for i, row in zip(wanted, rows, strict=True):
+            items[i].logprobs = row
+        return host_tokens
 
     def _score_and_sample(self, items: list[ScheduledSeq], hidden: torch.Tensor,
                           last_idx: torch.Tensor) -> list[int]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.penalties import PenaltyTensors, apply_penalties
+
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9  # keeps fmix32 off its fixed point at zero
 
@@ -19,6 +21,7 @@ class SamplingTensors:
     step: torch.Tensor  # [batch] int64, tokens this request has generated so far
     all_greedy: bool
     needs_top_k_top_p: bool
+    penalties: PenaltyTensors | None = None  # None: no row of the step uses one
 
 
 def make_sampling_tensors(
@@ -92,7 +95,12 @@ def _top_k_top_p_mask(
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits [batch, vocab] float32 -> next token ids [batch] int64 (same device)."""
+    """logits [batch, vocab] float32 -> next token ids [batch] int64 (same device).
+
+    Penalties change the penalized rows of `logits` in place (the caller took any logprobs
+    before: they are of the unpenalized logits, as vLLM's default)."""
+    if t.penalties is not None:
+        logits = apply_penalties(logits, t.penalties)
     # max(dim).indices: the same first-index argmax, 2-4x faster than argmax on CPU here
     greedy_tokens = logits.max(dim=-1).indices  # [batch]
     if t.all_greedy:

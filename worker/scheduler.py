@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from common.errors import EdgeLoraError, NotFound, ResourceExhausted
 from worker.adapter_memory import AdapterMemory
 from worker.kv_cache import BlockManager
-from worker.sequence import Sequence, SequenceStatus, TokenEvent
+from worker.sequence import Sequence, SequenceStatus, TokenEvent, TokenLogprobs
 from worker.tenant_queues import TenantGate, TenantQueues, has_newcomer
 
 # A named tenant already running something admits more only while 1/16 of the KV blocks stay
@@ -29,6 +29,7 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
     # scoring rows: the runner's sum of log p over the reference tokens this chunk predicts
     log_likelihood: float = 0.0
+    logprobs: TokenLogprobs | None = None  # the sampled token's, when the request asked
 
 
 @dataclass
@@ -268,6 +269,12 @@ class Scheduler:
             if seq.num_uncomputed_tokens > 0:
                 continue  # mid-prompt chunk: its sample means nothing
             seq.token_ids.append(token)
+            if seq.constraint is not None and not seq.constraint.accept(token):
+                self.running.remove(seq)  # the mask allowed it: a bug, not the client's fault
+                self._finish(seq, "error")
+                events.append(self._error_event(seq, f"token {token} broke the response_format "
+                                                "grammar", "INTERNAL"))
+                continue
             text = seq.detok.add_token(token) if seq.detok else ""
             reason = self._finish_reason(seq, token)
             if reason:
@@ -275,11 +282,14 @@ class Scheduler:
                 self._finish(seq, reason)
                 text += seq.detok.flush() if seq.detok else ""
             events.append(TokenEvent(seq.request_id, [token], text, seq.num_prompt_tokens,
-                                     seq.num_output_tokens, finish_reason=reason))
+                                     seq.num_output_tokens, finish_reason=reason,
+                                     logprobs=[item.logprobs] if item.logprobs else []))
         return events
 
     def _finish_reason(self, seq: Sequence, token: int) -> str:
         if token in self.eos_token_ids and not seq.options.ignore_eos:
+            return "stop"
+        if seq.constraint is not None and seq.constraint.is_done:  # even with ignore_eos
             return "stop"
         if seq.detok is not None and seq.detok.stopped:
             return "stop"

@@ -22,6 +22,18 @@ class SamplingOptions:
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # OpenAI semantics over the generated tokens (0 = off); HF semantics over prompt + generated
+    # tokens (1 = off). Applied by worker.penalties.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: bool = False  # return each sampled token's log-probability
+    top_logprobs: int = 0  # ... and this many most likely tokens at its position (<= 20)
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class AddRequest:
     num_reference_tokens: int = 0
     tenant: str = ""  # who asked: admission is fair across tenants
     limits: TenantLimits = TenantLimits()
+    constraint: Constraint | None = None  # response_format: what the output must parse as
 
 
 @dataclass
@@ -57,6 +70,15 @@ class Abort:
     """Service -> engine: the client went away; free the sequence and its KV now."""
 
     request_id: int
+
+
+@dataclass
+class TokenLogprobs:
+    """The log-probability of one sampled token and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
 @dataclass
@@ -73,6 +95,7 @@ class TokenEvent:
     error_code: str = "INTERNAL"  # grpc.StatusCode name the client sees on finish_reason "error"
     # finish_reason "scored": sum of log p(reference token | prefix), natural log
     log_likelihood: float = 0.0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, if asked
 
 
 class Detokenizer(Protocol):
@@ -83,6 +106,18 @@ class Detokenizer(Protocol):
     def add_token(self, token_id: int) -> str: ...
 
     def flush(self) -> str: ...
+
+
+class Constraint(Protocol):
+    """A sequence's output grammar (see worker.json_constraint): masks each step's logits and
+    follows the sampled tokens."""
+
+    @property
+    def is_done(self) -> bool: ...  # the output is complete: the sequence stops
+
+    def fill_mask(self, bitmask: object, row: int) -> None: ...
+
+    def accept(self, token_id: int) -> bool: ...
 
 
 @dataclass
@@ -105,6 +140,7 @@ class Sequence:
     log_likelihood: float = 0.0  # summed over the chunks computed so far
     tenant: str = ""
     limits: TenantLimits = field(default_factory=TenantLimits)
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -8,8 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
+import prometheus_client
 import torch
 
 from common.internal_auth import InternalAuthInterceptor
@@ -98,8 +100,22 @@ class WorkerRuntime:
     port: int
     engine: Engine
     service: WorkerService
+    metrics_server: WSGIServer | None = None  # --metrics-port's HTTP server
+
+    @property
+    def metrics_port(self) -> int:
+        """Where /metrics is served (0 = off)."""
+        return self.metrics_server.server_port if self.metrics_server is not None else 0
+
+    @property
+    def metrics_registry(self) -> prometheus_client.CollectorRegistry:
+        """This worker's metrics (`serve` shows them on the router's HTTP port too)."""
+        return self.service.metrics.registry
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         await self.server.stop(grace_s)
         self.service.close()
         self.engine.stop()
@@ -180,6 +196,7 @@ async def start_worker(config: WorkerConfig) -> WorkerRuntime:
     service = WorkerService(config, tokenizer, info)
     engine.emit = service.emit
     service.attach(engine, asyncio.get_running_loop())
+    service.metrics.attach(engine)
     secret = config.internal_secret
     if not secret:
         log.warning("no router <-> worker secret: any process that reaches %s:%d can call this "
@@ -190,9 +207,22 @@ async def start_worker(config: WorkerConfig) -> WorkerRuntime:
         [lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(service, s)], [WORKER_SERVICE],
         config.host, config.port,
         interceptors=[InternalAuthInterceptor(secret)] if secret else ())
+    metrics_server = start_metrics_server(config, service.metrics.registry)
     engine.start()
     await server.start()
     await mark_serving(health, [WORKER_SERVICE])
     log.info("worker serving %s on %s:%d (%s, %s)", Path(info.model).name, config.host, port,
              info.device, info.dtype)
-    return WorkerRuntime(server, port, engine, service)
+    return WorkerRuntime(server, port, engine, service, metrics_server)
+
+
+def start_metrics_server(config: WorkerConfig,
+                         registry: prometheus_client.CollectorRegistry) -> WSGIServer | None:
+    """prometheus_client's HTTP server for `registry` on --host:--metrics-port, in a daemon
+    thread of its own (a scrape never waits on the event loop or the engine); None when off."""
+    if not config.metrics_port:
+        return None
+    server, _ = prometheus_client.start_http_server(
+        config.metrics_port, config.host.strip("[]"), registry=registry)
+    log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    return server

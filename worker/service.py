@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +25,14 @@ from common.errors import (
     InvalidArgument,
     NotFound,
 )
-from common.limits import check_generate
+from common.limits import check_generate, check_prompt
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from worker.adapter_memory import AdapterMemory, TierStats
 from worker.config import WorkerConfig
 from worker.engine import Engine
+from worker.generate_pb import event_to_pb, merge_events, sampling_from_pb
+from worker.json_constraint import JsonConstraint, JsonGrammars
+from worker.metrics import WorkerMetrics
 from worker.sequence import Abort, AddRequest, SamplingOptions, TenantLimits, TokenEvent
 from worker.tokenizer import Tokenizer
 
@@ -43,40 +45,6 @@ class WorkerInfo:
     device: str
     dtype: str
     max_model_len: int  # tokens, already capped by the KV cache and the model
-
-
-def sampling_from_pb(params: types_pb2.SamplingParams, default_max_tokens: int) -> SamplingOptions:
-    """Validates ranges; max_tokens against the context is checked once the prompt is tokenized."""
-    temperature = params.temperature if params.HasField("temperature") else 0.0
-    top_p = params.top_p if params.HasField("top_p") else 1.0
-    if params.HasField("max_tokens") and params.max_tokens == 0:
-        raise InvalidArgument("params.max_tokens must be at least 1 (unset = the default)")
-    if not temperature >= 0.0:  # also rejects NaN
-        raise InvalidArgument(f"params.temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidArgument(f"params.top_p must be in (0, 1], got {top_p}")
-    seed = params.seed if params.HasField("seed") else random.getrandbits(31)
-    return SamplingOptions(
-        max_tokens=params.max_tokens if params.HasField("max_tokens") else default_max_tokens,
-        temperature=temperature, top_p=top_p, top_k=params.top_k,
-        # the sampler's hash takes 31-bit seeds: fold larger ones in rather than reject them
-        seed=seed % (2**31 - 1), stop=tuple(params.stop), ignore_eos=params.ignore_eos)
-
-
-def event_to_pb(event: TokenEvent, adapter_id: str) -> types_pb2.GenerateResponse:
-    return types_pb2.GenerateResponse(
-        text=event.text, token_ids=event.token_ids, adapter_id=adapter_id,
-        finish_reason=event.finish_reason,
-        usage=types_pb2.Usage(prompt_tokens=event.num_prompt_tokens,
-                              completion_tokens=event.num_output_tokens))
-
-
-def _merge(events: list[TokenEvent]) -> TokenEvent:
-    """Events that queued up while the client was slow go out as one chunk."""
-    last = events[-1]
-    return TokenEvent(last.request_id, [t for e in events for t in e.token_ids],
-                      "".join(e.text for e in events), last.num_prompt_tokens,
-                      last.num_output_tokens, last.finish_reason, last.error, last.error_code)
 
 
 NO_LIMITS = TenantLimits()
@@ -103,6 +71,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.tokenizer = tokenizer
         self.info = info
         self.engine: Engine | None = None
+        self.metrics = WorkerMetrics(config.metrics_max_tenants)  # observed in Generate
         self._streams: dict[int, asyncio.Queue[TokenEvent]] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,6 +79,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # the engine thread, each under a deadline; a read that hangs anyway ties up only this
         # pool, never the threads that serve other requests.
         self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-check")
+        # response_format grammars compile here, off the event loop (and the tables behind
+        # JSON masks and logprobs' token bytes are built here on first use)
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="json-compile")
+        self._grammars: JsonGrammars | None = None
         self.blobs = BlobStore(config.adapter_cache_path, config.max_adapter_bytes,
                                config.adapter_cache_mb << 20)
         self.blobs.trim()  # the bound may have shrunk since the last run
@@ -127,7 +100,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             stream.put_nowait(event)
 
     def _encode_prompt(self, request: types_pb2.GenerateRequest | worker_pb2.ScoreRequest
-                       ) -> list[int]:
+                       | types_pb2.TokenizeRequest) -> list[int]:
         if request.prompt and request.messages:
             raise InvalidArgument("set either prompt or messages, not both")
         if request.messages:
@@ -161,8 +134,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                        ) -> AsyncIterator[types_pb2.GenerateResponse]:
         try:
             tenant, limits = tenant_from_metadata(context.invocation_metadata(), self.config)
+            track = self.metrics.track(request.adapter_id, tenant)
             add = self._to_add_request(request, tenant, limits)
+            add.constraint = await self._prepare_controls(request.params)
         except EdgeLoraError as exc:
+            track.finish(exc.code)
             await context.abort(exc.code, str(exc))
         stream: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._streams[add.request_id] = stream
@@ -173,16 +149,49 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 events = [await stream.get()]
                 while not stream.empty():
                     events.append(stream.get_nowait())
-                event = _merge(events)
+                event = merge_events(events)
+                track.event(event)
                 if event.finish_reason == "error":
                     finished = True
                     await context.abort(grpc.StatusCode[event.error_code], event.error)
                 finished = bool(event.finish_reason)
-                yield event_to_pb(event, request.adapter_id)
+                yield event_to_pb(event, request.adapter_id, self.tokenizer)
         finally:
+            track.finish()
             del self._streams[add.request_id]
             if not finished:  # cancelled or disconnected: free its KV now
                 self.engine.submit(Abort(add.request_id))
+
+    async def _prepare_controls(self, params: types_pb2.SamplingParams) -> JsonConstraint | None:
+        """The request's JSON constraint (InvalidArgument for a schema that does not compile),
+        or None; builds the logprobs' token table on first use. Both in the compile thread."""
+        loop = asyncio.get_running_loop()
+        if params.logprobs and "vocab_bytes" not in vars(self.tokenizer):
+            await loop.run_in_executor(self._compiler, lambda: self.tokenizer.vocab_bytes)
+        fmt = params.response_format
+        if fmt.type in ("", "text"):
+            return None
+
+        def compile_grammar() -> JsonConstraint:
+            if self._grammars is None:
+                engine = self.engine
+                self._grammars = JsonGrammars(self.tokenizer.hf,
+                                              engine.runner.model.config.vocab_size,
+                                              sorted(engine.scheduler.eos_token_ids))
+            return self._grammars.constraint(self._grammars.compile(fmt.type, fmt.json_schema))
+
+        return await loop.run_in_executor(self._compiler, compile_grammar)
+
+    async def Tokenize(self, request: types_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> types_pb2.TokenizeResponse:
+        """The prompt's token ids as Generate would feed them (the chat template applied)."""
+        try:
+            check_prompt(request, self.config)  # bounds first: no tokenizing of a huge prompt
+            token_ids = self._encode_prompt(request)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+        return types_pb2.TokenizeResponse(token_ids=token_ids,
+                                          max_model_len=self.info.max_model_len)
 
     def _to_score_requests(self, request: worker_pb2.ScoreRequest) -> list[AddRequest]:
         """One prefill-only AddRequest per adapter, over the same prompt + reference tokens."""
@@ -295,6 +304,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def close(self) -> None:
         self._validator.shutdown(wait=False, cancel_futures=True)
+        self._compiler.shutdown(wait=False, cancel_futures=True)
 
     async def PutAdapter(self, requests: AsyncIterator[worker_pb2.PutAdapterRequest],
                          context: grpc.aio.ServicerContext) -> worker_pb2.PutAdapterResponse:

@@ -1,7 +1,9 @@
-"""Prompt encoding with the model's own tokenizer and chat template; never decodes outputs."""
+"""Prompt encoding with the model's own tokenizer and chat template, and single tokens' bytes (for
+logprobs); never decodes outputs."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from common.errors import InvalidArgument
@@ -31,6 +33,19 @@ class Tokenizer:
         ids = self.hf.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         # transformers 5 returns a BatchEncoding here, 4.x a plain list.
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    @cached_property
+    def vocab_bytes(self) -> list[bytes]:
+        """Each token id's raw bytes (byte-level BPE and byte-fallback pieces decoded), as
+        xgrammar's tokenizer reader sees them; built on first use (logprobs)."""
+        import xgrammar  # heavy import: only once a request asks for logprobs
+
+        return list(xgrammar.TokenizerInfo.from_huggingface(self.hf).decoded_vocab)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """b"" for an id past the tokenizer's vocabulary (a model's padded embedding rows)."""
+        table = self.vocab_bytes
+        return table[token_id] if 0 <= token_id < len(table) else b""
 
     def detokenizer(self, stop: tuple[str, ...]) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.hf, stop)

@@ -27,6 +27,13 @@ def msg(content: str, role: str = "user") -> types_pb2.ChatMessage:
     {"prompt": "é" * 50},  # 100 bytes
     {"messages": [msg("a" * 50), msg("b" * 50, "assistant")]},
     {"prompt": "hi", "params": {"stop": ["12345", "."]}},
+    {"prompt": "hi", "params": {"presence_penalty": -2.0, "frequency_penalty": 2.0,
+                                "repetition_penalty": 3.0}},
+    {"prompt": "hi", "params": {"logprobs": True, "top_logprobs": 20}},
+    {"prompt": "hi", "params": {"response_format": {"type": "json_object"}}},
+    {"prompt": "hi", "params": {"response_format": {"type": "text"}}},
+    {"prompt": "hi", "params": {"response_format": {"type": "json_schema",
+                                                    "json_schema": '{"type": "object"}'}}},
 ])
 def test_requests_inside_the_bounds_pass(fields: dict) -> None:
     check_generate(request(**fields), LIMITS)
@@ -42,6 +49,25 @@ def test_requests_inside_the_bounds_pass(fields: dict) -> None:
     ({"prompt": "hi", "params": {"stop": ["a", "b", "c"]}}, "--max-stop-strings"),
     ({"prompt": "hi", "params": {"stop": ["123456"]}}, "--max-stop-bytes"),
     ({"prompt": "hi", "params": {"stop": [""]}}, "--max-stop-bytes"),
+    ({"prompt": "hi", "params": {"presence_penalty": 2.5}}, "presence_penalty"),
+    ({"prompt": "hi", "params": {"frequency_penalty": -2.01}}, "frequency_penalty"),
+    ({"prompt": "hi", "params": {"frequency_penalty": float("nan")}}, "frequency_penalty"),
+    ({"prompt": "hi", "params": {"repetition_penalty": 0.0}}, "repetition_penalty"),
+    ({"prompt": "hi", "params": {"repetition_penalty": float("inf")}}, "repetition_penalty"),
+    ({"prompt": "hi", "params": {"logprobs": True, "top_logprobs": 21}}, "at most 20"),
+    ({"prompt": "hi", "params": {"top_logprobs": 2}}, "needs params.logprobs"),
+    ({"prompt": "hi", "params": {"response_format": {"type": "xml"}}}, "response_format.type"),
+    ({"prompt": "hi", "params": {"response_format": {"type": "json_object",
+                                                     "json_schema": "{}"}}}, "json_schema only"),
+    ({"prompt": "hi", "params": {"response_format": {"type": "json_schema"}}}, "JSON object"),
+    ({"prompt": "hi", "params": {"response_format": {"type": "json_schema",
+                                                     "json_schema": "[1, 2]"}}}, "JSON object"),
+    ({"prompt": "hi", "params": {"response_format": {"type": "json_schema",
+                                                     "json_schema": "{oops"}}}, "valid JSON"),
+    ({"prompt": "hi", "params": {"response_format": {
+        "type": "json_schema", "json_schema": "[" * 100_000 + "]" * 100_000}}}, "bytes"),
+    ({"prompt": "hi", "params": {"response_format": {
+        "type": "json_schema", "json_schema": "[" * 30_000 + "]" * 30_000}}}, "valid JSON"),
 ])
 def test_each_bound_refuses_and_names_its_flag(fields: dict, says: str) -> None:
     with pytest.raises(InvalidArgument, match=says):

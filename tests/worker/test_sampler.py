@@ -1,4 +1,5 @@
-"""Tests for worker.sampler: greedy, reproducibility, distribution, top-k/top-p, and the hash."""
+"""Tests for worker.sampler: greedy, reproducibility, distribution, top-k/top-p, the hash, and
+penalties inside a batch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import pytest
 import torch
 
+from worker.penalties import PenaltyState
 from worker.sampler import hash_uniform, make_sampling_tensors, sample
+from worker.sequence import SamplingOptions, Sequence
 
 DEVICES = [
     "cpu",
@@ -190,3 +193,44 @@ def test_hash_uniform_same_on_cpu_and_cuda() -> None:
     seed, step = torch.tensor([3, 2**31 - 1]), torch.tensor([0, 77])
     assert torch.equal(hash_uniform(seed, step, 1000),
                        hash_uniform(seed.cuda(), step.cuda(), 1000).cpu())
+
+
+def _penalized(request_id: int, outputs: list[int], **penalties) -> Sequence:
+    seq = Sequence(request_id, [1, 2, 3], SamplingOptions(max_tokens=64, **penalties))
+    seq.token_ids += outputs
+    return seq
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_steer_greedy_away_from_repeats(device: str) -> None:
+    logits = torch.zeros(3, 20, device=device)
+    logits[:, 5] = 1.0  # the favourite, already generated twice
+    logits[:, 6] = 0.9
+    seqs = [_penalized(0, [5, 5], frequency_penalty=0.1),  # 1 - 0.2 < 0.9
+            _penalized(1, [5, 5], presence_penalty=0.05),  # 0.95 still wins
+            _penalized(2, [5], repetition_penalty=1.2)]  # 1 / 1.2 < 0.9
+    t = _params(3, device, temperature=0.0)
+    t.penalties = PenaltyState(20, torch.device(device)).gather([0, 1, 2], seqs)
+    assert sample(logits.clone(), t).tolist() == [6, 5, 6]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalized_rows_are_batch_invariant_and_others_untouched(device: str) -> None:
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(6, 300, generator=g).to(device)
+    history = torch.randint(300, (40,), generator=g).tolist()
+    me = _penalized(0, history, repetition_penalty=1.4, frequency_penalty=0.3)
+    dev = torch.device(device)
+    alone = make_sampling_tensors([0.9], [1.0], [0], [3], [7], dev)
+    alone.penalties = PenaltyState(300, dev).gather([0], [me])
+    expected = sample(logits[2:3].clone(), alone)
+    # the same row at position 2, neighbours with other penalties, none, and top-k / top-p
+    args = ([1.0, 0.0, 0.9, 2.0, 0.7, 0.0], [0.8, 1.0, 1.0, 0.5, 1.0, 1.0], [5, 0, 0, 0, 3, 0],
+            [5, 6, 3, 8, 9, 10], [1, 2, 7, 4, 5, 6])
+    crowd = make_sampling_tensors(*args, dev)
+    neighbours = [_penalized(i, history[:10 * i], presence_penalty=-0.5 * i) for i in (1, 2)]
+    crowd.penalties = PenaltyState(300, dev).gather([0, 2, 4], [neighbours[0], me, neighbours[1]])
+    got = sample(logits.clone(), crowd)
+    assert got[2] == expected[0]
+    plain = sample(logits.clone(), make_sampling_tensors(*args, dev))
+    assert got[[1, 3, 5]].tolist() == plain[[1, 3, 5]].tolist()  # rows without penalties

@@ -977,3 +977,42 @@ def test_a_preempted_sequence_never_resumes_on_a_replaced_adapter() -> None:
     assert old.status is SequenceStatus.FINISHED and old.finish_reason == "error"
     assert same.adapter_spec == "v2", "a request admitted after the replacement: new version"
     assert adapters.refcount == Counter({1: 1}), "only the new request holds the slot"
+
+
+class FakeConstraint:
+    """Accepts tokens below 5000; done once it accepted `done_on`."""
+
+    def __init__(self, done_on: int) -> None:
+        self.done_on = done_on
+        self.is_done = False
+        self.accepted: list[int] = []
+
+    def fill_mask(self, bitmask: object, row: int) -> None:
+        raise AssertionError("the scheduler never builds masks")
+
+    def accept(self, token_id: int) -> bool:
+        self.accepted.append(token_id)
+        self.is_done = token_id == self.done_on
+        return token_id < 5000
+
+
+def test_a_complete_grammar_stops_even_with_ignore_eos() -> None:
+    sched = make_scheduler()
+    seq = make_seq(1, prompt_len=3, max_tokens=10, ignore_eos=True)
+    seq.constraint = FakeConstraint(done_on=EOS)
+    sched.add(seq)
+    step(sched, [1234])  # the prompt, then its first token
+    _, events = step(sched, [EOS])
+    assert seq.constraint.accepted == [1234, EOS]
+    assert events[-1].finish_reason == "stop" and not sched.running
+
+
+def test_a_token_the_grammar_refuses_ends_the_request_with_an_error() -> None:
+    sched = make_scheduler()
+    seq = make_seq(1, prompt_len=3, max_tokens=10)
+    seq.constraint = FakeConstraint(done_on=EOS)
+    sched.add(seq)
+    _, events = step(sched, [9999])
+    assert events[-1].finish_reason == "error" and events[-1].error_code == "INTERNAL"
+    assert "response_format" in events[-1].error
+    assert not sched.running and sched.blocks.num_free_blocks == sched.blocks.num_blocks

@@ -181,3 +181,77 @@ def test_health_and_reflection_are_served(tiny_server: ServeThread) -> None:
             response = next(reflect.ServerReflectionInfo(iter([request]), timeout=5))
             names = {s.name for s in response.list_services_response.service}
             assert {service, "grpc.health.v1.Health"} <= names
+
+
+def worker_generate(worker: worker_pb2_grpc.WorkerStub, prompt: str, **params
+                    ) -> list[types_pb2.GenerateResponse]:
+    request = types_pb2.GenerateRequest(prompt=prompt, params=types_pb2.SamplingParams(**params))
+    return list(worker.Generate(request, timeout=60))
+
+
+def test_logprobs_come_with_each_token(worker: worker_pb2_grpc.WorkerStub,
+                                       tiny_model_dir) -> None:
+    from worker.tokenizer import Tokenizer
+
+    chunks = worker_generate(worker, "Tell me about the sea", max_tokens=6, ignore_eos=True,
+                             logprobs=True, top_logprobs=3)
+    tokens = [t for c in chunks for t in c.token_ids]
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.token_id for lp in logprobs] == tokens and len(tokens) == 6
+    table = Tokenizer(tiny_model_dir).vocab_bytes
+    for lp in logprobs:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0].logprob >= lp.top_logprobs[-1].logprob
+        for entry in (lp, *lp.top_logprobs):
+            assert entry.token_bytes == table[entry.token_id]
+            assert entry.token == entry.token_bytes.decode("utf-8", "replace")
+    plain = worker_generate(worker, "Tell me about the sea", max_tokens=6, ignore_eos=True)
+    assert [t for c in plain for t in c.token_ids] == tokens  # greedy: same tokens
+    assert not any(c.logprobs for c in plain)
+
+
+def test_json_schema_output_validates(worker: worker_pb2_grpc.WorkerStub) -> None:
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "maximum": 9}},
+              "required": ["ok", "n"]}
+    fmt = types_pb2.ResponseFormat(type="json_schema", json_schema=json.dumps(schema))
+    chunks = worker_generate(worker, "JSON:", max_tokens=200, response_format=fmt)
+    assert chunks[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(c.text for c in chunks)), schema)
+
+
+@pytest.mark.parametrize("fmt, words", [
+    (types_pb2.ResponseFormat(type="json_schema", json_schema='{"type": "bogus"}'),
+     "JSON Schema"),
+    (types_pb2.ResponseFormat(type="json_schema", json_schema="{not json"), "not valid JSON"),
+    (types_pb2.ResponseFormat(type="yaml"), "response_format.type"),
+])
+def test_bad_response_format_is_invalid_argument(worker: worker_pb2_grpc.WorkerStub,
+                                                 fmt: types_pb2.ResponseFormat,
+                                                 words: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        worker_generate(worker, "Hi", response_format=fmt)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert words in info.value.details()
+
+
+def test_tokenize_matches_what_generate_feeds(worker: worker_pb2_grpc.WorkerStub,
+                                              tiny_model_dir) -> None:
+    from worker.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_model_dir)
+    reply = worker.Tokenize(types_pb2.TokenizeRequest(prompt="Hello there"), timeout=10)
+    assert list(reply.token_ids) == tokenizer.encode_prompt("Hello there")
+    assert reply.max_model_len == 512
+    messages = [types_pb2.ChatMessage(role="user", content="Hi")]
+    reply = worker.Tokenize(types_pb2.TokenizeRequest(messages=messages), timeout=10)
+    assert list(reply.token_ids) == tokenizer.encode_chat([("user", "Hi")])
+    generated = worker.Generate(types_pb2.GenerateRequest(messages=messages), timeout=60)
+    assert [c.usage.prompt_tokens for c in generated][-1] == len(reply.token_ids)
+    with pytest.raises(grpc.RpcError) as info:
+        worker.Tokenize(types_pb2.TokenizeRequest(prompt="Hi", messages=messages), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
