@@ -15,7 +15,7 @@ import sys
 from common.config import add_config_args, config_from_args
 from common.logging import setup_logging
 from common.shared_config import SHARED_FIELDS
-from router.config import RouterConfig
+from router.config import SERVE_HTTP_PORT, RouterConfig
 from worker.config import WorkerConfig
 
 log = logging.getLogger("edgelora")
@@ -34,17 +34,20 @@ async def _serve(worker_config: WorkerConfig | None, router_config: RouterConfig
     from router.server import start_router
     from worker.server import start_worker
 
-    runtimes = []
+    runtimes, metrics = [], []
     if worker_config is not None:
         worker = await start_worker(worker_config)
         runtimes.append(worker)
+        metrics.append(worker.metrics_registry)  # one /metrics page: router and worker
         if router_config is not None and worker_config.port == 0:
             address = f"{worker_config.host}:{worker.port}"
             router_config = dataclasses.replace(router_config, workers=address)
     if router_config is not None:
-        runtimes.append(await start_router(router_config))
-        log.info("ready: clients connect to %s:%d (edgelora.v1.Router)", router_config.host,
-                 runtimes[-1].port)
+        router = await start_router(router_config, metrics)
+        runtimes.append(router)
+        log.info("ready: clients connect to %s:%d (edgelora.v1.Router)%s", router_config.host,
+                 router.port, f" and {router_config.http_bind_host}:{router.http_port} (HTTP, "
+                 "OpenAI-compatible /v1)" if router.http_port else "")
     await _until_signal()
     for runtime in reversed(runtimes):
         await runtime.stop()
@@ -53,16 +56,25 @@ async def _serve(worker_config: WorkerConfig | None, router_config: RouterConfig
 DEFAULT_STATE_DIR = "~/.local/state/edgelora"
 
 
-def _cmd_serve(args: argparse.Namespace) -> None:
+def serve_configs(args: argparse.Namespace) -> tuple[WorkerConfig, RouterConfig]:
+    """`edgelora serve`'s two configs: one box's defaults (state kept, HTTP on, a fresh
+    router <-> worker secret) where neither a flag nor EDGELORA_* sets them."""
     overrides = {}
     if args.state_dir is None and "EDGELORA_STATE_DIR" not in os.environ:
         overrides["state_dir"] = os.path.expanduser(DEFAULT_STATE_DIR)  # one box keeps its state
+    if args.http_port is None and "EDGELORA_HTTP_PORT" not in os.environ:
+        overrides["http_port"] = SERVE_HTTP_PORT  # one box: the OpenAI API is on by default
     router = config_from_args(RouterConfig, args, workers=f"127.0.0.1:{args.worker_port}",
                               **overrides)
     if not router.internal_secret:  # one process: a fresh secret keeps the worker port private
         router = dataclasses.replace(router, internal_token=secrets.token_urlsafe(32))
     worker = config_from_args(WorkerConfig, args, host="127.0.0.1", port=args.worker_port,
                               internal_token=router.internal_secret, internal_token_file="")
+    return worker, router
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    worker, router = serve_configs(args)
     setup_logging(router.log_level)
     asyncio.run(_serve(worker, router))
 
@@ -122,20 +134,35 @@ def _cmd_router_train(args: argparse.Namespace) -> None:
     import torch
 
     from router.embedder import PromptEmbedder
-    from router.profiling import train
+    from router.head_training import HeadNotSaved, train
 
     setup_logging("INFO")
     config = config_from_args(RouterConfig, args)
     torch.set_num_threads(max(config.embedder_threads, torch.get_num_threads()))
-    metrics = train(args.labels, args.out, holdout=args.holdout, epochs=args.epochs,
-                    seed=args.seed, threshold=config.selector_threshold,
-                    embedder=PromptEmbedder(dtype=config.embedder_dtype))
-    print(f"held-out ({metrics['heldout_rows']} prompts): decision accuracy "
-          f"{metrics['heldout_accuracy']:.3f}, label F1 {metrics['heldout_f1']:.3f} "
-          f"(always base model: {metrics['heldout_base_only_accuracy']:.3f}); "
-          f"train ({metrics['train_rows']}): accuracy {metrics['train_accuracy']:.3f}")
+    try:
+        metrics = train(args.labels, args.out, holdout=args.holdout, epochs=args.epochs,
+                        seed=args.seed, threshold=config.selector_threshold,
+                        embedder=PromptEmbedder(dtype=config.embedder_dtype), force=args.force,
+                        l2=args.l2)
+    except HeadNotSaved as exc:
+        print(_train_summary(exc.metrics))
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+    print(_train_summary(metrics))
     print(f"saved {args.out}: a router with --selector-head {args.out} reloads it on its next "
           "selection")
+
+
+def _train_summary(metrics: dict) -> str:
+    best_id = metrics["heldout_best_constant_id"]
+    best = "the base model" if best_id == "" else repr(best_id)
+    return (f"held-out ({metrics['heldout_rows']} prompts): decision accuracy "
+            f"{metrics['heldout_accuracy']:.3f} (mean reward of the head's picks); best constant"
+            f": always {best} {metrics['heldout_best_constant']:.3f} (the best on the training "
+            f"prompts); oracle "
+            f"{metrics['heldout_oracle']:.3f}; label F1 {metrics['heldout_f1']:.3f}\n"
+            f"train ({metrics['train_rows']} prompts): decision accuracy "
+            f"{metrics['train_accuracy']:.3f}; L2 {metrics['l2']:g}")
 
 
 def _add_selector_commands(router: argparse.ArgumentParser) -> None:
@@ -159,14 +186,19 @@ def _add_selector_commands(router: argparse.ArgumentParser) -> None:
                          help="tokens generated per adapter for checker rows (default 48)")
     profile.add_argument("--concurrency", type=int, default=4, help="prompts in flight")
     profile.set_defaults(func=_cmd_router_profile)
-    train = sub.add_parser("train", help="fit the selector head on profile labels, print its "
-                           "held-out score, save it")
-    train.add_argument("--labels", required=True, help="labels JSONL from `router profile`")
+    train = sub.add_parser("train", help="fit the selector head on labels, print its held-out "
+                           "score beside the best constant choice and the oracle, save it")
+    train.add_argument("--labels", required=True, help="labels JSONL: from `router profile`, or "
+                       "graded ({\"prompt\": ..., \"scores\": {adapter: reward in [0, 1]}})")
     train.add_argument("--out", required=True, help="head file to write (atomically)")
     train.add_argument("--holdout", type=float, default=0.2,
                        help="fraction of prompts held out for the score (default 0.2)")
     train.add_argument("--epochs", type=int, default=300)
     train.add_argument("--seed", type=int, default=0, help="split and init seed")
+    train.add_argument("--l2", type=float, default=None, help="L2 strength (default: chosen "
+                       "on an inner split of the training prompts)")
+    train.add_argument("--force", action="store_true", help="save the head even when its "
+                       "held-out picks score below always picking the best single adapter")
     train.set_defaults(func=_cmd_router_train)
 
 

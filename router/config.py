@@ -8,6 +8,9 @@ from pathlib import Path
 from common.shared_config import SharedConfig
 from router.routing import ROUTING_POLICIES
 
+HTTP_OFF = 0  # as --metrics-port: 0 = off
+SERVE_HTTP_PORT = 8000  # `edgelora serve`'s default --http-port: vLLM's, so clients' defaults fit
+
 
 @dataclass(frozen=True)
 class RouterConfig(SharedConfig):
@@ -15,6 +18,15 @@ class RouterConfig(SharedConfig):
         "help": "address the public gRPC API binds (without --api-keys keep it on loopback: "
                 "anyone who reaches the port is admin)"})
     port: int = field(default=50051, metadata={"help": "public gRPC port (0 = pick a free one)"})
+    http_port: int = field(default=HTTP_OFF, metadata={
+        "help": "OpenAI-compatible HTTP port (/v1/chat/completions, /v1/completions, /v1/models, "
+                "/tokenize, /health) with the same API keys and TLS as gRPC; 0 = off (`serve` "
+                f"defaults to {SERVE_HTTP_PORT})"})
+    http_host: str = field(default="", metadata={
+        "help": "address the HTTP port binds ('' = the same as --host)"})
+    served_model_name: str = field(default="", metadata={
+        "help": "the base model's name in the HTTP API's `model` field and /v1/models ('' = the "
+                "name of the workers' model directory, e.g. SmolLM2-135M-Instruct)"})
     workers: str = field(default="127.0.0.1:50052", metadata={
         "help": "comma-separated worker addresses host:port (IPv6 as [addr]:port); a DNS name "
                 "that resolves to several addresses (a Kubernetes headless Service) is one "
@@ -96,6 +108,10 @@ class RouterConfig(SharedConfig):
                 raise ValueError(f"--workers entry {address!r} is not host:port")
         if not 0 <= self.port < 65536:
             raise ValueError("--port must be in [0, 65535]")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError("--http-port must be in [0, 65535] (0 = no HTTP)")
+        if self.http_port and self.http_port == self.port:
+            raise ValueError("--http-port must differ from --port")
         if not 0.0 <= self.selector_threshold <= 1.0 or self.selector_margin < 0:
             raise ValueError("--selector-threshold must be in [0, 1] and --selector-margin >= 0")
         if self.selector_top_k < 1 or self.embedder_threads < 1:
@@ -112,6 +128,17 @@ class RouterConfig(SharedConfig):
             raise ValueError("--health-interval-s and --health-timeout-s must be > 0")
         if self.resolve_interval_s <= 0:
             raise ValueError("--resolve-interval-s must be > 0")
+
+    @property
+    def http_bind_host(self) -> str:
+        return self.http_host or self.host
+
+    @property
+    def max_http_body_bytes(self) -> int:
+        """Largest HTTP request body read: the prompt as JSON (3x covers the escape of every
+        printable character, e.g. an ASCII-escaped emoji is 12 bytes for its 4) plus 1 MiB for
+        the rest (stop strings, a JSON schema, field names)."""
+        return 3 * self.max_prompt_bytes + (1 << 20)
 
     @property
     def worker_addresses(self) -> list[str]:

@@ -16,10 +16,10 @@ Labeling rule (an adapter is a positive for a prompt when it is worth picking ov
     substring for "contains").
   A row with no positive teaches "use the base model".
 
-train: embeds each labeled prompt (the text the router embeds: last user turn or prompt),
-fits the head (router/selector_head.py) on a shuffled split, prints its held-out score (micro-F1
-of the labels and decision accuracy), saves it atomically; a router whose --selector-head names
-the file reloads it on its next selection.
+train (router/head_training.py, re-exported here): fits the head (router/selector_head.py) on
+these labels or on graded ones (router/head_labels.py), scores it on a held-out split beside the
+best constant choice and the oracle, and saves it atomically unless it is worse than that
+constant; a router whose --selector-head names the file reloads it on its next selection.
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 
 from common.internal_auth import secret_interceptors
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
-from router.embedder import PromptEmbedder, prompt_text
-from router.selector_head import evaluate, fit_head, split_rows
+from router.embedder import prompt_text
+from router.head_training import train  # noqa: F401 - `router train` lives beside `profile`
 
 BASE = ""
 SCORE_CHUNK = 16  # adapters per Score call: one batched prefill each
@@ -179,35 +178,3 @@ async def run_profile(addresses: Sequence[str], dataset: str, out: str,
         await profiler.close()
     Path(out).write_text("".join(json.dumps(r) + "\n" for r in labeled))
     return labeled
-
-
-def read_labels(path: str | Path) -> tuple[list[str], list[str], torch.Tensor]:
-    """-> texts, adapter ids (every adapter profiled), targets [n, num_adapters] in {0, 1}."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{path}: no labeled rows (make them with `edgelora router profile`)")
-    adapter_ids = sorted({a for r in rows for a in r["adapter_ids"]})
-    targets = torch.zeros(len(rows), len(adapter_ids))
-    for i, row in enumerate(rows):
-        for adapter_id in row["positives"]:
-            targets[i, adapter_ids.index(adapter_id)] = 1.0
-    return [r["text"] for r in rows], adapter_ids, targets
-
-
-def train(labels: str, out: str, holdout: float = 0.2, epochs: int = 300, seed: int = 0,
-          threshold: float = 0.5, embedder: PromptEmbedder | None = None) -> dict[str, float]:
-    """Fits on the train split, scores on the held-out split, saves -> the held-out metrics."""
-    texts, adapter_ids, targets = read_labels(labels)
-    embedder = embedder or PromptEmbedder()
-    examples = embedder.embed_segments(texts)
-    train_rows, held_rows = split_rows(len(texts), holdout, seed)
-    head = fit_head([examples[i] for i in train_rows], targets[train_rows], adapter_ids,
-                    epochs=epochs, seed=seed)
-    train_score = evaluate(head, [examples[i] for i in train_rows], targets[train_rows], threshold)
-    held = evaluate(head, [examples[i] for i in held_rows], targets[held_rows], threshold)
-    base_only = sum(not targets[i].any() for i in held_rows) / max(len(held_rows), 1)
-    head.metrics = {"heldout_accuracy": held["accuracy"], "heldout_f1": held["f1"],
-                    "heldout_rows": held["rows"], "train_accuracy": train_score["accuracy"],
-                    "train_rows": train_score["rows"], "heldout_base_only_accuracy": base_only}
-    head.save(out)
-    return head.metrics

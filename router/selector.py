@@ -2,8 +2,11 @@
 
 Confidence per registered adapter, in [0, 1], multi-label (several adapters can fit a prompt):
 from the trained head (`--selector-head`, made by `edgelora router train`) for the adapters it
-was trained on, else zero-shot from the adapter's description and example prompts
-(router/zero_shot.py), so an adapter is selectable as soon as it is registered.
+was trained on, else zero-shot from the adapter's description and example prompts, so an adapter
+is selectable as soon as it is registered. A card is read by one of two rules, chosen from how
+its examples are written (router/zero_shot_domain.py, `card_kind`): behaviour cards by the
+request they repeat (router/zero_shot.py), domain cards by the topic they share
+(router/zero_shot_domain.py); a clear behaviour request outranks any topic (`_topic_factor`).
 
 Decision (`decide`, pure): rank by confidence; below `threshold` -> base model (""); else among the
 `top_k` best that pass the threshold, take the best one resident on some worker (host or device
@@ -30,9 +33,18 @@ from router.embedder import EmbeddingBatcher
 from router.plain_prompts import PLAIN_PROMPTS
 from router.selector_head import TrainedHead
 from router.zero_shot import PrototypeIndex, prototype_segments, prototype_texts, to_confidence
+from router.zero_shot_domain import DOMAIN, TopicIndex, card_kind
+from router.zero_shot_domain import to_confidence as to_domain_confidence
 
 log = logging.getLogger(__name__)
 BASE = ""
+CLEAR_REQUEST = 0.9  # a behaviour confidence that outranks every domain (_topic_factor)
+# Selection.kind: which rule of `decide` chose, a closed set (the metrics' "reason" label).
+NO_ADAPTERS, BELOW_THRESHOLD = "no_adapters", "below_threshold"
+BEST_RESIDENT, RESIDENT_WITHIN_MARGIN, BEST_NOT_RESIDENT = (
+    "best_resident", "resident_within_margin", "best_not_resident")
+SELECTION_KINDS = (NO_ADAPTERS, BELOW_THRESHOLD, BEST_RESIDENT, RESIDENT_WITHIN_MARGIN,
+                   BEST_NOT_RESIDENT)
 
 
 class AdapterCard(Protocol):  # router.registry.AdapterRecord
@@ -45,7 +57,9 @@ class Selection:
     adapter_id: str                                  # "" = base model
     ranking: list[tuple[str, float]]                 # every adapter, best first
     reason: str
-    sources: dict[str, str] = field(default_factory=dict)  # adapter -> "head" / "zero-shot"
+    # adapter -> "head" / "zero-shot" (a behaviour card) / "zero-shot domain"
+    sources: dict[str, str] = field(default_factory=dict)
+    kind: str = ""                                   # one of SELECTION_KINDS
 
 
 def decide(confidences: Mapping[str, float], resident: Set[str], *, top_k: int = 3,
@@ -55,24 +69,26 @@ def decide(confidences: Mapping[str, float], resident: Set[str], *, top_k: int =
     ranking = sorted(confidences.items(), key=lambda item: (-item[1], item[0]))
     sources = dict(sources or {})
     if not ranking:
-        return Selection(BASE, [], "no adapter is registered: base model", sources)
+        return Selection(BASE, [], "no adapter is registered: base model", sources,
+                         NO_ADAPTERS)
     best_id, best = ranking[0]
     how = f" ({sources[best_id]})" if best_id in sources else ""
     if best < threshold:
         return Selection(BASE, ranking, f"best adapter {best_id!r} has confidence {best:.2f}{how}"
-                         f" < threshold {threshold:.2f}: base model", sources)
+                         f" < threshold {threshold:.2f}: base model", sources, BELOW_THRESHOLD)
     candidates = [(a, c) for a, c in ranking[:top_k] if c >= threshold]
     if best_id in resident:
         return Selection(best_id, ranking, f"{best_id!r} has the highest confidence {best:.2f}"
-                         f"{how} and is resident on a worker", sources)
+                         f"{how} and is resident on a worker", sources, BEST_RESIDENT)
     for adapter_id, confidence in candidates[1:]:
         if adapter_id in resident and best - confidence <= margin:
             return Selection(adapter_id, ranking, (
                 f"{adapter_id!r} (confidence {confidence:.2f}) is resident on a worker and within "
                 f"margin {margin:.2f} of the best {best_id!r} ({best:.2f}{how}), which is not"),
-                sources)
+                sources, RESIDENT_WITHIN_MARGIN)
     return Selection(best_id, ranking, f"{best_id!r} has the highest confidence {best:.2f}{how}"
-                     "; no resident candidate within the margin (it loads from disk)", sources)
+                     "; no resident candidate within the margin (it loads from disk)", sources,
+                     BEST_NOT_RESIDENT)
 
 
 class AdapterSelector:
@@ -83,7 +99,9 @@ class AdapterSelector:
         self.threshold, self.margin, self.top_k = threshold, margin, top_k
         self.head: TrainedHead | None = None
         self._head_stamp: tuple[float, int] | None = None
-        self._index: PrototypeIndex | None = None
+        self._index: PrototypeIndex | None = None  # behaviour cards (router/zero_shot.py)
+        self._topics: TopicIndex | None = None     # domain cards (router/zero_shot_domain.py)
+        self.kinds: dict[str, str] = {}  # adapter id -> how its card is read: behaviour / domain
         self._cards: dict[str, Any] = {}  # adapter id -> registry record its prototypes are of
         self._lock = asyncio.Lock()
         self._warm_up_task: asyncio.Task | None = None
@@ -103,22 +121,42 @@ class AdapterSelector:
                 self._cards.get(a) is card for a, card in cards.items()):
             return
         async with self._lock:
-            if self._index is None:
-                background = await self.batcher.run(_embed_texts, list(PLAIN_PROMPTS))
-                self._index = PrototypeIndex(background)
+            if self._index is None or self._topics is None:
+                plain = await self.batcher.run(lambda e, t: e.embed_segments(t),
+                                               list(PLAIN_PROMPTS))
+                self._index = PrototypeIndex(torch.cat(plain))
+                self._topics = TopicIndex(torch.stack([p[0] for p in plain]))
             for adapter_id in [a for a in self._cards if a not in cards]:
-                self._index.remove(adapter_id)
+                self._forget(adapter_id)
                 del self._cards[adapter_id]
             changed = {a: c for a, c in cards.items() if self._cards.get(a) is not c}
             for adapter_id, card in changed.items():
                 texts = prototype_texts(card.description, list(card.example_prompts))
-                if texts:
+                if texts:  # a changed card's old prototypes serve until the new ones are in
                     per_text = await self.batcher.run(lambda e, t: e.embed_segments(t), texts)
-                    self._index.set(adapter_id,
-                                    prototype_segments(per_text, self._index.background))
+                    self._add(adapter_id, per_text, has_description=bool(
+                        card.description.strip()))
                 else:  # nothing to embed (most tenants' adapters): no thread hop
-                    self._index.remove(adapter_id)
+                    self._forget(adapter_id)
                 self._cards[adapter_id] = card
+
+    def _add(self, adapter_id: str, per_text: list[torch.Tensor], has_description: bool) -> None:
+        """Files a card's embedded texts under the rule its examples call for."""
+        assert self._index is not None and self._topics is not None
+        kind = card_kind(per_text[1:] if has_description else per_text)
+        self.kinds[adapter_id] = kind
+        if kind == DOMAIN:
+            self._topics.set(adapter_id, torch.stack([t[0] for t in per_text]))
+            self._index.remove(adapter_id)
+        else:
+            self._index.set(adapter_id, prototype_segments(per_text, self._index.background))
+            self._topics.remove(adapter_id)
+
+    def _forget(self, adapter_id: str) -> None:
+        assert self._index is not None and self._topics is not None
+        self._index.remove(adapter_id)
+        self._topics.remove(adapter_id)
+        self.kinds.pop(adapter_id, None)
 
     async def reload_head_if_changed(self) -> None:
         if not self.head_path:
@@ -144,16 +182,23 @@ class AdapterSelector:
     def confidences(self, segments: torch.Tensor, registered: Sequence[str]
                     ) -> tuple[dict[str, float], dict[str, str]]:
         """segments [k, dim] of one prompt -> confidence and its source per registered adapter."""
-        assert self._index is not None
+        assert self._index is not None and self._topics is not None
         registered_set = set(registered)
         confidences: dict[str, float] = dict.fromkeys(registered, 0.0)
         sources: dict[str, str] = dict.fromkeys(registered, "no description or examples")
-        contrasts = self._index.contrasts(segments)
-        if contrasts:
-            ids = [a for a in contrasts if a in registered_set]
-            values = to_confidence(torch.tensor([contrasts[a] for a in ids])).tolist()
-            confidences.update(zip(ids, values, strict=True))
-            sources.update(dict.fromkeys(ids, "zero-shot"))
+        requested = 0.0  # the most confident behaviour card's confidence
+        for raw, rule, source in ((self._index.contrasts(segments), to_confidence, "zero-shot"),
+                                  (self._topics.scores(segments[0]), to_domain_confidence,
+                                   "zero-shot domain")):
+            ids = [a for a in raw if a in registered_set]
+            if ids:
+                values = rule(torch.tensor([raw[a] for a in ids]))
+                if source == "zero-shot":
+                    requested = float(values.max())
+                else:
+                    values = values * _topic_factor(requested)
+                confidences.update(zip(ids, values.tolist(), strict=True))
+                sources.update(dict.fromkeys(ids, source))
         if self.head is not None:
             known = {a: c for a, c in self.head.confidences(segments).items()
                      if a in registered_set}
@@ -190,6 +235,15 @@ class AdapterSelector:
         self.batcher.close()
 
 
+def _topic_factor(requested: float) -> float:
+    """A clear behaviour request (zero-shot confidence b >= CLEAR_REQUEST) outranks any topic:
+    domain confidences are scaled by 1 - b, far below the threshold, in their order
+    (SelectAdapter's ranking still shows the topic). A weaker one competes as it is: the
+    behaviour rule fires weakly on some topics ("a dictionary" ~ JSON, 0.5-0.8), where the
+    domain is right; real requests score 0.99+ (the dev sets of router/zero_shot_domain.py)."""
+    return 1.0 - requested if requested >= CLEAR_REQUEST else 1.0
+
+
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("selector warm-up failed (retried on first use): %r", task.exception())
@@ -201,10 +255,3 @@ def _load_head(embedder: Any, path: str) -> TrainedHead:
         raise ValueError(f"the head takes {head.weight.shape[1]}-d embeddings, the embedder "
                          f"makes {embedder.dim}-d ones: train it again with this embedder")
     return head
-
-
-def _embed_texts(embedder: Any, texts: list[str]) -> torch.Tensor:
-    """Every clause of every text (split as prompts are) -> [n, dim]."""
-    segments = embedder.embed_segments(texts) if texts else []
-    return torch.cat(segments) if segments else torch.empty(0, embedder.dim)
-

@@ -1,5 +1,6 @@
-"""The public Router servicer: authenticates the caller, resolves the adapter within what that
-tenant may use, forwards to a worker and relays its stream.
+"""The public Router servicer: authenticates the caller; generation and tokenizing go through the
+Dispatcher (router/dispatch.py, shared with the HTTP front); adapter registration, upload and
+removal within what that tenant may do.
 
 Never tokenizes or runs a model; worker errors reach the client with their status and message.
 """
@@ -9,161 +10,74 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
 from common.errors import EdgeLoraError, InvalidArgument, PermissionDenied
 from common.internal_auth import bearer_token
-from common.limits import AUTO, check_adapter_id, check_card, check_generate
+from common.limits import check_adapter_id, check_card, check_generate
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from router.adapter_cards import CARD_FILE, parse_card
 from router.adapter_paths import confine
 from router.config import RouterConfig
+from router.dispatch import Dispatcher, merge_chunks
 from router.embedder import prompt_text
-from router.ownership import check_replace, listed, not_found, registration_owner, removal_target
+from router.ownership import check_replace, listed, registration_owner, removal_target
 from router.registry import AdapterRegistry, record_name
 from router.selector import AdapterSelector, Selection
 from router.tenants import Caller, KeyRing, TenantLimits
-from router.workers import WorkerHandle, WorkerPool
+from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
+    """gRPC in front of the Dispatcher (the request path the HTTP front shares) and the
+    adapter registry."""
+
     def __init__(self, pool: WorkerPool, registry: AdapterRegistry,
                  selector: AdapterSelector | None = None, config: RouterConfig | None = None,
                  keys: KeyRing | None = None) -> None:
-        self.pool = pool
+        self.dispatch = Dispatcher(pool, registry, selector, config, keys)
         self.registry = registry
-        self.selector = selector  # None: "auto" is the base model
-        self.config = config or RouterConfig()
-        self.keys = keys or KeyRing()
+        self.selector = selector
+        self.config = self.dispatch.config
+        self.keys = self.dispatch.keys
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         try:
-            return self.keys.authenticate(bearer_token(context.invocation_metadata()))
+            return self.dispatch.authenticate(bearer_token(context.invocation_metadata()))
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
-
-    def _worker_metadata(self, caller: Caller) -> tuple[tuple[str, str], ...]:
-        """Who asks, and that tenant's share of a worker, for its fair admission there."""
-        limits = caller.limits
-        running = limits.max_running if limits.max_running is not None \
-            else self.config.tenant_max_running
-        queued = limits.max_queued if limits.max_queued is not None \
-            else self.config.tenant_max_queued
-        return (("edgelora-tenant", caller.tenant), ("edgelora-max-running", str(running)),
-                ("edgelora-max-queued", str(queued)))
-
-    async def _select(self, caller: Caller, text: str) -> Selection:
-        """The selector's decision among the adapters `caller` may use (worker keys)."""
-        visible = self.registry.visible(caller.tenant)
-        return await self.selector.select(text, self.registry.adapters,
-                                          self.pool.resident_adapters(), candidates=visible)
-
-    async def _resolve_adapter(self, request: types_pb2.GenerateRequest, caller: Caller
-                               ) -> types_pb2.GenerateRequest:
-        """The request as a worker takes it: adapter_id is the worker key ("" = base)."""
-        check_generate(request, self.config)
-        forwarded = types_pb2.GenerateRequest()
-        forwarded.CopyFrom(request)
-        if request.adapter_id == AUTO:
-            forwarded.adapter_id = ""  # no selector, or it failed: the base model
-            if self.selector is not None:
-                try:
-                    selection = await self._select(
-                        caller, prompt_text(request.prompt, request.messages))
-                    forwarded.adapter_id = selection.adapter_id
-                    log.debug("auto -> %r: %s", selection.adapter_id, selection.reason)
-                except Exception as exc:  # selection never fails a generation
-                    log.warning("adapter selection failed, 'auto' uses the base model: %r", exc)
-        elif request.adapter_id:
-            check_adapter_id(request.adapter_id)
-            record = self.registry.find(caller.tenant, request.adapter_id)
-            if record is None:
-                raise not_found(request.adapter_id)
-            forwarded.adapter_id = record.key
-        return forwarded
 
     async def GenerateStream(self, request: types_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[types_pb2.GenerateResponse]:
         caller = await self._caller(context)
         try:
-            forwarded = await self._resolve_adapter(request, caller)
+            async with aclosing(self.dispatch.generate(caller, request)) as stream:
+                async for response in stream:
+                    yield response
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
-        public_id = record_name(forwarded.adapter_id)
-        metadata = self._worker_metadata(caller)
-        tried: list[str] = []
-        resynced: set[str] = set()
-        while True:  # another try only while nothing has reached the client
-            try:
-                worker = self.pool.pick(forwarded.adapter_id, exclude=tried)
-            except EdgeLoraError as exc:
-                await context.abort(exc.code, str(exc))
-            has_started = False
-            with self.pool.lease(worker):
-                call = worker.stub.Generate(forwarded, metadata=metadata)
-                try:
-                    async for response in call:
-                        has_started = True
-                        response.adapter_id = public_id  # never the worker key
-                        yield response
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                        self.pool.mark_failed(worker, f"Generate: {exc.details()}")
-                    if has_started or not await self._can_retry(exc, worker, forwarded,
-                                                                tried, resynced):
-                        await context.abort(exc.code(), self._describe(exc, worker.name))
-                finally:
-                    call.cancel()  # no-op when done; frees the worker's sequence if the client left
-
-    async def _can_retry(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle,
-                         request: types_pb2.GenerateRequest, tried: list[str],
-                         resynced: set[str]) -> bool:
-        """Handles a worker's failure before the first chunk; True when worth another try.
-        UNAVAILABLE: another worker is tried. NOT_FOUND for an adapter
-        registered here: the worker restarted between two health polls; re-sync it once.
-        FAILED_PRECONDITION: the worker's copy of the files went missing or corrupt (a flipped
-        byte, its cache's bound); they are sent again, once."""
-        if exc.code() is grpc.StatusCode.UNAVAILABLE:  # taken out of the pool by the caller
-            log.info("worker %s failed before the first token; retrying elsewhere", worker.name)
-            tried.append(worker.address)
-            return True
-        if worker.address in resynced or request.adapter_id not in self.registry.adapters:
-            return False
-        if exc.code() is grpc.StatusCode.NOT_FOUND:
-            resynced.add(worker.address)
-            try:
-                await self.registry.sync_worker(worker)
-            except grpc.aio.AioRpcError:
-                return False
-            return True
-        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
-            resynced.add(worker.address)
-            return await self.registry.repair(worker, request.adapter_id)
-        return False
 
     async def Generate(self, request: types_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> types_pb2.GenerateResponse:
-        whole = types_pb2.GenerateResponse()
-        texts = []
-        async for chunk in self.GenerateStream(request, context):
-            texts.append(chunk.text)
-            whole.token_ids.extend(chunk.token_ids)
-            whole.adapter_id, whole.finish_reason = chunk.adapter_id, chunk.finish_reason
-            whole.usage.CopyFrom(chunk.usage)
-        whole.text = "".join(texts)
-        return whole
+        caller = await self._caller(context)
+        try:
+            async with aclosing(self.dispatch.generate(caller, request)) as stream:
+                return merge_chunks([chunk async for chunk in stream])
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
 
-    @staticmethod
-    def _describe(exc: grpc.aio.AioRpcError, address: str) -> str:
-        if exc.code() is grpc.StatusCode.UNAVAILABLE:
-            return (f"worker {address} became unavailable while streaming this request "
-                    f"({exc.details()}); the tokens already sent stand, retry for the rest")
-        return exc.details() or exc.code().name
+    async def Tokenize(self, request: types_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> types_pb2.TokenizeResponse:
+        caller = await self._caller(context)
+        try:
+            return await self.dispatch.tokenize(caller, request)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
@@ -289,7 +203,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 selected_adapter_id="", reason="this router runs without the adaptive selector: "
                 "'auto' uses the base model")
         try:
-            selection = await self._select(caller, prompt_text(request.prompt, request.messages))
+            selection = await self.dispatch.select(caller,
+                                                   prompt_text(request.prompt, request.messages))
         except Exception as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the adapter selector failed: {exc}")
         ranking = selection.ranking[:request.top_k] if request.top_k else selection.ranking

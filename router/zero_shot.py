@@ -1,4 +1,6 @@
-"""Zero-shot adapter confidences from each adapter's description and example prompts.
+"""Zero-shot adapter confidences from each adapter's description and example prompts, for
+*behaviour* cards (a style or format the prompt asks for; domain cards are read by
+router/zero_shot_domain.py, which also says how the two are told apart).
 
 Rule: embed the prompt and each of its clauses; for every clause take its best cosine to the
 adapter's prototypes (description + the request clauses of its example prompts, see

@@ -110,7 +110,8 @@ class ServeThread:
 
         worker = await start_worker(worker_config)
         router = await start_router(RouterConfig(port=0, workers=f"127.0.0.1:{worker.port}",
-                                                 **router_fields))
+                                                 **router_fields),
+                                    [worker.metrics_registry])  # as `serve`: one /metrics
         return worker, router
 
     def stop(self) -> None:

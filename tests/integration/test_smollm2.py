@@ -99,7 +99,8 @@ def test_serve_answers_paris_in_several_chunks(default_model_dir: Path, tmp_path
     port = _free_port()
     env = {**os.environ, "EDGELORA_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "serve", "--port", str(port),
-                             "--state-dir", str(tmp_path / "state")],
+                             "--state-dir", str(tmp_path / "state"),
+                             "--http-port", "0"],  # not 8000: a `make run` may hold it
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -179,7 +179,7 @@ def test_kill_worker_during_load_then_rejoin(cluster, tiny_model_dir: Path, tmp_
         stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
             adapter_id=adapter_id, path=str(write_random_adapter(
                 tmp_path / adapter_id, tiny_model_dir, rank=4, seed=i))), timeout=30)
-    retries, service_log = RetryLog(), logging.getLogger("router.service")
+    retries, service_log = RetryLog(), logging.getLogger("router.dispatch")
     service_log.addHandler(retries)
     level = service_log.level
     service_log.setLevel(logging.INFO)

@@ -121,6 +121,7 @@ class SecurityServer:
     hostile: dict[str, Path]
     base_dir: Path
     log_path: Path
+    http_port: int = 0  # the OpenAI-compatible HTTP front (HTTPS, the same certificate)
     _channels: list[grpc.Channel] = field(default_factory=list)
 
     @property

@@ -1,0 +1,228 @@
+"""The router's request path, whatever the protocol: authenticate the caller, check the request,
+resolve its adapter within what that tenant may use ("auto" included), pick a worker, retry
+elsewhere before the first chunk, relay the chunks with the public adapter id.
+
+The gRPC servicer (router/service.py) and the HTTP front (router/http_api.py) both call it, so
+selection, routing and retries have one home. No grpc ServicerContext here: refusals are
+EdgeLoraErrors carrying the status a client should see (a worker's own status included).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from common.errors import EdgeLoraError
+from common.limits import AUTO, check_adapter_id, check_generate, check_prompt
+from edgelora.v1 import types_pb2
+from router.config import RouterConfig
+from router.embedder import prompt_text
+from router.metrics import NO_SELECTOR, SELECTOR_FAILED, RouterMetrics
+from router.ownership import not_found
+from router.registry import AdapterRecord, AdapterRegistry, RpcError, record_name
+from router.selector import AdapterSelector, Selection
+from router.tenants import Caller, KeyRing
+from router.workers import WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+TOKENIZE_TIMEOUT_S = 30.0
+UNKNOWN_BASE_NAME = "base"  # before any worker answered and without --served-model-name
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool, registry: AdapterRegistry,
+                 selector: AdapterSelector | None = None, config: RouterConfig | None = None,
+                 keys: KeyRing | None = None) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.selector = selector  # None: "auto" is the base model
+        self.config = config or RouterConfig()
+        self.keys = keys or KeyRing()
+        self.metrics = RouterMetrics(lambda key: key in registry.adapters)
+
+    def authenticate(self, token: str) -> Caller:
+        """The caller a bearer token names (Unauthenticated when the keys file knows none)."""
+        return self.keys.authenticate(token)
+
+    def base_model_name(self) -> str:
+        """What clients call the base model: --served-model-name, else the name of the model
+        directory the workers serve (e.g. SmolLM2-135M-Instruct)."""
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        for worker in self.pool.all_workers:  # the last Info of any worker, live or not
+            if worker.info is not None and worker.info.model:
+                return Path(worker.info.model).name
+        return UNKNOWN_BASE_NAME
+
+    def max_model_len(self) -> int:
+        """Prompt + completion tokens the workers take (0 = no worker answered yet)."""
+        lengths = [w.info.max_model_len for w in self.pool.all_workers if w.info is not None]
+        return min(lengths, default=0)
+
+    def visible_adapters(self, caller: Caller) -> list[AdapterRecord]:
+        """The adapters `caller` may generate with (its own and the shared ones), by id."""
+        return sorted(self.registry.visible(caller.tenant).values(), key=lambda r: r.adapter_id)
+
+    def worker_metadata(self, caller: Caller) -> tuple[tuple[str, str], ...]:
+        """Who asks, and that tenant's share of a worker, for its fair admission there."""
+        limits = caller.limits
+        running = limits.max_running if limits.max_running is not None \
+            else self.config.tenant_max_running
+        queued = limits.max_queued if limits.max_queued is not None \
+            else self.config.tenant_max_queued
+        return (("edgelora-tenant", caller.tenant), ("edgelora-max-running", str(running)),
+                ("edgelora-max-queued", str(queued)))
+
+    async def select(self, caller: Caller, text: str) -> Selection:
+        """The selector's decision among the adapters `caller` may use (worker keys)."""
+        visible = self.registry.visible(caller.tenant)
+        return await self.selector.select(text, self.registry.adapters,
+                                          self.pool.resident_adapters(), candidates=visible)
+
+    async def prepare(self, caller: Caller, request: types_pb2.GenerateRequest
+                      ) -> types_pb2.GenerateRequest:
+        """The checked request as a worker takes it: adapter_id is the worker key ("" = base).
+        `record_name(result.adapter_id)` is the id the client is told. A refusal is counted
+        in the metrics here, a generation by relay()."""
+        try:
+            check_generate(request, self.config)
+            forwarded = types_pb2.GenerateRequest()
+            forwarded.CopyFrom(request)
+            if request.adapter_id == AUTO:
+                forwarded.adapter_id = await self._auto(caller, request)
+            elif request.adapter_id:
+                check_adapter_id(request.adapter_id)
+                record = self.registry.find(caller.tenant, request.adapter_id)
+                if record is None:
+                    raise not_found(request.adapter_id)
+                forwarded.adapter_id = record.key
+            return forwarded
+        except EdgeLoraError as exc:
+            self.metrics.refused(request.adapter_id, caller.tenant, exc.code)
+            raise
+
+    async def _auto(self, caller: Caller, request: types_pb2.GenerateRequest) -> str:
+        """The worker key "auto" means for `request` ("" = base). Selection never fails a
+        generation: without a selector, or when it fails, the base model."""
+        if self.selector is None:
+            self.metrics.selection("", NO_SELECTOR)
+            return ""
+        try:
+            selection = await self.select(caller, prompt_text(request.prompt, request.messages))
+        except Exception as exc:
+            log.warning("adapter selection failed, 'auto' uses the base model: %r", exc)
+            self.metrics.selection("", SELECTOR_FAILED)
+            return ""
+        log.debug("auto -> %r: %s", selection.adapter_id, selection.reason)
+        self.metrics.selection(selection.adapter_id, selection.kind)
+        return selection.adapter_id
+
+    def relay(self, caller: Caller, forwarded: types_pb2.GenerateRequest
+              ) -> AsyncIterator[types_pb2.GenerateResponse]:
+        """Streams a prepared request from a worker, counted and timed in the metrics. Before
+        the first chunk a failed worker is replaced (or re-synced) and the request tried
+        again; after it, the failure is the client's (RpcError with the worker's status).
+        Closing the iterator early (the client left) cancels the worker's call, which frees
+        its sequence."""
+        return self.metrics.observe(self._relay(caller, forwarded), forwarded.adapter_id,
+                                    caller.tenant)
+
+    async def _relay(self, caller: Caller, forwarded: types_pb2.GenerateRequest
+                     ) -> AsyncIterator[types_pb2.GenerateResponse]:
+        public_id = record_name(forwarded.adapter_id)
+        metadata = self.worker_metadata(caller)
+        tried: list[str] = []
+        resynced: set[str] = set()
+        while True:  # another try only while nothing has reached the client
+            worker = self.pool.pick(forwarded.adapter_id, exclude=tried)
+            has_started = False
+            with self.pool.lease(worker):
+                call = worker.stub.Generate(forwarded, metadata=metadata)
+                try:
+                    async for response in call:
+                        has_started = True
+                        response.adapter_id = public_id  # never the worker key
+                        yield response
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                        self.pool.mark_failed(worker, f"Generate: {exc.details()}")
+                    if has_started or not await self._can_retry(exc, worker, forwarded,
+                                                                tried, resynced):
+                        raise RpcError(exc.code(), _describe(exc, worker.name)) from None
+                finally:
+                    call.cancel()  # no-op when done; frees the worker's sequence if the client left
+
+    async def generate(self, caller: Caller, request: types_pb2.GenerateRequest
+                       ) -> AsyncIterator[types_pb2.GenerateResponse]:
+        """prepare() then relay(): one generation as the client asked for it."""
+        forwarded = await self.prepare(caller, request)
+        async for response in self.relay(caller, forwarded):
+            yield response
+
+    async def _can_retry(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle,
+                         request: types_pb2.GenerateRequest, tried: list[str],
+                         resynced: set[str]) -> bool:
+        """Handles a worker's failure before the first chunk; True when worth another try.
+        UNAVAILABLE: another worker is tried. NOT_FOUND for an adapter
+        registered here: the worker restarted between two health polls; re-sync it once.
+        FAILED_PRECONDITION: the worker's copy of the files went missing or corrupt (a flipped
+        byte, its cache's bound); they are sent again, once."""
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:  # taken out of the pool by the caller
+            log.info("worker %s failed before the first token; retrying elsewhere", worker.name)
+            tried.append(worker.address)
+            return True
+        if worker.address in resynced or request.adapter_id not in self.registry.adapters:
+            return False
+        if exc.code() is grpc.StatusCode.NOT_FOUND:
+            resynced.add(worker.address)
+            try:
+                await self.registry.sync_worker(worker)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+        if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            resynced.add(worker.address)
+            return await self.registry.repair(worker, request.adapter_id)
+        return False
+
+    async def tokenize(self, caller: Caller, request: types_pb2.TokenizeRequest
+                       ) -> types_pb2.TokenizeResponse:
+        """The token ids a worker would generate from (every worker holds the same tokenizer;
+        a dead one is skipped)."""
+        check_prompt(request, self.config)
+        tried: list[str] = []
+        while True:
+            worker = self.pool.pick("", exclude=tried)
+            try:
+                return await worker.stub.Tokenize(request, metadata=self.worker_metadata(caller),
+                                                  timeout=TOKENIZE_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise RpcError(exc.code(), exc.details() or exc.code().name) from None
+                self.pool.mark_failed(worker, f"Tokenize: {exc.details()}")
+                tried.append(worker.address)
+
+
+def merge_chunks(chunks: list[types_pb2.GenerateResponse]) -> types_pb2.GenerateResponse:
+    """A stream's chunks as one response: all text, tokens and logprobs; the last chunk's adapter,
+    finish_reason and usage."""
+    whole = types_pb2.GenerateResponse()
+    for chunk in chunks:
+        whole.token_ids.extend(chunk.token_ids)
+        whole.logprobs.extend(chunk.logprobs)
+        whole.adapter_id, whole.finish_reason = chunk.adapter_id, chunk.finish_reason
+        whole.usage.CopyFrom(chunk.usage)
+    whole.text = "".join(chunk.text for chunk in chunks)
+    return whole
+
+
+def _describe(exc: grpc.aio.AioRpcError, address: str) -> str:
+    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+        return (f"worker {address} became unavailable while streaming this request "
+                f"({exc.details()}); the tokens already sent stand, retry for the rest")
+    return exc.details() or exc.code().name
+
