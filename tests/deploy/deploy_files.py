@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from common.config import ENV_PREFIX, config_from_args
-from edgelora.cli import build_parser
+from edgelora.cli import build_parser, serve_configs
 from router.config import RouterConfig
 from worker.config import WorkerConfig
 
@@ -138,10 +138,8 @@ def configs_for(argv: list[str], env: dict[str, str],
         elif args.command == "router":
             configs = {"router": config_from_args(RouterConfig, args)}
         elif args.command == "serve":
-            configs = {"worker": config_from_args(WorkerConfig, args, host="127.0.0.1",
-                                                  port=args.worker_port),
-                       "router": config_from_args(RouterConfig, args,
-                                                  workers=f"127.0.0.1:{args.worker_port}")}
+            worker, router = serve_configs(args)  # serve's own defaults (HTTP on, state kept)
+            configs = {"worker": worker, "router": router}
         else:
             configs = {}
     if files is not None:
@@ -269,14 +267,23 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_compose(*files: str) -> dict[str, Any]:
+def load_compose(*files: str, with_others: bool = False) -> dict[str, Any]:
     """`docker compose -f deploy/A -f deploy/B ...` as one file, ${VAR:-default} replaced by its
-    default (as with no .env)."""
+    default (as with no .env). Its services are the edgelora ones (an edgelora:* image) unless
+    `with_others`: the Prometheus service beside them runs no edgelora command
+    (test_metrics_deploy.py checks it)."""
     merged: dict[str, Any] = {}
     for name in files:
         text = (DEPLOY / name).read_text()
         merged = _merge(merged, yaml.safe_load(_VARIABLE.sub(lambda m: m.group(2) or "", text)))
+    if not with_others:
+        merged["services"] = {name: service for name, service in merged["services"].items()
+                              if is_edgelora_service(service)}
     return merged
+
+
+def is_edgelora_service(service: dict[str, Any]) -> bool:
+    return str(service.get("image", "")).startswith("edgelora:")
 
 
 def compose_secret_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:

@@ -109,7 +109,8 @@ def test_dockerfile_runs_a_valid_edgelora_command(dockerfile: Path) -> None:
     configs = configs_for(argv, env)
     assert configs, f"CMD {argv} starts no server"
     exposed = {int(p) for rest in dockerfile_values(dockerfile, "EXPOSE") for p in rest.split()}
-    assert exposed == {listen_port(configs), WorkerConfig().port}
+    assert exposed == {listen_port(configs), configs["router"].http_port, WorkerConfig().port}
+    assert configs["router"].http_port, "serve answers HTTP too"
     adapters_dir = configs["router"].adapters_dir
     assert (image_path_to_repo(adapters_dir) / "shout" / "adapter_config.json").is_file()
     assert {n for n in env if n.startswith("EDGELORA_")} <= config_env_names()
@@ -250,8 +251,11 @@ def test_k8s_containers_run_valid_commands_with_matching_ports_and_probes(overla
         assert configs, container["name"]
         port = listen_port(configs)
         servers += 1
-        assert [p["containerPort"] for p in container["ports"]] == [port]
         kind = process_kind(configs)
+        metrics_port = getattr(configs[kind], "metrics_port", 0)  # a worker's /metrics
+        http_port = getattr(configs[kind], "http_port", 0)  # the router's HTTP and /metrics
+        assert [p["containerPort"] for p in container["ports"]] == \
+            [p for p in (port, http_port, metrics_port) if p]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             where = f"{container['name']} {probe}"
             if getattr(configs[kind], "tls_cert", ""):
@@ -268,10 +272,11 @@ def test_k8s_containers_run_valid_commands_with_matching_ports_and_probes(overla
                 assert grpc_probe["service"] == SERVICE_OF[kind], where
         services = [s for s in find(objects, "Service") if selects(s, workload)]
         assert services, f"no Service selects {workload['metadata']['name']}"
-        for service in services:
+        for service in services:  # each Service port reaches a port the process listens on
+            served = {svc_port["port"] for svc_port in service["spec"]["ports"]}
             for svc_port in service["spec"]["ports"]:
-                assert container_port(container, svc_port["targetPort"]) == port
-                assert svc_port["port"] == port
+                assert container_port(container, svc_port["targetPort"]) == svc_port["port"]
+            assert port in served and served <= {port, http_port}, (served, port, http_port)
     assert servers == 2
 
 

@@ -116,8 +116,10 @@ def test_compose_publishes_only_the_router_and_keeps_workers_on_an_internal_netw
                 published.append(name)
             continue
         assert "ports" not in service, f"{name}: a worker publishes no port"
-        port = str(configs["worker"].port)
-        assert [str(p) for p in service["expose"]] == [port], name
+        worker = configs["worker"]
+        # the gRPC port, and /metrics for the prometheus service on the same internal network
+        ports = [str(p) for p in (worker.port, worker.metrics_port) if p]
+        assert [str(p) for p in service["expose"]] == ports, name
         for network in joined:
             assert (networks.get(network) or {}).get("internal") is True, \
                 f"{name}: network {network} is not internal"
