@@ -1,15 +1,18 @@
-"""Serving benchmark over the network: the DESIGN.md workload against our router (gRPC) and
-llama.cpp's llama-server (HTTP), same prompts, same adapters, same machine, one run.
+"""Serving benchmark over the network: the DESIGN.md workload against our router (gRPC, and its
+OpenAI-compatible HTTP front with --protocols grpc,http) and llama.cpp's llama-server (HTTP),
+same prompts, same adapters, same machine, one run.
 
 Scenarios: "mixed" (--num-adapters adapters, Zipf/EdgeLoRA popularity) and "single" (the same
 requests, all on adapter 0, where llama.cpp batches too). Each target is launched in turn (ours:
-`edgelora serve`; llama.cpp: bench/llamacpp/server.py), or reached at --edgelora-address /
---llamacpp-url when given. Prints req/s, tok/s, mean/p50/p99 latency, mean TTFT, SLO attainment,
-the ratios ours / llama.cpp, and writes results.json + serve_bench.png to --out.
+`edgelora serve`, once per protocol; llama.cpp: bench/llamacpp/server.py), or reached at
+--edgelora-address / --edgelora-http-url / --llamacpp-url when given. Prints req/s, tok/s,
+mean/p50/p99 latency, mean TTFT, SLO attainment, the ratios ours / llama.cpp (and what HTTP costs
+against gRPC), and writes results.json + serve_bench.png to --out.
 
     .venv/bin/python bench/serve_bench.py                        # both targets, both scenarios
     .venv/bin/python bench/serve_bench.py --num-requests 4 --output-max 16   # smoke
     .venv/bin/python bench/serve_bench.py --targets llamacpp --llamacpp-url http://127.0.0.1:8080
+    .venv/bin/python bench/serve_bench.py --targets edgelora --protocols grpc,http --scenarios mixed
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.llamacpp.server import LlamaServer
-from bench.serve_report import Results, format_table, plot, ratio_lines
+from bench.serve_report import Results, format_table, http_cost_lines, plot, ratio_lines
 from bench.serve_targets import EdgeloraServer, StreamFn
 from bench.workload import (
     SLO_TTFT_S,
@@ -42,6 +45,8 @@ from worker.config import WorkerConfig
 
 TARGETS = ("edgelora", "llamacpp")
 SCENARIOS = ("mixed", "single")
+PROTOCOLS = ("grpc", "http")  # ours; llama.cpp is HTTP only
+HTTP_LABEL = "edgelora-http"  # ours over HTTP in the tables ("edgelora" is ours over gRPC)
 
 
 def scenario_requests(requests: list[Request], scenario: str) -> list[Request]:
@@ -76,10 +81,21 @@ def result_of(requests: list[Request], records: list[Record], slo_ttft_s: float)
             "errors": errors[:5]}
 
 
+def labels(targets: Sequence[str], protocols: Sequence[str]) -> list[str]:
+    """What is driven, in order: ours once per protocol, then llama.cpp."""
+    out = []
+    for target in targets:
+        if target == "edgelora":
+            out += ["edgelora" if p == "grpc" else HTTP_LABEL for p in protocols]
+        else:
+            out.append(target)
+    return out
+
+
 async def _drive(target: str, endpoint: str, prompts: Sequence[str], adapter_ids: Sequence[str],
                  per_scenario: dict[str, list[Request]], timeout_s: float,
                  slo_ttft_s: float) -> dict[str, dict]:
-    from bench.serve_targets import edgelora_stream, llamacpp_stream
+    from bench.serve_targets import edgelora_http_stream, edgelora_stream, llamacpp_stream
 
     channel = None
     if target == "edgelora":
@@ -87,6 +103,8 @@ async def _drive(target: str, endpoint: str, prompts: Sequence[str], adapter_ids
 
         channel = grpc.aio.insecure_channel(endpoint)
         stream = edgelora_stream(channel, prompts, adapter_ids, timeout_s)
+    elif target == HTTP_LABEL:
+        stream = edgelora_http_stream(endpoint, prompts, adapter_ids, timeout_s)
     else:
         stream = llamacpp_stream(endpoint, prompts, timeout_s)
     try:
@@ -129,20 +147,22 @@ def _launch(target: str, args: argparse.Namespace,
     """-> (the launched server or None, its endpoint, the ids of workload adapters 0..n-1)."""
     from bench.llamacpp.adapters import adapter_set
 
-    endpoint = args.edgelora_address if target == "edgelora" else args.llamacpp_url
+    endpoint = {"edgelora": args.edgelora_address, HTTP_LABEL: args.edgelora_http_url}.get(
+        target, args.llamacpp_url)
     adapters = [] if endpoint else adapter_set(base_dir, args.num_adapters, args.demo_adapters,
                                                seed=args.seed)
-    if target == "edgelora":
+    if target in ("edgelora", HTTP_LABEL):
         from bench.serve_targets import edgelora_adapter_ids
 
         if endpoint:
             ids = args.adapter_ids.split(",") if args.adapter_ids else edgelora_adapter_ids(
-                endpoint)
+                args.edgelora_address or "127.0.0.1:50051")
             return None, endpoint, ids
         server = EdgeloraServer(args.threads, args.max_batch, max(a.rank for a in adapters),
                                 args.device_slots, args.ours_arg,
-                                args.out / "edgelora.log").start(adapters)
-        return server, server.address, [a.name for a in adapters]
+                                args.out / f"{target}.log").start(adapters)
+        return (server, server.address if target == "edgelora" else server.http_url,
+                [a.name for a in adapters])
 
     from bench.llamacpp.convert import convert_adapters
     from bench.llamacpp.server import LlamaServerConfig, default_gguf
@@ -164,9 +184,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + str(TARGETS))
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of "
                    + str(SCENARIOS))
+    p.add_argument("--protocols", default="grpc", help="ours over these, each against a "
+                   f"freshly launched server: comma list of {PROTOCOLS}")
     p.add_argument("--edgelora-address", default="", help="a running router (else launched)")
+    p.add_argument("--edgelora-http-url", default="", help="a running router's HTTP front, "
+                   "e.g. http://127.0.0.1:8000 (else launched)")
     p.add_argument("--adapter-ids", default="", help="external router: ids for adapters 0..n-1 "
-                   "(default: its registered ids, sorted)")
+                   "(default: its registered ids, sorted, from --edgelora-address)")
     p.add_argument("--llamacpp-url", default="", help="a running llama-server (else launched); "
                    "adapter i = its lora id i")
     w = p.add_argument_group("workload (DESIGN.md)")
@@ -204,8 +228,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
-    if not set(args.targets) <= set(TARGETS) or not set(args.scenarios) <= set(SCENARIOS):
-        p.error(f"--targets from {TARGETS}, --scenarios from {SCENARIOS}")
+    args.protocols = [s for s in args.protocols.split(",") if s]
+    if not set(args.targets) <= set(TARGETS) or not set(args.scenarios) <= set(SCENARIOS) \
+            or not args.protocols or not set(args.protocols) <= set(PROTOCOLS):
+        p.error(f"--targets from {TARGETS}, --scenarios from {SCENARIOS}, --protocols from "
+                f"{PROTOCOLS}")
     if args.num_requests < 1 or args.num_adapters < 1:
         p.error("--num-requests and --num-adapters must be >= 1")
     return args
@@ -234,7 +261,7 @@ def main(argv: list[str] | None = None) -> Results:
           f"load average {idle_load:.1f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results: Results = {s: {} for s in args.scenarios}
-    for target in args.targets:
+    for target in labels(args.targets, args.protocols):
         for scenario, result in run_target(target, args, prompts, per_scenario,
                                            base_dir).items():
             results[scenario][target] = result
@@ -242,6 +269,8 @@ def main(argv: list[str] | None = None) -> Results:
         {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     print(format_table(results, args.slo_ttft_s))
     for line in ratio_lines(results, target_ratio=args.target_ratio):
+        print(line)
+    for line in http_cost_lines(results, http=HTTP_LABEL, grpc="edgelora"):
         print(line)
     for scenario, targets in results.items():
         for target, result in targets.items():

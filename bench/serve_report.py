@@ -25,12 +25,12 @@ def _cell(fmt: str, value: Any) -> str:
 
 
 def format_table(results: Results, slo_ttft_s: float) -> str:
-    head = f"{'scenario':<10}{'target':<11}" + "".join(f"{name:>10}" for name, _, _ in _COLUMNS)
+    head = f"{'scenario':<10}{'target':<15}" + "".join(f"{name:>10}" for name, _, _ in _COLUMNS)
     lines = [head + f"{'len!=':>6}", "-" * (len(head) + 6)]
     for scenario, targets in results.items():
         for target, result in targets.items():
             summary = result["summary"]
-            lines.append(f"{scenario:<10}{target:<11}" + "".join(
+            lines.append(f"{scenario:<10}{target:<15}" + "".join(
                 f"{_cell(fmt, summary.get(key, math.nan)):>10}" for _, key, fmt in _COLUMNS)
                 + f"{result.get('mismatched', 0):>6}")
     lines.append(f"SLO = share of requests with TTFT <= {slo_ttft_s:g} s; len!= = requests whose "
@@ -55,6 +55,27 @@ def ratio_lines(results: Results, ours: str = "edgelora", theirs: str = "llamacp
             ok = req >= target_ratio and a["slo_attainment"] >= b["slo_attainment"]
             line = (f"{'PASS' if ok else 'MISS'}  {line} (target >= {target_ratio:g}x and SLO "
                     ">= theirs)")
+        lines.append(line)
+    return lines
+
+
+def http_cost_lines(results: Results, http: str, grpc: str, max_cost: float = 0.05,
+                    gated: str = "mixed") -> list[str]:
+    """What our HTTP front costs against gRPC, per scenario: 1 - http / grpc tok/s; PASS/MISS
+    for the gated scenario (issue 15: at most `max_cost`)."""
+    lines = []
+    for scenario, targets in results.items():
+        if http not in targets or grpc not in targets:
+            continue
+        a, b = targets[http]["summary"], targets[grpc]["summary"]
+        ratio = a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else math.nan
+        line = (f"{scenario}: {http} / {grpc} = {ratio:.3f}x tok/s ("
+                f"{a['req_per_s']:.3f} vs {b['req_per_s']:.3f} req/s; TTFT "
+                f"{a['ttft_mean_s']:.2f} vs {b['ttft_mean_s']:.2f} s): HTTP costs "
+                f"{1 - ratio:.1%}")
+        if scenario == gated:
+            ok = 1 - ratio <= max_cost
+            line = f"{'PASS' if ok else 'MISS'}  {line} (target <= {max_cost:.0%})"
         lines.append(line)
     return lines
 

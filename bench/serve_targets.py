@@ -1,9 +1,12 @@
 """The servers bench/serve_bench.py drives over the network, each as a `stream(request)` factory for
 bench.workload.replay (it yields the number of tokens in each streamed chunk):
 
-- ours: the public Router API over gRPC (GenerateStream, adapter_id = the registered id, greedy,
+- ours over gRPC: the public Router API (GenerateStream, adapter_id = the registered id, greedy,
   ignore_eos, max_tokens = the request's output length); EdgeloraServer launches `edgelora serve`
   as a child process and registers the adapters with RegisterAdapter;
+- ours over HTTP: the same requests as OpenAI-compatible POST /v1/completions (model = the
+  adapter id, stream, temperature 0, ignore_eos, continuous usage stats: tokens per event = the
+  increase of usage.completion_tokens), on the same minimal HTTP/1.1 client as llama.cpp's;
 - llama.cpp: llama-server's HTTP POST /completion (stream, n_predict, ignore_eos, per-request
   "lora": [{"id": i, "scale": 1.0}]); bench/llamacpp/server.py launches it.
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from bench.llamacpp.adapters import REPO, BenchAdapter
-from bench.llamacpp.http_client import completion_token_counts, get_json
+from bench.llamacpp.http_client import completion_token_counts, get_json, post_stream
 from bench.llamacpp.server import free_port, stop_process
 from bench.workload import Request
 
@@ -31,9 +34,10 @@ class EdgeloraServer:
     def __init__(self, threads: int = 2, max_batch: int = 16, max_rank: int = 8,
                  device_slots: int = 16, extra_args: Sequence[str] = (),
                  log_path: Path | None = None) -> None:
-        self.port = free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.command = [sys.executable, "-m", "edgelora.cli", "serve", "--host", "127.0.0.1",
-                        "--port", str(self.port), "--num-threads", str(threads),
+                        "--port", str(self.port), "--http-port", str(self.http_port),
+                        "--num-threads", str(threads),
                         "--max-batch-size", str(max_batch), "--max-lora-rank", str(max_rank),
                         "--device-adapter-slots", str(device_slots), "--log-level", "WARNING",
                         "--state-dir", "",  # a bench registers its own adapters each run
@@ -45,6 +49,10 @@ class EdgeloraServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, adapters: Sequence[BenchAdapter], timeout_s: float = 300.0) -> EdgeloraServer:
         import grpc
@@ -115,6 +123,24 @@ def edgelora_stream(channel: object, prompts: Sequence[str], adapter_ids: Sequen
             temperature=0.0, ignore_eos=True), timeout=timeout_s)
         async for chunk in call:
             yield len(chunk.token_ids)
+
+    return stream
+
+
+def edgelora_http_stream(url: str, prompts: Sequence[str], adapter_ids: Sequence[str],
+                         timeout_s: float) -> StreamFn:
+    """Request -> POST /v1/completions on adapter_ids[request.adapter] (our HTTP front)."""
+
+    async def stream(r: Request) -> AsyncIterator[int]:
+        payload = {"model": adapter_ids[r.adapter], "prompt": prompts[r.index],
+                   "max_tokens": r.output_len, "temperature": 0.0, "ignore_eos": True,
+                   "stream": True, "stream_options": {"continuous_usage_stats": True}}
+        seen = 0
+        async for event in post_stream(url, "/v1/completions", payload, timeout_s):
+            usage = event.get("usage")
+            if usage:  # cumulative for the one choice
+                yield usage["completion_tokens"] - seen
+                seen = usage["completion_tokens"]
 
     return stream
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bench.serve_bench import parse_args, result_of, scenario_requests
-from bench.serve_report import format_table, plot, ratio_lines
+from bench.serve_bench import HTTP_LABEL, labels, parse_args, result_of, scenario_requests
+from bench.serve_report import format_table, http_cost_lines, plot, ratio_lines
 from bench.workload import Record, Request, generate_workload
 from worker.config import WorkerConfig
 
@@ -34,6 +34,23 @@ def test_ratios_and_pass_miss() -> None:
     assert table.count("edgelora") == 2 and "100%" in table and "0%" in table
 
 
+def test_http_cost_against_grpc() -> None:
+    results = {"mixed": {"edgelora": _result(100, 2.0, 1.0), HTTP_LABEL: _result(96, 2.0, 1.0)},
+               "single": {"edgelora": _result(100, 2.0, 1.0), HTTP_LABEL: _result(90, 2.0, 1.0)}}
+    mixed, single = http_cost_lines(results, http=HTTP_LABEL, grpc="edgelora")
+    assert mixed.startswith("PASS") and "HTTP costs 4.0%" in mixed
+    assert not single.startswith(("PASS", "MISS")) and "HTTP costs 10.0%" in single
+    results["mixed"][HTTP_LABEL] = _result(94, 2.0, 1.0)
+    assert http_cost_lines(results, http=HTTP_LABEL, grpc="edgelora")[0].startswith("MISS")
+    assert HTTP_LABEL in format_table(results, 6.0)
+
+
+def test_protocols_expand_our_target() -> None:
+    assert labels(["edgelora", "llamacpp"], ["grpc"]) == ["edgelora", "llamacpp"]
+    assert labels(["edgelora"], ["grpc", "http"]) == ["edgelora", HTTP_LABEL]
+    assert parse_args(["--protocols", "grpc,http"]).protocols == ["grpc", "http"]
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     results = {"mixed": {"edgelora": _result(10, 2.0, 1.0), "llamacpp": _result(10, 20.0, 7.0)}}
     path = plot(results, tmp_path / "p.png", 6.0)
@@ -51,6 +68,7 @@ def test_single_scenario_puts_every_request_on_adapter_zero() -> None:
 def test_cli_defaults_match_the_issue() -> None:
     args = parse_args([])
     assert args.targets == ["edgelora", "llamacpp"] and args.scenarios == ["mixed", "single"]
+    assert args.protocols == ["grpc"]  # `--protocols grpc,http` adds ours over HTTP
     # llama.cpp's --parallel is our max batch, the worker's default; 4 req/s saturates both;
     # every adapter fits our device slots, as llama.cpp holds them all
     assert (args.num_adapters, args.threads, args.rate) == (32, 2, 4.0)
