@@ -9,19 +9,42 @@
 Built with the machine's C++ compiler on first use (~30 s; torch caches the build under
 $TORCH_EXTENSIONS_DIR, and `make setup` does it ahead of time). Without a compiler, or with
 EDGELORA_CPU_KERNELS=0, the worker keeps torch's paths; the reason is logged.
+
+The build is named after this checkout's csrc/ folder: two checkouts on one machine (a clone
+beside the working tree) would otherwise share one build folder and rebuild it for each other.
+torch waits on a build's lock file forever; a lock older than any build (a build killed
+midway) is removed first.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp")
+STALE_LOCK_S = 600  # a build takes ~30-60 s: a lock this old was left by a killed one
+NAME = "edgelora_cpu_kernels_" + hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
+
+
+def _drop_stale_lock() -> None:
+    try:  # where load() builds NAME ($TORCH_EXTENSIONS_DIR or torch's default)
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # a torch without it: its own wait, as before
+        return
+    lock = Path(_get_build_directory(NAME, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing %s, left by a build that never finished", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 @functools.cache
@@ -32,7 +55,8 @@ def load() -> ModuleType | None:
     from torch.utils.cpp_extension import load as build
 
     try:
-        return build("edgelora_cpu_kernels", [str(CSRC / s) for s in SOURCES],
+        _drop_stale_lock()
+        return build(NAME, [str(CSRC / s) for s in SOURCES],
                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
                      extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)])
     except Exception as exc:  # no compiler, no headers: serve on torch's paths
