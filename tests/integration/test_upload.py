@@ -13,9 +13,8 @@ import pytest
 
 from edgelora.client import build_request, upload_messages
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
-from router.config import RouterConfig
 from tests.conftest import ServeThread, write_random_adapter
-from tests.integration.test_worker_failover import RouterThread, WorkerProcess, free_port
+from tests.integration.test_registry_consistency import Cluster
 from worker.config import WorkerConfig
 
 GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
@@ -106,35 +105,22 @@ def test_interrupted_and_oversized_uploads_leave_nothing(server, tiny_model_dir:
 
 def test_two_workers_with_their_own_caches_serve_an_upload_alike(tiny_model_dir: Path,
                                                                  tmp_path: Path) -> None:
-    workers = [WorkerProcess(tiny_model_dir, free_port(), tmp_path / f"w{i}.log")
-               for i in range(2)]
-    for i, worker in enumerate(workers):
-        worker.command += ["--adapter-cache-dir", str(tmp_path / f"cache-{i}")]
-        worker.start()
-    router = None
+    cluster = Cluster(tiny_model_dir, tmp_path)  # round-robin: requests alternate workers
     try:
-        for worker in workers:
-            worker.wait_ready()
-        router = RouterThread(RouterConfig(
-            port=0, workers=",".join(w.address for w in workers), routing="round-robin",
-            state_dir=str(tmp_path / "state"), health_interval_s=0.2))
         folder = write_random_adapter(tmp_path / "c", tiny_model_dir, rank=4, seed=13)
-        with grpc.insecure_channel(router.address) as channel:
+        with grpc.insecure_channel(cluster.router.address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             digest = stub.UploadAdapter(upload_messages(folder, header("everywhere")),
                                         timeout=60).adapter.digest
             shutil.rmtree(folder)  # no path the workers could read: only what was pushed
             outputs = [tokens(stub, "everywhere") for _ in range(4)]
         assert all(o == outputs[0] for o in outputs)
-        for i, worker in enumerate(workers):
-            assert (tmp_path / f"cache-{i}" / "blobs" / digest).is_dir()
+        for i, worker in enumerate(cluster.workers):
+            assert (cluster.cache(i) / "blobs" / digest).is_dir()
             held = {a.adapter_id for a in worker.info().adapters}
             assert "everywhere" in held, f"worker {i} never served it"
     finally:
-        if router is not None:
-            router.stop()
-        for worker in workers:
-            worker.stop()
+        cluster.stop()
 
 
 def test_uploads_from_many_threads_at_once(server, tiny_model_dir: Path, tmp_path: Path) -> None:
