@@ -4,15 +4,19 @@ same prompts, same adapters, same machine, one run.
 
 Scenarios: "mixed" (--num-adapters adapters, Zipf/EdgeLoRA popularity) and "single" (the same
 requests, all on adapter 0, where llama.cpp batches too). Each target is launched in turn (ours:
-`edgelora serve`, once per protocol; llama.cpp: bench/llamacpp/server.py), or reached at
---edgelora-address / --edgelora-http-url / --llamacpp-url when given. Prints req/s, tok/s,
+one `edgelora serve`, driven over each of --protocols; llama.cpp: bench/llamacpp/server.py), or
+reached at --edgelora-address / --edgelora-http-url / --llamacpp-url when given. With --rounds R
+ours is driven R times per protocol, the order reversed every round (gRPC, HTTP, HTTP, gRPC, ...)
+so that a drift of the machine's speed hits both alike; the tables show each protocol's median
+round and the HTTP cost is the median of the rounds' own ratios. Prints req/s, tok/s,
 mean/p50/p99 latency, mean TTFT, SLO attainment, the ratios ours / llama.cpp (and what HTTP costs
 against gRPC), and writes results.json + serve_bench.png to --out.
 
     .venv/bin/python bench/serve_bench.py                        # both targets, both scenarios
     .venv/bin/python bench/serve_bench.py --num-requests 4 --output-max 16   # smoke
     .venv/bin/python bench/serve_bench.py --targets llamacpp --llamacpp-url http://127.0.0.1:8080
-    .venv/bin/python bench/serve_bench.py --targets edgelora --protocols grpc,http --scenarios mixed
+    .venv/bin/python bench/serve_bench.py --targets edgelora --protocols grpc,http \
+        --scenarios mixed --rounds 2
 """
 
 from __future__ import annotations
@@ -124,58 +128,81 @@ async def _drive(target: str, endpoint: str, prompts: Sequence[str], adapter_ids
 
 
 def run_target(target: str, args: argparse.Namespace, prompts: Sequence[str],
-               per_scenario: dict[str, list[Request]], base_dir: Path) -> dict[str, dict]:
-    """Launches the target (unless an address was given), runs every scenario, stops it."""
+               per_scenario: dict[str, list[Request]], base_dir: Path
+               ) -> dict[str, dict[str, dict]]:
+    """Launches the target (unless an address was given), runs every scenario (ours: over each
+    protocol, --rounds times), stops it. -> {label: {scenario: result}}."""
     server = None
     try:
         started = time.perf_counter()
-        server, endpoint, ids = _launch(target, args, base_dir)
+        server, endpoints, ids = _launch(target, args, base_dir)
         if len(ids) < args.num_adapters:
-            raise SystemExit(f"{target} at {endpoint} has {len(ids)} adapters, the workload "
+            raise SystemExit(f"{target} at {endpoints} has {len(ids)} adapters, the workload "
                              f"needs {args.num_adapters}")
-        print(f"{target}: ready at {endpoint} in {time.perf_counter() - started:.0f} s, load "
-              f"average {os.getloadavg()[0]:.1f}", flush=True)
-        return asyncio.run(_drive(target, endpoint, prompts, ids, per_scenario,
-                                  args.request_timeout_s, args.slo_ttft_s))
+        print(f"{target}: ready at {', '.join(endpoints.values())} in "
+              f"{time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.1f}",
+              flush=True)
+        rounds = args.rounds if target == "edgelora" else 1
+        runs: dict[str, list[dict[str, dict]]] = {label: [] for label in endpoints}
+        for round_ in range(rounds):
+            order = list(endpoints) if round_ % 2 == 0 else list(reversed(endpoints))
+            for label in order:
+                runs[label].append(asyncio.run(_drive(
+                    label, endpoints[label], prompts, ids, per_scenario,
+                    args.request_timeout_s, args.slo_ttft_s)))
+        return {label: {scenario: median_round([run[scenario] for run in label_runs])
+                        for scenario in per_scenario}
+                for label, label_runs in runs.items()}
     finally:
         if server is not None:
             server.stop()
 
 
-def _launch(target: str, args: argparse.Namespace,
-            base_dir: Path) -> tuple[EdgeloraServer | LlamaServer | None, str, list[str]]:
-    """-> (the launched server or None, its endpoint, the ids of workload adapters 0..n-1)."""
+def median_round(results: list[dict]) -> dict:
+    """The round with the median tok/s (the lower one of an even count); every round's summary
+    is kept under "rounds" (the HTTP cost pairs them up)."""
+    ordered = sorted(results, key=lambda r: r["summary"].get("tokens_per_s", 0.0))
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds"] = [r["summary"] for r in results]
+    return chosen
+
+
+def _launch(target: str, args: argparse.Namespace, base_dir: Path
+            ) -> tuple[EdgeloraServer | LlamaServer | None, dict[str, str], list[str]]:
+    """-> (the launched server or None, {label: endpoint}, the ids of workload adapters 0..n-1).
+    Ours is one server; each of --protocols is a label ("edgelora" gRPC, HTTP_LABEL)."""
     from bench.llamacpp.adapters import adapter_set
 
-    endpoint = {"edgelora": args.edgelora_address, HTTP_LABEL: args.edgelora_http_url}.get(
-        target, args.llamacpp_url)
-    adapters = [] if endpoint else adapter_set(base_dir, args.num_adapters, args.demo_adapters,
-                                               seed=args.seed)
-    if target in ("edgelora", HTTP_LABEL):
+    if target == "edgelora":
         from bench.serve_targets import edgelora_adapter_ids
 
-        if endpoint:
+        given = {"edgelora": args.edgelora_address, HTTP_LABEL: args.edgelora_http_url}
+        wanted = labels(["edgelora"], args.protocols)
+        if all(given[label] for label in wanted):
             ids = args.adapter_ids.split(",") if args.adapter_ids else edgelora_adapter_ids(
                 args.edgelora_address or "127.0.0.1:50051")
-            return None, endpoint, ids
+            return None, {label: given[label] for label in wanted}, ids
+        adapters = adapter_set(base_dir, args.num_adapters, args.demo_adapters, seed=args.seed)
         server = EdgeloraServer(args.threads, args.max_batch, max(a.rank for a in adapters),
                                 args.device_slots, args.ours_arg,
-                                args.out / f"{target}.log").start(adapters)
-        return (server, server.address if target == "edgelora" else server.http_url,
-                [a.name for a in adapters])
+                                args.out / "edgelora.log").start(adapters)
+        launched = {"edgelora": server.address, HTTP_LABEL: server.http_url}
+        return server, {label: launched[label] for label in wanted}, [a.name for a in adapters]
 
     from bench.llamacpp.convert import convert_adapters
     from bench.llamacpp.server import LlamaServerConfig, default_gguf
     from bench.serve_targets import llamacpp_adapter_count
 
-    if endpoint:
-        return None, endpoint, [str(i) for i in range(llamacpp_adapter_count(endpoint))]
+    if args.llamacpp_url:
+        return None, {target: args.llamacpp_url}, [
+            str(i) for i in range(llamacpp_adapter_count(args.llamacpp_url))]
+    adapters = adapter_set(base_dir, args.num_adapters, args.demo_adapters, seed=args.seed)
     loras = convert_adapters([a.path for a in adapters], base_dir, args.lora_outtype)
     server = LlamaServer(LlamaServerConfig(
         default_gguf(), tuple(loras), parallel=args.max_batch, threads=args.threads,
         ctx_per_slot=args.ctx_per_slot, extra_args=tuple(args.llamacpp_arg)),
         args.out / "llamacpp.log").start()
-    return server, server.url, [str(i) for i in range(len(loras))]
+    return server, {target: server.url}, [str(i) for i in range(len(loras))]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    + str(SCENARIOS))
     p.add_argument("--protocols", default="grpc", help="ours over these, each against a "
                    f"freshly launched server: comma list of {PROTOCOLS}")
+    p.add_argument("--rounds", type=int, default=1, help="ours: drive each protocol this many "
+                   "times on the one server, the order reversed every round")
     p.add_argument("--edgelora-address", default="", help="a running router (else launched)")
     p.add_argument("--edgelora-http-url", default="", help="a running router's HTTP front, "
                    "e.g. http://127.0.0.1:8000 (else launched)")
@@ -233,8 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             or not args.protocols or not set(args.protocols) <= set(PROTOCOLS):
         p.error(f"--targets from {TARGETS}, --scenarios from {SCENARIOS}, --protocols from "
                 f"{PROTOCOLS}")
-    if args.num_requests < 1 or args.num_adapters < 1:
-        p.error("--num-requests and --num-adapters must be >= 1")
+    if args.num_requests < 1 or args.num_adapters < 1 or args.rounds < 1:
+        p.error("--num-requests, --num-adapters and --rounds must be >= 1")
     return args
 
 
@@ -261,10 +290,11 @@ def main(argv: list[str] | None = None) -> Results:
           f"load average {idle_load:.1f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results: Results = {s: {} for s in args.scenarios}
-    for target in labels(args.targets, args.protocols):
-        for scenario, result in run_target(target, args, prompts, per_scenario,
+    for target in args.targets:
+        for label, per_label in run_target(target, args, prompts, per_scenario,
                                            base_dir).items():
-            results[scenario][target] = result
+            for scenario, result in per_label.items():
+                results[scenario][label] = result
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     print(format_table(results, args.slo_ttft_s))

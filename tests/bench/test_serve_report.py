@@ -5,7 +5,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bench.serve_bench import HTTP_LABEL, labels, parse_args, result_of, scenario_requests
+from bench.serve_bench import (
+    HTTP_LABEL,
+    labels,
+    median_round,
+    parse_args,
+    result_of,
+    scenario_requests,
+)
 from bench.serve_report import format_table, http_cost_lines, plot, ratio_lines
 from bench.workload import Record, Request, generate_workload
 from worker.config import WorkerConfig
@@ -45,10 +52,21 @@ def test_http_cost_against_grpc() -> None:
     assert HTTP_LABEL in format_table(results, 6.0)
 
 
+def test_http_cost_of_several_rounds_is_the_median_of_paired_ratios() -> None:
+    grpc = [_result(100, 2.0, 1.0), _result(50, 2.0, 1.0), _result(100, 2.0, 1.0)]
+    http = [_result(97, 2.0, 1.0), _result(49, 2.0, 1.0), _result(80, 2.0, 1.0)]
+    results = {"mixed": {"edgelora": median_round(grpc), HTTP_LABEL: median_round(http)}}
+    # per round: 0.97, 0.98, 0.80 -> 0.97; the medians of each side alone would say 80/100
+    (line,) = http_cost_lines(results, http=HTTP_LABEL, grpc="edgelora")
+    assert line.startswith("PASS") and "HTTP costs 3.0%" in line and "0.970, 0.980, 0.800" in line
+    assert results["mixed"]["edgelora"]["summary"] == grpc[0]["summary"]
+
+
 def test_protocols_expand_our_target() -> None:
     assert labels(["edgelora", "llamacpp"], ["grpc"]) == ["edgelora", "llamacpp"]
     assert labels(["edgelora"], ["grpc", "http"]) == ["edgelora", HTTP_LABEL]
     assert parse_args(["--protocols", "grpc,http"]).protocols == ["grpc", "http"]
+    assert parse_args(["--rounds", "3"]).rounds == 3
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
