@@ -3,14 +3,29 @@ which limit, and a value inside every bound passes."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from common.errors import InvalidArgument
-from common.limits import check_adapter_id, check_card, check_generate, shown
+from common.limits import (
+    MAX_JSON_SCHEMA_DEPTH,
+    check_adapter_id,
+    check_card,
+    check_generate,
+    json_depth,
+    shown,
+)
 from common.shared_config import SharedConfig
 from edgelora.v1 import types_pb2
 
 LIMITS = SharedConfig(max_prompt_bytes=100, max_messages=3, max_stop_strings=2, max_stop_bytes=5)
+
+
+def nested_schema(objects: int) -> str:
+    """`objects` objects each inside the last one's "properties" (JSON depth 2 * objects + 1)."""
+    head = '{"type": "object", "required": ["x"], "properties": {"x": '
+    return head * objects + '{"type": "object"}' + "}}" * objects
 
 
 def request(**fields) -> types_pb2.GenerateRequest:
@@ -32,6 +47,8 @@ def msg(content: str, role: str = "user") -> types_pb2.ChatMessage:
     {"prompt": "hi", "params": {"logprobs": True, "top_logprobs": 20}},
     {"prompt": "hi", "params": {"response_format": {"type": "json_object"}}},
     {"prompt": "hi", "params": {"response_format": {"type": "text"}}},
+    {"prompt": "hi", "params": {"response_format": {"type": "json_schema",
+                                                    "json_schema": nested_schema(31)}}},
     {"prompt": "hi", "params": {"response_format": {"type": "json_schema",
                                                     "json_schema": '{"type": "object"}'}}},
 ])
@@ -68,6 +85,14 @@ def test_requests_inside_the_bounds_pass(fields: dict) -> None:
         "type": "json_schema", "json_schema": "[" * 100_000 + "]" * 100_000}}}, "bytes"),
     ({"prompt": "hi", "params": {"response_format": {
         "type": "json_schema", "json_schema": "[" * 30_000 + "]" * 30_000}}}, "valid JSON"),
+    # 60 KiB of nesting took the worker's grammar compiler 96 s
+    ({"prompt": "hi", "params": {"response_format": {
+        "type": "json_schema", "json_schema": nested_schema(32)}}}, "nests deeper than 64"),
+    ({"prompt": "hi", "params": {"response_format": {
+        "type": "json_schema", "json_schema": nested_schema(300)}}}, "nests deeper"),
+    ({"prompt": "hi", "params": {"response_format": {
+        "type": "json_schema", "json_schema": '{"enum": ' + "[" * 70 + "]" * 70 + "}"}}},
+        "nests deeper"),
 ])
 def test_each_bound_refuses_and_names_its_flag(fields: dict, says: str) -> None:
     with pytest.raises(InvalidArgument, match=says):
@@ -97,3 +122,9 @@ def test_card_bounds() -> None:
 def test_shown_escapes_control_characters_and_cuts() -> None:
     assert "\n" not in shown("a\nb\x1b[31m") and "\\n" in shown("a\nb")
     assert shown("x" * 1000).endswith("...") and len(shown("x" * 1000)) < 100
+
+
+def test_json_depth() -> None:
+    assert json_depth(1, 5) == 0 and json_depth({}, 5) == 1 and json_depth([[], {"a": [1]}], 5) == 3
+    assert json_depth(json.loads(nested_schema(31)), MAX_JSON_SCHEMA_DEPTH) == 63
+    assert json_depth(json.loads("[" * 500 + "]" * 500), 10) == 11  # stops past the limit

@@ -1,10 +1,13 @@
 """Hostile inputs, each while another tenant's greedy stream runs: every hostile call ends with a
 refusal within seconds (no hang, no frozen process), and the bystander's tokens are exactly those
-it gets alone. Then per-tenant limits: a tenant over its max_queued gets RESOURCE_EXHAUSTED while
-another tenant is served."""
+it gets alone; so do the generation controls' extreme values that are accepted (penalties,
+logprobs, JSON masks on a neighbouring row change nothing in the bystander's row). Then
+per-tenant limits: a tenant over its max_queued gets RESOURCE_EXHAUSTED while another tenant is
+served."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +170,81 @@ def test_four_megabyte_prompt(sec, alone) -> None:
         params=types_pb2.SamplingParams(max_tokens=4))
     result = during_bystander(sec, alone, lambda: rpc(stub.Generate, many, beta, 30)[:2])
     assert_refused(result, None, sec, "--max-messages")
+
+
+def controlled(**params) -> types_pb2.GenerateRequest:
+    request = greedy("Tell me about the sea", max_tokens=12)
+    for name, value in params.items():
+        if name == "response_format":
+            request.params.response_format.CopyFrom(value)
+        else:
+            setattr(request.params, name, value)
+    return request
+
+
+def nested_schema(objects: int) -> str:
+    head = '{"type": "object", "required": ["x"], "properties": {"x": '
+    return head * objects + '{"type": "object"}' + "}}" * objects
+
+
+HOSTILE_CONTROLS = {  # name -> (params, a word of the refusal)
+    "top-logprobs": ({"logprobs": True, "top_logprobs": 1_000_000}, "top_logprobs"),
+    "nan-presence": ({"presence_penalty": math.nan}, "presence_penalty"),
+    "inf-frequency": ({"frequency_penalty": math.inf}, "frequency_penalty"),
+    "zero-repetition": ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    "negative-repetition": ({"repetition_penalty": -3.0}, "repetition_penalty"),
+    # 1,000 nested objects compile for minutes; 40 would still cost the grammar thread seconds
+    "nested-schema": ({"response_format": types_pb2.ResponseFormat(
+        type="json_schema", json_schema=nested_schema(40))}, "nests deeper"),
+    "schema-not-json": ({"response_format": types_pb2.ResponseFormat(
+        type="json_schema", json_schema="{" * 5000)}, "json"),
+    "schema-huge": ({"response_format": types_pb2.ResponseFormat(
+        type="json_schema", json_schema='{"enum": [' + "1," * 200_000 + "1]}")}, "bytes"),
+    "schema-uncompilable": ({"response_format": types_pb2.ResponseFormat(
+        type="json_schema", json_schema='{"type": "no-such-type"}')}, "json_schema"),
+    "unknown-format": ({"response_format": types_pb2.ResponseFormat(type="xml")}, "xml"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_CONTROLS))
+def test_hostile_generation_controls(sec, alone, name: str) -> None:
+    params, word = HOSTILE_CONTROLS[name]
+    stub, beta = sec.router(), sec.auth("beta")
+    result = during_bystander(sec, alone, lambda: rpc(stub.Generate, controlled(**params), beta,
+                                                      30)[:2])
+    assert_refused(result, None, sec, word)
+
+
+def test_extreme_accepted_controls_leave_the_bystander_alone(sec, alone) -> None:
+    """Rows with every control at its bound decode beside the bystander's row, several at
+    once: its tokens stay those it gets alone."""
+    stub, beta = sec.router(), sec.auth("beta")
+    extremes = [controlled(presence_penalty=2.0, frequency_penalty=2.0, repetition_penalty=5.0),
+                controlled(presence_penalty=-2.0, frequency_penalty=-2.0,
+                           repetition_penalty=0.01),
+                controlled(logprobs=True, top_logprobs=20, temperature=1.5, top_k=3),
+                controlled(response_format=types_pb2.ResponseFormat(type="json_object")),
+                controlled(response_format=types_pb2.ResponseFormat(
+                    type="json_schema", json_schema=nested_schema(31)))]
+
+    def neighbours():
+        with ThreadPoolExecutor(len(extremes)) as pool:
+            results = list(pool.map(lambda r: rpc(stub.Generate, r, beta, 60), extremes))
+        bad = [(code, details) for code, details, _ in results if code != grpc.StatusCode.OK]
+        return (bad[0] if bad else (grpc.StatusCode.OK, "")), results
+
+    with SteadyStream(sec.router(), sec.auth("acme"), bystander_request()) as bystander:
+        started = time.monotonic()
+        (code, details), results = neighbours()
+        ended = time.monotonic()
+    assert code == grpc.StatusCode.OK, details
+    assert all(reply.usage.completion_tokens > 0 for _, _, reply in results)
+    assert len(results[2][2].logprobs) == results[2][2].usage.completion_tokens
+    assert all(len(e.top_logprobs) == 20 for e in results[2][2].logprobs)
+    for run_code, run_details, tokens, _, _ in bystander.runs:
+        assert run_code == grpc.StatusCode.OK, run_details
+        assert tokens == alone, "a neighbour's controls changed the bystander's tokens"
+    assert any(s < ended and e > started for *_, s, e in bystander.runs), "no overlap"
 
 
 @pytest.mark.parametrize("kind", ["fifo", "nan-alpha", "nan-weights", "int-dtype", "oversized"])
