@@ -1,5 +1,5 @@
 """The `edgelora` command: serve (router + worker in one process), worker, router, generate,
-import-default."""
+outcome, adapters upload, import-default."""
 
 from __future__ import annotations
 
@@ -105,6 +105,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     sys.exit(generate_to(sys.stdout, args))
 
 
+def _cmd_outcome(args: argparse.Namespace) -> None:
+    from edgelora.client import report_outcome_to
+
+    sys.exit(report_outcome_to(sys.stdout, args))
+
+
 def _cmd_adapters_upload(args: argparse.Namespace) -> None:
     from edgelora.client import upload_to
 
@@ -202,9 +208,18 @@ def _add_selector_commands(router: argparse.ArgumentParser) -> None:
     train.set_defaults(func=_cmd_router_train)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's parser: flags are spelled out (see build_parser)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgelora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # no abbreviations: `router train --out` must not read as a prefix of --outcome-* flags
+    parser = argparse.ArgumentParser(prog="edgelora", description=__doc__, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = sub.add_parser("serve", help="router + one worker in one process (one box)")
     add_config_args(serve, RouterConfig, skip=("workers",))
     # SharedConfig fields come once, from RouterConfig's group: both configs read the same flag
@@ -238,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout-s", type=float, default=300.0)
     gen.set_defaults(func=_cmd_generate)
     _add_client_options(gen)
+    outcome = sub.add_parser("outcome", help="say how good a generation was: 'auto' learns "
+                             "from it (Router.ReportOutcome)")
+    outcome.add_argument("request_id", help="the request id `generate` printed")
+    outcome.add_argument("reward", type=float, help="how good, in [0, 1]")
+    outcome.add_argument("--timeout-s", type=float, default=30.0)
+    _add_client_options(outcome)
+    outcome.set_defaults(func=_cmd_outcome)
     adapters = sub.add_parser("adapters", help="manage adapters on a router")
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
     upload = adapters_sub.add_parser("upload", help="upload a PEFT adapter directory and "

@@ -57,7 +57,23 @@ def generate_to(out: TextIO, args: argparse.Namespace) -> int:
     if last is not None:
         out.write(f"\n[{last.finish_reason}; {last.usage.prompt_tokens} prompt + "
                   f"{last.usage.completion_tokens} completion tokens; adapter "
-                  f"{last.adapter_id or 'base'}]\n")
+                  f"{last.adapter_id or 'base'}; request {last.request_id}]\n")
+    return 0
+
+
+def report_outcome_to(out: TextIO, args: argparse.Namespace) -> int:
+    """`edgelora outcome REQUEST_ID REWARD`: tells the router how good a generation was."""
+    with open_channel(args.address, args.tls_ca) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        try:
+            reply = stub.ReportOutcome(router_pb2.ReportOutcomeRequest(
+                request_id=args.request_id, reward=args.reward), timeout=args.timeout_s,
+                metadata=auth_metadata(args.api_key))
+        except grpc.RpcError as exc:
+            out.write(f"error: {exc.code().name}: {exc.details()}\n")
+            return 1
+    out.write(f"reported {args.reward:g} for adapter {reply.adapter_id or 'base'} "
+              f"({reply.reports_kept} reports kept for 'auto')\n")
     return 0
 
 

@@ -60,6 +60,16 @@ class RouterConfig(SharedConfig):
     embedder_dtype: str = field(default="auto", metadata={
         "help": "prompt embedder weights: auto (bfloat16 where the CPU has it natively), "
                 "float32 or bfloat16"})
+    outcome_exploration: float = field(default=0.05, metadata={
+        "help": "share of a tenant's 'auto' requests (once it has reported outcomes) that try "
+                "the plausible adapter its rewards know least about near the prompt, instead "
+                "of the pick (0..1; 0 = never explore)"})
+    outcome_max_reports: int = field(default=4096, metadata={
+        "help": "reported outcomes (ReportOutcome) kept per tenant, the oldest dropped first, "
+                "in memory and under --state-dir; 0 = outcomes are not learned"})
+    outcome_window_s: float = field(default=3600.0, metadata={
+        "help": "how long after a request its outcome can be reported (the router keeps "
+                "the most recent 16384 requests' prompts that long)"})
     api_keys: str = field(default="", metadata={
         "help": "keys file (JSON, or YAML by its .yaml/.yml name): {\"keys\": [{\"key\": ..., "
                 "\"tenant\": ..., \"role\": \"tenant\"|\"admin\", optional max_running, "
@@ -119,6 +129,10 @@ class RouterConfig(SharedConfig):
         if self.embedder_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--embedder-dtype {self.embedder_dtype!r}: use auto, float32 or "
                              "bfloat16")
+        if not 0.0 <= self.outcome_exploration <= 1.0:
+            raise ValueError("--outcome-exploration must be in [0, 1]")
+        if self.outcome_max_reports < 0 or self.outcome_window_s <= 0:
+            raise ValueError("--outcome-max-reports must be >= 0 and --outcome-window-s > 0")
         if self.routing not in ROUTING_POLICIES:
             raise ValueError(f"--routing {self.routing!r}: use one of "
                              f"{', '.join(ROUTING_POLICIES)}")

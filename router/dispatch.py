@@ -10,18 +10,21 @@ EdgeLoraErrors carrying the status a client should see (a worker's own status in
 from __future__ import annotations
 
 import logging
+import math
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 
-from common.errors import EdgeLoraError
-from common.limits import AUTO, check_adapter_id, check_generate, check_prompt
-from edgelora.v1 import types_pb2
+from common.errors import EdgeLoraError, FailedPrecondition, InvalidArgument
+from common.limits import AUTO, check_adapter_id, check_generate, check_prompt, shown
+from edgelora.v1 import router_pb2, types_pb2
 from router.config import RouterConfig
 from router.embedder import prompt_text
 from router.metrics import NO_SELECTOR, SELECTOR_FAILED, RouterMetrics
 from router.ownership import not_found
+from router.pending_outcomes import Pending, PendingOutcomes, clip
 from router.registry import AdapterRecord, AdapterRegistry, RpcError, record_name
 from router.selector import AdapterSelector, Selection
 from router.tenants import Caller, KeyRing
@@ -29,6 +32,7 @@ from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 TOKENIZE_TIMEOUT_S = 30.0
+MAX_REQUEST_ID = 128  # ours are 32 hex digits, plus an HTTP prefix
 UNKNOWN_BASE_NAME = "base"  # before any worker answered and without --served-model-name
 
 
@@ -42,6 +46,11 @@ class Dispatcher:
         self.config = config or RouterConfig()
         self.keys = keys or KeyRing()
         self.metrics = RouterMetrics(lambda key: key in registry.adapters)
+        self.pending = PendingOutcomes(window_s=self.config.outcome_window_s)
+
+    @property
+    def learns_outcomes(self) -> bool:
+        return self.selector is not None and self.selector.outcomes is not None
 
     def authenticate(self, token: str) -> Caller:
         """The caller a bearer token names (Unauthenticated when the keys file knows none)."""
@@ -76,62 +85,98 @@ class Dispatcher:
         return (("edgelora-tenant", caller.tenant), ("edgelora-max-running", str(running)),
                 ("edgelora-max-queued", str(queued)))
 
-    async def select(self, caller: Caller, text: str) -> Selection:
-        """The selector's decision among the adapters `caller` may use (worker keys)."""
+    async def select(self, caller: Caller, text: str, explore: bool = False) -> Selection:
+        """The selector's decision among the adapters `caller` may use (worker keys), with
+        that tenant's reported outcomes."""
         visible = self.registry.visible(caller.tenant)
         return await self.selector.select(text, self.registry.adapters,
-                                          self.pool.resident_adapters(), candidates=visible)
+                                          self.pool.resident_adapters(), candidates=visible,
+                                          tenant=caller.tenant, explore=explore)
 
-    async def prepare(self, caller: Caller, request: types_pb2.GenerateRequest
-                      ) -> types_pb2.GenerateRequest:
+    async def prepare(self, caller: Caller, request: types_pb2.GenerateRequest,
+                      request_id: str = "") -> types_pb2.GenerateRequest:
         """The checked request as a worker takes it: adapter_id is the worker key ("" = base).
         `record_name(result.adapter_id)` is the id the client is told. A refusal is counted
-        in the metrics here, a generation by relay()."""
+        in the metrics here, a generation by relay(). With a `request_id` (new_request_id()),
+        its outcome can be reported (several prompts may share one id)."""
         try:
             check_generate(request, self.config)
             forwarded = types_pb2.GenerateRequest()
             forwarded.CopyFrom(request)
+            embedding = None
             if request.adapter_id == AUTO:
-                forwarded.adapter_id = await self._auto(caller, request)
+                forwarded.adapter_id, embedding = await self._auto(caller, request)
             elif request.adapter_id:
                 check_adapter_id(request.adapter_id)
                 record = self.registry.find(caller.tenant, request.adapter_id)
                 if record is None:
                     raise not_found(request.adapter_id)
                 forwarded.adapter_id = record.key
-            return forwarded
         except EdgeLoraError as exc:
             self.metrics.refused(request.adapter_id, caller.tenant, exc.code)
             raise
+        if request_id and self.learns_outcomes:
+            self.pending.expect(request_id, Pending(
+                caller.tenant, forwarded.adapter_id, embedding,
+                "" if embedding is not None else clip(prompt_text(request.prompt,
+                                                                  request.messages))))
+        return forwarded
 
-    async def _auto(self, caller: Caller, request: types_pb2.GenerateRequest) -> str:
-        """The worker key "auto" means for `request` ("" = base). Selection never fails a
-        generation: without a selector, or when it fails, the base model."""
+    async def _auto(self, caller: Caller, request: types_pb2.GenerateRequest
+                    ) -> tuple[str, object]:
+        """The worker key "auto" means for `request` ("" = base), and the prompt's embedding
+        (None without one). Selection never fails a generation: without a selector, or when it
+        fails, the base model."""
         if self.selector is None:
             self.metrics.selection("", NO_SELECTOR)
-            return ""
+            return "", None
         try:
-            selection = await self.select(caller, prompt_text(request.prompt, request.messages))
+            selection = await self.select(caller, prompt_text(request.prompt, request.messages),
+                                          explore=True)
         except Exception as exc:
             log.warning("adapter selection failed, 'auto' uses the base model: %r", exc)
             self.metrics.selection("", SELECTOR_FAILED)
-            return ""
+            return "", None
         log.debug("auto -> %r: %s", selection.adapter_id, selection.reason)
         self.metrics.selection(selection.adapter_id, selection.kind)
-        return selection.adapter_id
+        return selection.adapter_id, selection.embedding
 
-    def relay(self, caller: Caller, forwarded: types_pb2.GenerateRequest
+    async def report_outcome(self, caller: Caller, request_id: str, reward: float
+                             ) -> router_pb2.ReportOutcomeResponse:
+        """Learns `reward` for the adapter that served `request_id`, for this tenant."""
+        if not self.learns_outcomes:
+            raise FailedPrecondition("this router does not learn outcomes (no selector, or "
+                                     "--outcome-max-reports 0)")
+        if not math.isfinite(reward) or not 0.0 <= reward <= 1.0:
+            raise InvalidArgument(f"reward must be a number in [0, 1], got {reward!r}")
+        if not request_id or len(request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(f"request_id must be 1..{MAX_REQUEST_ID} characters (the "
+                                  "request_id of a GenerateResponse), got "
+                                  f"{shown(request_id)}")
+        assert self.selector is not None and self.selector.outcomes is not None
+        outcomes = self.selector.outcomes
+        pendings = self.pending.take(caller.tenant, request_id.removeprefix(
+            "chatcmpl-").removeprefix("cmpl-"))
+        for pending in pendings:
+            embedding = pending.embedding
+            if embedding is None:  # an explicit adapter: its prompt is embedded now
+                embedding = (await self.selector.batcher.embed_segments(pending.text))[0]
+            outcomes.add(caller.tenant, pending.adapter_key, embedding, reward)
+        return router_pb2.ReportOutcomeResponse(adapter_id=record_name(pendings[0].adapter_key),
+                                                reports_kept=outcomes.count(caller.tenant))
+
+    def relay(self, caller: Caller, forwarded: types_pb2.GenerateRequest, request_id: str = ""
               ) -> AsyncIterator[types_pb2.GenerateResponse]:
         """Streams a prepared request from a worker, counted and timed in the metrics. Before
         the first chunk a failed worker is replaced (or re-synced) and the request tried
         again; after it, the failure is the client's (RpcError with the worker's status).
         Closing the iterator early (the client left) cancels the worker's call, which frees
         its sequence."""
-        return self.metrics.observe(self._relay(caller, forwarded), forwarded.adapter_id,
-                                    caller.tenant)
+        return self.metrics.observe(self._relay(caller, forwarded, request_id),
+                                    forwarded.adapter_id, caller.tenant)
 
-    async def _relay(self, caller: Caller, forwarded: types_pb2.GenerateRequest
-                     ) -> AsyncIterator[types_pb2.GenerateResponse]:
+    async def _relay(self, caller: Caller, forwarded: types_pb2.GenerateRequest,
+                     request_id: str) -> AsyncIterator[types_pb2.GenerateResponse]:
         public_id = record_name(forwarded.adapter_id)
         metadata = self.worker_metadata(caller)
         tried: list[str] = []
@@ -145,6 +190,7 @@ class Dispatcher:
                     async for response in call:
                         has_started = True
                         response.adapter_id = public_id  # never the worker key
+                        response.request_id = request_id
                         yield response
                     return
                 except grpc.aio.AioRpcError as exc:
@@ -159,8 +205,9 @@ class Dispatcher:
     async def generate(self, caller: Caller, request: types_pb2.GenerateRequest
                        ) -> AsyncIterator[types_pb2.GenerateResponse]:
         """prepare() then relay(): one generation as the client asked for it."""
-        forwarded = await self.prepare(caller, request)
-        async for response in self.relay(caller, forwarded):
+        request_id = new_request_id()
+        forwarded = await self.prepare(caller, request, request_id)
+        async for response in self.relay(caller, forwarded, request_id):
             yield response
 
     async def _can_retry(self, exc: grpc.aio.AioRpcError, worker: WorkerHandle,
@@ -207,6 +254,11 @@ class Dispatcher:
                 tried.append(worker.address)
 
 
+def new_request_id() -> str:
+    """Unguessable: a tenant can report only on ids it was given."""
+    return uuid.uuid4().hex
+
+
 def merge_chunks(chunks: list[types_pb2.GenerateResponse]) -> types_pb2.GenerateResponse:
     """A stream's chunks as one response: all text, tokens and logprobs; the last chunk's adapter,
     finish_reason and usage."""
@@ -215,6 +267,7 @@ def merge_chunks(chunks: list[types_pb2.GenerateResponse]) -> types_pb2.Generate
         whole.token_ids.extend(chunk.token_ids)
         whole.logprobs.extend(chunk.logprobs)
         whole.adapter_id, whole.finish_reason = chunk.adapter_id, chunk.finish_reason
+        whole.request_id = chunk.request_id
         whole.usage.CopyFrom(chunk.usage)
     whole.text = "".join(chunk.text for chunk in chunks)
     return whole

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP front (FastAPI): /v1/chat/completions, /v1/completions, /v1/models,
-/tokenize, /health. Every generation goes through the Dispatcher, the same path as gRPC's
-GenerateStream (auth, checks, adapter resolution and "auto", worker choice, retries); this file
-only reads bodies, maps them (router/openai_convert.py) and writes JSON or server-sent events.
+/tokenize, /health, and /v1/outcomes (Router.ReportOutcome: a response's "id" and a reward).
+Every generation goes through the Dispatcher, the same path as gRPC's GenerateStream (auth,
+checks, adapter resolution and "auto", worker choice, retries); this file only reads bodies, maps
+them (router/openai_convert.py) and writes JSON or server-sent events.
 
 Errors are OpenAI's `{"error": {...}}` with the HTTP status of the gRPC status. A streamed
 request's status waits for every choice's first chunk, so refusals before any token (a bad
@@ -15,7 +16,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from common.internal_auth import AUTHORIZATION, bearer_token
 from common.limits import ADAPTER_ID, AUTO, shown
 from edgelora.v1 import types_pb2
-from router.dispatch import Dispatcher, merge_chunks
+from router.dispatch import Dispatcher, merge_chunks, new_request_id
 from router.metrics import metrics_asgi_app
 from router.openai_convert import (
     adapter_id_for,
@@ -49,6 +49,7 @@ from router.openai_schema import (
     MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
+    OutcomeBody,
     SamplingBody,
     TokenizeBody,
 )
@@ -169,6 +170,9 @@ class OpenAIApi:
     async def tokenize(self, request: Request) -> Response:
         return await self.handle(request, TokenizeBody, self._tokenize)
 
+    async def outcomes(self, request: Request) -> Response:
+        return await self.handle(request, OutcomeBody, self._outcome)
+
     async def health(self, request: Request) -> Response:
         if not self.dispatch.pool.workers:
             return error_response(Unavailable(self.dispatch.pool.unavailable_reason()))
@@ -187,11 +191,12 @@ class OpenAIApi:
             raise InvalidArgument(f"{len(requests)} prompts x n={body.n} choices: at most "
                                   f"{MAX_CHOICES} generations per request")
         streams: list[AsyncIterator[types_pb2.GenerateResponse]] = []
+        generation_id = new_request_id()  # one outcome per HTTP request, whatever n
 
         async def start() -> tuple[str, list[types_pb2.GenerateResponse | None]]:
             # "auto" selects once per prompt; its n choices share the adapter
-            prepared = [await self.dispatch.prepare(caller, r) for r in requests]
-            streams.extend(self.dispatch.relay(caller, choice)
+            prepared = [await self.dispatch.prepare(caller, r, generation_id) for r in requests]
+            streams.extend(self.dispatch.relay(caller, choice, generation_id)
                            for p in prepared for choice in choice_requests(p, body.n))
             return record_name(prepared[0].adapter_id) or base, await first_items(streams)
 
@@ -200,8 +205,8 @@ class OpenAIApi:
         except BaseException:
             await close_all(streams)
             raise
-        prefix = "chatcmpl-" if is_chat else "cmpl-"
-        request_id, created = prefix + uuid.uuid4().hex, int(time.time())
+        prefix = "chatcmpl-" if is_chat else "cmpl-"  # OpenAI's; /v1/outcomes takes either
+        request_id, created = prefix + generation_id, int(time.time())
         params = requests[0].params
         if not body.stream:
             responses = await unless_disconnected(request, _collect(streams, firsts))
@@ -236,6 +241,12 @@ class OpenAIApi:
                              max_len)
                   for r in self.dispatch.visible_adapters(caller)]
         return json_response({"object": "list", "data": cards})
+
+    async def _outcome(self, caller: Caller, request: Request, body: OutcomeBody) -> Response:
+        reply = await self.dispatch.report_outcome(caller, body.request_id, body.reward)
+        return json_response({"request_id": body.request_id,
+                              "model": reply.adapter_id or self.dispatch.base_model_name(),
+                              "reports_kept": reply.reports_kept})
 
     async def _tokenize(self, caller: Caller, request: Request, body: TokenizeBody) -> Response:
         adapter_id = self._adapter_id(body.model, self.dispatch.base_model_name())
@@ -291,6 +302,7 @@ def build_app(dispatch: Dispatcher, metrics: Sequence[Collector] = ()) -> FastAP
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/models", api.models, methods=["GET"])
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"])
+    app.add_api_route("/v1/outcomes", api.outcomes, methods=["POST"])
     app.add_api_route("/health", api.health, methods=["GET"])
 
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -101,3 +101,10 @@ class TokenizeBody(Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
+
+
+class OutcomeBody(Body):
+    """POST /v1/outcomes: Router.ReportOutcome over HTTP (the completion's "id", a reward)."""
+
+    request_id: str
+    reward: float

@@ -12,6 +12,10 @@ Decision (`decide`, pure): rank by confidence; below `threshold` -> base model (
 `top_k` best that pass the threshold, take the best one resident on some worker (host or device
 memory) unless it trails the best by more than `margin`, in which case the best (a disk load).
 
+Outcomes (Router.ReportOutcome, router/outcome_model.py): a tenant's reported rewards near a
+prompt move that tenant's confidences and threshold; where it has reported, a bounded share of
+its requests (`exploration`) tries the plausible adapter the rewards know least about.
+
 Hot reload: the head file is re-read when its mtime or size changes, checked on every selection
 (one stat). `edgelora router train` writes it atomically (temp file + rename), so a running router
 picks up a new head on its next request, without restart or signal. A file that fails to load
@@ -21,8 +25,10 @@ keeps the previous head (logged).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import random
 from collections.abc import Collection, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +36,8 @@ from typing import Any, Protocol
 import torch
 
 from router.embedder import EmbeddingBatcher
+from router.outcome_db import OutcomeDB
+from router.outcome_model import EVIDENT, Evidence, OutcomeModel
 from router.plain_prompts import PLAIN_PROMPTS
 from router.selector_head import TrainedHead
 from router.zero_shot import PrototypeIndex, prototype_segments, prototype_texts, to_confidence
@@ -41,10 +49,10 @@ BASE = ""
 CLEAR_REQUEST = 0.9  # a behaviour confidence that outranks every domain (_topic_factor)
 # Selection.kind: which rule of `decide` chose, a closed set (the metrics' "reason" label).
 NO_ADAPTERS, BELOW_THRESHOLD = "no_adapters", "below_threshold"
-BEST_RESIDENT, RESIDENT_WITHIN_MARGIN, BEST_NOT_RESIDENT = (
-    "best_resident", "resident_within_margin", "best_not_resident")
+BEST_RESIDENT, RESIDENT_WITHIN_MARGIN, BEST_NOT_RESIDENT, EXPLORING = (
+    "best_resident", "resident_within_margin", "best_not_resident", "exploring")
 SELECTION_KINDS = (NO_ADAPTERS, BELOW_THRESHOLD, BEST_RESIDENT, RESIDENT_WITHIN_MARGIN,
-                   BEST_NOT_RESIDENT)
+                   BEST_NOT_RESIDENT, EXPLORING)
 
 
 class AdapterCard(Protocol):  # router.registry.AdapterRecord
@@ -60,6 +68,8 @@ class Selection:
     # adapter -> "head" / "zero-shot" (a behaviour card) / "zero-shot domain"
     sources: dict[str, str] = field(default_factory=dict)
     kind: str = ""                                   # one of SELECTION_KINDS
+    # the prompt's whole embedding (a report of its outcome is learned at this point)
+    embedding: Any = field(default=None, compare=False, repr=False)
 
 
 def decide(confidences: Mapping[str, float], resident: Set[str], *, top_k: int = 3,
@@ -93,10 +103,14 @@ def decide(confidences: Mapping[str, float], resident: Set[str], *, top_k: int =
 
 class AdapterSelector:
     def __init__(self, batcher: EmbeddingBatcher, head_path: str = "", threshold: float = 0.5,
-                 margin: float = 0.1, top_k: int = 3) -> None:
+                 margin: float = 0.1, top_k: int = 3, outcomes: OutcomeModel | None = None,
+                 exploration: float = 0.0, seed: int | None = None) -> None:
         self.batcher = batcher
         self.head_path = head_path
         self.threshold, self.margin, self.top_k = threshold, margin, top_k
+        self.outcomes = outcomes  # None: reports are not learned
+        self.exploration = exploration
+        self._rng = random.Random(seed)
         self.head: TrainedHead | None = None
         self._head_stamp: tuple[float, int] | None = None
         self._index: PrototypeIndex | None = None  # behaviour cards (router/zero_shot.py)
@@ -110,8 +124,14 @@ class AdapterSelector:
     def from_config(cls, config: Any) -> AdapterSelector:  # config: router.config.RouterConfig
         batcher = EmbeddingBatcher(num_threads=config.embedder_threads,
                                    dtype=config.embedder_dtype)
+        outcomes = None
+        if config.outcome_max_reports:  # kept beside the registry when it is kept
+            db = OutcomeDB(config.state_dir, config.outcome_max_reports) if config.state_dir \
+                else None
+            outcomes = OutcomeModel(config.outcome_max_reports, db)
         return cls(batcher, config.selector_head, config.selector_threshold,
-                   config.selector_margin, config.selector_top_k)
+                   config.selector_margin, config.selector_top_k, outcomes,
+                   config.outcome_exploration)
 
     # -- keeping up with the registry and the head file --
     async def sync(self, cards: Mapping[str, AdapterCard]) -> None:
@@ -126,9 +146,14 @@ class AdapterSelector:
                                                list(PLAIN_PROMPTS))
                 self._index = PrototypeIndex(torch.cat(plain))
                 self._topics = TopicIndex(torch.stack([p[0] for p in plain]))
-            for adapter_id in [a for a in self._cards if a not in cards]:
+                if self.outcomes is not None:
+                    self.outcomes.set_center(self._topics.mean)
+            removed = [a for a in self._cards if a not in cards]
+            for adapter_id in removed:
                 self._forget(adapter_id)
                 del self._cards[adapter_id]
+            if removed and self.outcomes is not None:  # its reports would mislead a new one
+                self.outcomes.forget(removed)
             changed = {a: c for a, c in cards.items() if self._cards.get(a) is not c}
             for adapter_id, card in changed.items():
                 texts = prototype_texts(card.description, list(card.example_prompts))
@@ -207,17 +232,44 @@ class AdapterSelector:
         return confidences, sources
 
     async def select(self, text: str, cards: Mapping[str, AdapterCard], resident: Set[str],
-                     candidates: Collection[str] | None = None) -> Selection:
+                     candidates: Collection[str] | None = None, tenant: str | None = None,
+                     explore: bool = False) -> Selection:
         """The decision for one prompt text (see router.embedder.prompt_text) among
         `candidates` (the adapters the caller may use; None = every one of `cards`, which are
-        all the registered adapters: the index keeps every card's prototypes)."""
+        all the registered adapters: the index keeps every card's prototypes), moved by
+        `tenant`'s reported outcomes; `explore`: may try a less known plausible adapter."""
         await self.sync(cards)
         await self.reload_head_if_changed()
         segments = await self.batcher.embed_segments(text)
         confidences, sources = self.confidences(
             segments, list(cards if candidates is None else candidates))
-        return decide(confidences, resident, top_k=self.top_k, threshold=self.threshold,
-                      margin=self.margin, sources=sources)
+        threshold, evidence, prior = self.threshold, None, confidences
+        if tenant is not None and self.outcomes is not None and \
+                self.outcomes.has_reports(tenant):
+            evidence = self.outcomes.evidence(tenant, segments[0])
+            confidences, threshold = self.outcomes.blend(confidences, threshold, evidence)
+            for adapter_id, weight in evidence.weight.items():
+                if adapter_id in sources and weight >= EVIDENT:
+                    sources[adapter_id] += f" + outcomes (weight {weight:.1f})"
+        selection = decide(confidences, resident, top_k=self.top_k, threshold=threshold,
+                           margin=self.margin, sources=sources)
+        if explore and evidence is not None and self.exploration > 0 and \
+                self._rng.random() < self.exploration:
+            selection = self._explore(selection, prior, evidence)
+        return dataclasses.replace(selection, embedding=segments[0])
+
+    def _explore(self, selection: Selection, prior: Mapping[str, float],
+                 evidence: Evidence) -> Selection:
+        """The plausible adapter (its card passes the threshold) with the least evidence near
+        the prompt, when it has less than the pick: rewards can only correct what is tried."""
+        plausible = [a for a, c in prior.items() if c >= self.threshold]
+        pick = selection.adapter_id
+        other = OutcomeModel.least_known([a for a in plausible if a != pick], evidence)
+        if other is None or evidence.weight.get(other, 0.0) >= evidence.weight.get(pick, 0.0):
+            return selection
+        return dataclasses.replace(selection, adapter_id=other, kind=EXPLORING, reason=(
+            f"exploring: {other!r} fits by its card ({prior[other]:.2f}) and has less reported "
+            f"evidence near this prompt than {pick or 'the base model'!r}"))
 
     async def warm_up(self, cards: Mapping[str, AdapterCard]) -> None:
         """Loads the model and embeds the prototypes now instead of on the first request."""
@@ -233,6 +285,8 @@ class AdapterSelector:
 
     def close(self) -> None:
         self.batcher.close()
+        if self.outcomes is not None and self.outcomes.db is not None:
+            self.outcomes.db.close()
 
 
 def _topic_factor(requested: float) -> float:

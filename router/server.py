@@ -38,6 +38,7 @@ class RouterRuntime:
     pool: WorkerPool
     registry: AdapterRegistry | None = None
     http: HttpServer | None = None  # the OpenAI-compatible front, when --http-port is set
+    selector: AdapterSelector | None = None
 
     @property
     def http_port(self) -> int:
@@ -49,6 +50,8 @@ class RouterRuntime:
         else:
             await self.server.stop(grace_s)
         await self.pool.close()
+        if self.selector is not None:
+            self.selector.close()
         if self.registry is not None and self.registry.db is not None:
             self.registry.db.close()
         elif self.registry is not None and self.registry.store is not None:
@@ -95,6 +98,9 @@ async def start_router(config: RouterConfig, metrics: Sequence[Collector] = ()) 
                  config.adapters_dir)
     if removed := registry.collect_unused():
         log.info("adapter store: removed %d contents no registration uses", removed)
+    if selector.outcomes is not None and selector.outcomes.db is not None:
+        log.info("outcomes %s: %d reports", selector.outcomes.db.path,
+                 selector.outcomes.load(registry.adapters))
     if registry.adapters or config.selector_head:  # 'auto' will be asked for: load it now
         selector.start_warm_up(registry.adapters)
     http = None
@@ -110,4 +116,4 @@ async def start_router(config: RouterConfig, metrics: Sequence[Collector] = ()) 
     log.info("router serving on %s:%d%s -> workers %s (%d live of %d; routing %s)",
              config.host, port, " with TLS" if tls else "", config.workers, len(pool.workers),
              len(pool.all_workers), config.routing)
-    return RouterRuntime(server, port, pool, registry, http)
+    return RouterRuntime(server, port, pool, registry, http, selector)

@@ -79,6 +79,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except EdgeLoraError as exc:
             await context.abort(exc.code, str(exc))
 
+    async def ReportOutcome(self, request: router_pb2.ReportOutcomeRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> router_pb2.ReportOutcomeResponse:
+        caller = await self._caller(context)
+        try:
+            return await self.dispatch.report_outcome(caller, request.request_id, request.reward)
+        except EdgeLoraError as exc:
+            await context.abort(exc.code, str(exc))
+
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
         caller = await self._caller(context)

@@ -92,6 +92,11 @@ class TopicIndex:
     def __contains__(self, adapter_id: str) -> bool:
         return adapter_id in self._by_adapter
 
+    @property
+    def mean(self) -> torch.Tensor:
+        """The plain prompts' mean whole embedding, what centering removes: [dim]."""
+        return self._mean
+
     def set(self, adapter_id: str, wholes: torch.Tensor) -> None:
         """wholes: [n, dim], the whole embedding of the description and of each example."""
         prototypes = _center(wholes, self._mean)

@@ -57,6 +57,7 @@ class FakeDispatch:
         self.relayed: list[types_pb2.GenerateRequest] = []
         self.script: list = [("Arr", ""), (" matey!", "stop")]
         self.closed = 0
+        self.request_ids: set[str] = set()  # what prepare and relay were given
         self.metrics = RouterMetrics(lambda key: key in self.registry.records)  # for /metrics
 
     def authenticate(self, token: str) -> Caller:
@@ -73,8 +74,9 @@ class FakeDispatch:
     def visible_adapters(self, caller: Caller) -> list[AdapterRecord]:
         return sorted(self.registry.records.values(), key=lambda r: r.adapter_id)
 
-    async def prepare(self, caller: Caller, request: types_pb2.GenerateRequest
-                      ) -> types_pb2.GenerateRequest:
+    async def prepare(self, caller: Caller, request: types_pb2.GenerateRequest,
+                      request_id: str = "") -> types_pb2.GenerateRequest:
+        self.request_ids.add(request_id)
         prepared = types_pb2.GenerateRequest()
         prepared.CopyFrom(request)
         if request.adapter_id == AUTO:
@@ -86,9 +88,10 @@ class FakeDispatch:
             prepared.adapter_id = record.key
         return prepared
 
-    async def relay(self, caller: Caller, request: types_pb2.GenerateRequest
-                    ) -> AsyncIterator[types_pb2.GenerateResponse]:
+    async def relay(self, caller: Caller, request: types_pb2.GenerateRequest,
+                    request_id: str = "") -> AsyncIterator[types_pb2.GenerateResponse]:
         self.relayed.append(request)
+        self.request_ids.add(request_id)
         try:
             for completion, step in enumerate(self.script, 1):
                 if isinstance(step, EdgeLoraError):
@@ -135,6 +138,9 @@ def test_chat_whole_names_the_adapter_and_counts_usage(client, fake) -> None:
                                 "logprobs": None, "finish_reason": "stop"}]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
     assert fake.relayed[0].adapter_id == "acme:pirate"  # the tenant's own, by worker key
+    # the response's id is the request id the router gave prepare and relay (ReportOutcome's)
+    (request_id,) = fake.request_ids
+    assert body["id"] == f"chatcmpl-{request_id}" and len(request_id) == 32
 
 
 def test_auto_and_base_report_what_served(client) -> None:
