@@ -138,9 +138,15 @@ def json_depth(value: object, limit: int) -> int:
     return deepest
 
 
+CARD_KINDS = ("", "behaviour", "domain")  # "" = told from how the examples are written
+
+
 def check_card(description: str, example_prompts: list[str], max_card_bytes: int,
-               max_example_prompts: int) -> None:
-    """An adapter card (description and example prompts) the selector will embed."""
+               max_example_prompts: int, kind: str = "") -> None:
+    """An adapter card (description, example prompts, kind) the selector will embed."""
+    if kind not in CARD_KINDS:
+        raise InvalidArgument(f"kind {shown(kind)}: use \"behaviour\", \"domain\" or leave it "
+                              "empty (told from the examples)")
     if utf8_len(description, max_card_bytes) > max_card_bytes:
         raise InvalidArgument(f"description is over {max_card_bytes} bytes (--max-card-bytes)")
     if len(example_prompts) > max_example_prompts:

@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--description", default="", help="what it does (else card.json's)")
     upload.add_argument("--example-prompt", action="append", default=[],
                         help="a prompt it is meant for (repeatable)")
+    upload.add_argument("--kind", default="", choices=("", "behaviour", "domain"),
+                        help="how 'auto' reads the card: behaviour (a style the prompt asks "
+                        "for) or domain (what the prompt is about); default: told from the "
+                        "examples (or card.json's \"kind\")")
     upload.add_argument("--replace", action="store_true", help="replace your adapter of this id")
     upload.add_argument("--tenant", default="", help="admin: upload for this tenant")
     upload.add_argument("--shared", action="store_true", help="admin: for every tenant")

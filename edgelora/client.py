@@ -101,7 +101,7 @@ def upload_to(out: TextIO, args: argparse.Namespace) -> int:
     header = router_pb2.UploadAdapterHeader(
         adapter_id=args.id, description=args.description or "",
         example_prompts=args.example_prompt, replace=args.replace, tenant=args.tenant or "",
-        shared=args.shared)
+        shared=args.shared, kind=getattr(args, "kind", "") or "")
     with open_channel(args.address, args.tls_ca) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         try:

@@ -53,6 +53,7 @@ class AdapterRecord:
     digest: str = ""  # its content in the store ("" = a path registration from before the store)
     created_s: float = 0.0  # first registered (Unix time)
     updated_s: float = 0.0  # last replaced
+    kind: str = ""  # the card's declared kind: behaviour / domain / "" (told from its examples)
 
     @property
     def key(self) -> str:
@@ -69,7 +70,7 @@ class AdapterRecord:
             adapter_id=self.adapter_id, rank=self.rank, path=self.path if with_path else "",
             description=self.description, tenant=self.owner, shared=self.is_shared,
             digest=self.digest, version=self.version, created_s=self.created_s,
-            updated_s=self.updated_s, tier=tier)
+            updated_s=self.updated_s, tier=tier, kind=self.kind)
 
 
 class RpcError(EdgeLoraError):
@@ -120,7 +121,7 @@ class AdapterRegistry:
             forwarded = types_pb2.RegisterAdapterRequest(
                 adapter_id=worker_key(stored.owner, stored.adapter_id), path=stored.path,
                 description=stored.description, example_prompts=stored.example_prompts,
-                digest=stored.digest)
+                digest=stored.digest, kind=stored.kind)
             self._record(forwarded, stored)
         return len(self.adapters)
 
@@ -207,7 +208,8 @@ class AdapterRegistry:
                        adapter_id: str, owner: str) -> StoredAdapter:
         """Writes the registration durably (off the event loop); -> it with version, times."""
         stored = StoredAdapter(owner, adapter_id, forwarded.path, rank, forwarded.description,
-                               list(forwarded.example_prompts), digest=forwarded.digest)
+                               list(forwarded.example_prompts), digest=forwarded.digest,
+                               kind=forwarded.kind)
         if self.db is not None:
             return await asyncio.to_thread(self.db.put, stored)
         old, now = self.adapters.get(worker_key(owner, adapter_id)), time.time()
@@ -274,7 +276,8 @@ class AdapterRegistry:
                 try:
                     forwarded = types_pb2.RegisterAdapterRequest(
                         adapter_id=key, path=request.path, description=request.description,
-                        example_prompts=request.example_prompts, digest=digest)
+                        example_prompts=request.example_prompts, digest=digest,
+                        kind=request.kind)
                     return await self._register_everywhere(forwarded, request.adapter_id, owner)
                 finally:
                     _decrement(self._pending_digests, digest)
@@ -345,7 +348,7 @@ class AdapterRegistry:
         record = AdapterRecord(stored.adapter_id, forwarded.path, stored.rank,
                                forwarded.description, list(forwarded.example_prompts),
                                stored.owner, stored.version, forwarded.digest, stored.created_s,
-                               stored.updated_s)
+                               stored.updated_s, forwarded.kind)
         self.adapters[record.key] = record
         self._requests[record.key] = forwarded
         self._generation += 1

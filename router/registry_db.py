@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS adapters (
     digest TEXT NOT NULL,           -- an uploaded adapter's content in the store, '' = a path
     created_s REAL NOT NULL,
     updated_s REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT '',  -- the card's declared kind ('' = told from its examples)
     PRIMARY KEY (owner, adapter_id)
 )
 """
@@ -44,6 +45,7 @@ class StoredAdapter:
     created_s: float = 0.0
     updated_s: float = 0.0
     digest: str = ""
+    kind: str = ""
 
 
 class RegistryDB:
@@ -57,15 +59,18 @@ class RegistryDB:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
+        if "kind" not in columns:  # a database written before cards had a kind
+            self._db.execute("ALTER TABLE adapters ADD COLUMN kind TEXT NOT NULL DEFAULT ''")
 
     def load(self) -> list[StoredAdapter]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT owner, adapter_id, path, rank, description, example_prompts, version, "
-                "created_s, updated_s, digest FROM adapters ORDER BY owner, adapter_id"
+                "created_s, updated_s, digest, kind FROM adapters ORDER BY owner, adapter_id"
             ).fetchall()
-        return [StoredAdapter(o, a, p, r, d, json.loads(e), v, c, u, g)
-                for o, a, p, r, d, e, v, c, u, g in rows]
+        return [StoredAdapter(o, a, p, r, d, json.loads(e), v, c, u, g, k)
+                for o, a, p, r, d, e, v, c, u, g, k in rows]
 
     def put(self, adapter: StoredAdapter) -> StoredAdapter:
         """Inserts or replaces (owner, adapter_id); -> the row as stored (version, times)."""
@@ -78,17 +83,19 @@ class RegistryDB:
                     (adapter.owner, adapter.adapter_id)).fetchone()
                 version, created = (old[0] + 1, old[1]) if old else (1, now)
                 self._db.execute(
-                    "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO adapters (owner, adapter_id, path, rank, "
+                    "description, example_prompts, version, digest, created_s, updated_s, kind) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (adapter.owner, adapter.adapter_id, adapter.path, adapter.rank,
                      adapter.description, json.dumps(adapter.example_prompts), version,
-                     adapter.digest, created, now))
+                     adapter.digest, created, now, adapter.kind))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return StoredAdapter(adapter.owner, adapter.adapter_id, adapter.path, adapter.rank,
                              adapter.description, list(adapter.example_prompts), version,
-                             created, now, adapter.digest)
+                             created, now, adapter.digest, adapter.kind)
 
     def delete(self, owner: str, adapter_id: str) -> None:
         with self._lock:

@@ -3,10 +3,11 @@
 Confidence per registered adapter, in [0, 1], multi-label (several adapters can fit a prompt):
 from the trained head (`--selector-head`, made by `edgelora router train`) for the adapters it
 was trained on, else zero-shot from the adapter's description and example prompts, so an adapter
-is selectable as soon as it is registered. A card is read by one of two rules, chosen from how
-its examples are written (router/zero_shot_domain.py, `card_kind`): behaviour cards by the
-request they repeat (router/zero_shot.py), domain cards by the topic they share
-(router/zero_shot_domain.py); a clear behaviour request outranks any topic (`_topic_factor`).
+is selectable as soon as it is registered. A card is read by one of two rules: the kind it
+declares, else the one its examples call for (router/zero_shot_domain.py, `card_kind`):
+behaviour cards by the request they repeat (router/zero_shot.py), domain cards by the topic they
+share (router/zero_shot_domain.py); a clear behaviour request outranks any topic
+(`_topic_factor`).
 
 Decision (`decide`, pure): rank by confidence; below `threshold` -> base model (""); else among the
 `top_k` best that pass the threshold, take the best one resident on some worker (host or device
@@ -160,15 +161,17 @@ class AdapterSelector:
                 if texts:  # a changed card's old prototypes serve until the new ones are in
                     per_text = await self.batcher.run(lambda e, t: e.embed_segments(t), texts)
                     self._add(adapter_id, per_text, has_description=bool(
-                        card.description.strip()))
+                        card.description.strip()), declared=getattr(card, "kind", ""))
                 else:  # nothing to embed (most tenants' adapters): no thread hop
                     self._forget(adapter_id)
                 self._cards[adapter_id] = card
 
-    def _add(self, adapter_id: str, per_text: list[torch.Tensor], has_description: bool) -> None:
-        """Files a card's embedded texts under the rule its examples call for."""
+    def _add(self, adapter_id: str, per_text: list[torch.Tensor], has_description: bool,
+             declared: str = "") -> None:
+        """Files a card's embedded texts under the rule its kind (declared, else the one its
+        examples call for) says."""
         assert self._index is not None and self._topics is not None
-        kind = card_kind(per_text[1:] if has_description else per_text)
+        kind = declared or card_kind(per_text[1:] if has_description else per_text)
         self.kinds[adapter_id] = kind
         if kind == DOMAIN:
             self._topics.set(adapter_id, torch.stack([t[0] for t in per_text]))

@@ -132,7 +132,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         request = types_pb2.RegisterAdapterRequest(
             adapter_id=header.adapter_id, description=header.description,
             example_prompts=header.example_prompts, replace=header.replace,
-            tenant=header.tenant, shared=header.shared)
+            tenant=header.tenant, shared=header.shared, kind=header.kind)
         check_adapter_id(request.adapter_id)
         owner = registration_owner(caller, request)
         self._check_card_and_limits(caller, owner, request)
@@ -149,8 +149,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 from_card = parse_card(card, f"the upload's {CARD_FILE}")
                 request.description = from_card.get("description", "")
                 request.example_prompts.extend(from_card.get("example_prompts", []))
+                request.kind = request.kind or from_card.get("kind", "")
                 check_card(request.description, list(request.example_prompts),
-                           self.config.max_card_bytes, self.config.max_example_prompts)
+                           self.config.max_card_bytes, self.config.max_example_prompts,
+                           request.kind)
             return await self.registry.register(request, owner)
         finally:
             self.registry.release(request.digest)  # the blob goes unless registered
@@ -159,7 +161,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                request: types_pb2.RegisterAdapterRequest) -> None:
         config = self.config
         check_card(request.description, list(request.example_prompts), config.max_card_bytes,
-                   config.max_example_prompts)
+                   config.max_example_prompts, request.kind)
         # the owner's own limit, also when an admin registers on its behalf
         limit = self.keys.tenants().get(owner, caller.limits if owner == caller.tenant
                                         else TenantLimits()).max_adapters

@@ -112,6 +112,10 @@ def test_bad_adapter_ids(adapter_id: str) -> None:
 
 def test_card_bounds() -> None:
     check_card("d" * 10, ["p" * 10] * 2, max_card_bytes=10, max_example_prompts=2)
+    for kind in ("", "behaviour", "domain"):
+        check_card("d", [], max_card_bytes=10, max_example_prompts=2, kind=kind)
+    with pytest.raises(InvalidArgument, match="kind"):
+        check_card("d", [], max_card_bytes=10, max_example_prompts=2, kind="Domain")
     for description, examples, says in [("d" * 11, [], "description"),
                                         ("", ["p"] * 3, "example prompts"),
                                         ("", ["p" * 11], r"example_prompts\[0\]")]:

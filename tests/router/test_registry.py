@@ -7,8 +7,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from common.errors import InvalidArgument
 from edgelora.client import build_request
 from edgelora.v1 import router_pb2_grpc, types_pb2
+from router.adapter_cards import read_card
 from tests.conftest import ServeThread, write_random_adapter, write_tiny_llama
 from worker.config import WorkerConfig
 
@@ -273,3 +275,24 @@ def test_a_content_being_installed_is_never_removed_under_it(tmp_path: Path,
         return during, held, store.has(digest)
 
     assert asyncio.run(scenario()) == (True, True, False)
+
+
+def test_a_card_kind_is_checked_kept_and_listed(stub, tmp_path: Path,
+                                                tiny_model_dir: Path) -> None:
+    path = write_random_adapter(tmp_path / "k", tiny_model_dir, rank=4)
+    assert code_of(lambda: stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
+        adapter_id="kinded", path=str(path), kind="topic"), timeout=30)) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    info = stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
+        adapter_id="kinded", path=str(path), description="Maths word problems",
+        example_prompts=["What is 15% of 80?"], kind="domain"), timeout=30).adapter
+    assert info.kind == "domain"
+    listed = {a.adapter_id: a for a in stub.ListAdapters(types_pb2.ListAdaptersRequest()).adapters}
+    assert listed["kinded"].kind == "domain"
+    # a card file's kind (uploads, --adapters-dir) is read and checked too
+    (path / "card.json").write_text('{"description": "SQL", "kind": "domain"}')
+    assert read_card(path).kind == "domain"
+    (path / "card.json").write_text('{"kind": "style"}')
+    with pytest.raises(InvalidArgument, match="behaviour"):
+        read_card(path)
+    stub.UnregisterAdapter(types_pb2.UnregisterAdapterRequest(adapter_id="kinded"), timeout=30)

@@ -51,3 +51,25 @@ def test_a_killed_writer_leaves_whole_rows_only(tmp_path: Path) -> None:
     ids = {a.adapter_id for a in rows}
     assert {f"a{i}" for i in range(acknowledged + 1)} <= ids
     assert all(a.example_prompts == ["e"] * 20 and a.description == "d" * 200 for a in rows)
+
+
+def test_card_kind_is_kept_and_an_older_database_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "registry.sqlite3")  # the schema before cards had a kind
+    old.execute("CREATE TABLE adapters (owner TEXT NOT NULL, adapter_id TEXT NOT NULL, path TEXT "
+                "NOT NULL, rank INTEGER NOT NULL, description TEXT NOT NULL, example_prompts "
+                "TEXT NOT NULL, version INTEGER NOT NULL, digest TEXT NOT NULL, created_s REAL "
+                "NOT NULL, updated_s REAL NOT NULL, PRIMARY KEY (owner, adapter_id))")
+    old.execute("INSERT INTO adapters VALUES ('acme', 'old', '/a/o', 8, 'd', '[]', 3, 'g', 1.0, "
+                "2.0)")
+    old.commit()
+    old.close()
+    db = RegistryDB(tmp_path)
+    [before] = db.load()
+    assert (before.adapter_id, before.version, before.kind, before.digest) == ("old", 3, "", "g")
+    db.put(StoredAdapter("acme", "maths", "/a/m", 8, "Maths word problems", ["2 + 2?"],
+                         kind="domain"))
+    db.close()
+    loaded = {a.adapter_id: a for a in RegistryDB(tmp_path).load()}
+    assert loaded["maths"].kind == "domain" and loaded["old"].kind == ""
