@@ -162,6 +162,7 @@ class Dispatcher:
             if embedding is None:  # an explicit adapter: its prompt is embedded now
                 embedding = (await self.selector.batcher.embed_segments(pending.text))[0]
             outcomes.add(caller.tenant, pending.adapter_key, embedding, reward)
+            self.metrics.outcome(pending.adapter_key, reward)
         return router_pb2.ReportOutcomeResponse(adapter_id=record_name(pendings[0].adapter_key),
                                                 reports_kept=outcomes.count(caller.tenant))
 

@@ -6,6 +6,8 @@
   `..._prompt_tokens_total{adapter,tenant}`, `..._generated_tokens_total{adapter,tenant}`, and
   TTFT, inter-token and end-to-end latency histograms by tenant only.
 - `edgelora_router_auto_selections_total{adapter,reason}`: what "auto" chose and by which rule.
+- `edgelora_router_outcome_reports_total{adapter}` and `..._outcome_reward_total{adapter}`:
+  reports to ReportOutcome and the sum of their rewards (their ratio: the mean reward).
 
 Bounds (common.metrics): adapter = "" (base), "auto" (a refused "auto" request), a registered
 worker key ("tenant:id" for a tenant's own adapter), else "_other", and an unregistered
@@ -49,6 +51,12 @@ class RouterMetrics:
         self.selections = AdapterCounter(
             f"{PREFIX}_auto_selections", "Adapters chosen for 'auto' requests (\"\" = the base "
             "model), by the rule that chose", ("reason",), is_adapter, self.registry)
+        self.outcome_reports = AdapterCounter(
+            f"{PREFIX}_outcome_reports", "Outcomes reported (ReportOutcome), by the adapter "
+            "that served (\"\" = the base model)", (), is_adapter, self.registry)
+        self.outcome_reward = AdapterCounter(
+            f"{PREFIX}_outcome_reward", "Sum of the rewards reported, by the adapter that served",
+            (), is_adapter, self.registry)
 
     async def observe(self, stream: AsyncIterator[types_pb2.GenerateResponse], adapter_id: str,
                       tenant: str) -> AsyncIterator[types_pb2.GenerateResponse]:
@@ -80,6 +88,11 @@ class RouterMetrics:
         parameters): `adapter_id` as the client named it (an unregistered one reads
         "_other")."""
         self.requests.track(adapter_id, tenant).finish(status)
+
+    def outcome(self, adapter_id: str, reward: float) -> None:
+        """A reported outcome for a generation the worker key `adapter_id` served."""
+        self.outcome_reports.inc(adapter_id)
+        self.outcome_reward.inc(adapter_id, amount=reward)
 
     def selection(self, adapter_id: str, reason: str) -> None:
         """An "auto" decision: the worker key chosen ("" = base) and Selection.kind, or

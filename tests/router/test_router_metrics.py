@@ -145,6 +145,16 @@ def test_refused_selection_and_label_bounds(metrics: RouterMetrics) -> None:
     assert total(s, selections, adapter="_other", reason="other") == 1
 
 
+def test_outcomes_count_reports_and_sum_rewards(metrics: RouterMetrics) -> None:
+    for adapter_id, reward in (("shared", 1.0), ("shared", 0.25), ("", 0.5), ("gone", 1.0)):
+        metrics.outcome(adapter_id, reward)
+    s = samples(metrics)
+    assert total(s, f"{P}_outcome_reports_total", adapter="shared") == 2
+    assert total(s, f"{P}_outcome_reward_total", adapter="shared") == 1.25
+    assert total(s, f"{P}_outcome_reward_total", adapter="") == 0.5
+    assert total(s, f"{P}_outcome_reports_total", adapter="_other") == 1
+
+
 def test_an_unregistered_adapters_series_go_at_the_next_scrape() -> None:
     registered = {"a", "b"}
     metrics = RouterMetrics(registered.__contains__)
