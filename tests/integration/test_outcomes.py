@@ -21,6 +21,7 @@ from edgelora.v1 import router_pb2, router_pb2_grpc
 from tests.conftest import write_random_adapter
 from tests.integration.test_registry_restart import RouterProcess
 from tests.integration.test_worker_failover import WorkerProcess, free_port
+from tests.metrics_samples import scrape, total
 from tests.router.test_outcome_loop import TUTOR
 
 KEYS = {"acme-key": "acme", "globex-key": "globex"}
@@ -136,6 +137,10 @@ def test_outcomes_teach_auto_per_tenant_and_survive_a_restart(cluster) -> None:
     assert reply["reports_kept"] == 42
     assert post(url, {"request_id": body["id"], "reward": 1.0}, "acme-key")[0] == 400
     assert post(url, {"request_id": body["id"], "reward": 2}, "acme-key")[0] == 400
+    metrics = scrape(f"http://127.0.0.1:{router.http_port}/metrics")
+    assert total(metrics, "edgelora_router_outcome_reports_total") == 42
+    assert total(metrics, "edgelora_router_outcome_reward_total") == \
+        served.count(rewarded) + 2  # the first report (1.0) and the HTTP one (1.0)
 
     router.kill()  # SIGKILL: what was learned is on disk already
     router.start()
