@@ -1,4 +1,5 @@
-// Streams one generation from the edgelora router, or uploads an adapter directory to it. Knows
+// Streams one generation from the edgelora router, uploads an adapter directory to it, or
+// reports how good a generation was (ReportOutcome: "auto" learns from it). Knows
 // only the .proto files in proto/: @grpc/proto-loader reads them at start, so there is no code
 // generation step.
 //
@@ -10,6 +11,9 @@
 //   node client.js ADDRESS upload DIR --id ID [--description TEXT] [--example-prompt TEXT]...
 //                  [--replace]
 //   node client.js localhost:50051 upload ../../adapters/demo/shout --id my-shout
+//
+//   node client.js ADDRESS outcome REQUEST_ID REWARD    (how good a generation was, 0..1)
+//   node client.js localhost:50051 outcome 3f2c0d... 1
 //
 // A server with API keys: EDGELORA_API_KEY=k-... is sent as 'authorization: Bearer k-...'.
 // A server with TLS: EDGELORA_TLS_CA=path/to/ca.pem (the certificate bundle to trust).
@@ -73,7 +77,8 @@ function generate(prompt = 'What is the capital of France?', adapterId = '') {
     if (last) {
       const usage = last.usage || {};
       process.stdout.write(`\n[${last.finish_reason}; ${usage.prompt_tokens} prompt + `
-        + `${usage.completion_tokens} completion tokens; adapter ${last.adapter_id || 'base'}]\n`);
+        + `${usage.completion_tokens} completion tokens; adapter ${last.adapter_id || 'base'}; `
+        + `request ${last.request_id}]\n`);
     }
     router.close();
   });
@@ -141,8 +146,23 @@ function upload(argv) {
   messages.pipe(call);
 }
 
+function outcome([requestId, reward]) {
+  if (!requestId || reward === undefined || Number.isNaN(Number(reward))) {
+    return fail('usage: node client.js ADDRESS outcome REQUEST_ID REWARD (a number in [0, 1])');
+  }
+  const request = { request_id: requestId, reward: Number(reward) };
+  router.ReportOutcome(request, metadata, { deadline: Date.now() + 30_000 }, (err, reply) => {
+    if (err) return failWithStatus(err);
+    process.stdout.write(`reported ${reward} for adapter ${reply.adapter_id || 'base'} `
+      + `(${reply.reports_kept} reports kept for 'auto')\n`);
+    router.close();
+  });
+}
+
 if (args[0] === 'upload') {
   upload(args.slice(1));
+} else if (args[0] === 'outcome') {
+  outcome(args.slice(1));
 } else {
   generate(...args);
 }
