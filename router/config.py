@@ -61,9 +61,9 @@ class RouterConfig(SharedConfig):
         "help": "prompt embedder weights: auto (bfloat16 where the CPU has it natively), "
                 "float32 or bfloat16"})
     outcome_exploration: float = field(default=0.05, metadata={
-        "help": "share of a tenant's 'auto' requests (once it has reported outcomes) that try "
-                "the plausible adapter its rewards know least about near the prompt, instead "
-                "of the pick (0..1; 0 = never explore)"})
+        "help": "most share of a tenant's 'auto' requests (once it has reported outcomes) that "
+                "try the plausible adapter its rewards know least about near the prompt instead "
+                "of the pick, less where the pick is well known (0..1; 0 = never explore)"})
     outcome_max_reports: int = field(default=4096, metadata={
         "help": "reported outcomes (ReportOutcome) kept per tenant, the oldest dropped first, "
                 "in memory and under --state-dir; 0 = outcomes are not learned"})

@@ -14,7 +14,8 @@ a large common direction), so rewards about maths prompts would change picks for
 prompts; here a prompt with no report nearby keeps exactly its card confidence. The
 uncertainty term of a UCB is the evidence itself: `least_known` names the plausible candidate
 with the least evidence, which the selector tries on a bounded share of requests
-(--outcome-exploration).
+(--outcome-exploration times `uncertainty`, the prior's share of the pick's confidence: once
+the pick is well known near a prompt, it is seldom second-guessed there).
 
 State is per tenant: one tenant's reports never change another tenant's picks, shared adapters
 included. At most `max_reports` per tenant, the oldest dropped first. With a database
@@ -157,6 +158,12 @@ class OutcomeModel:
 
         return ({a: posterior(c, a) for a, c in confidences.items()},
                 posterior(threshold, base_key))
+
+    @staticmethod
+    def uncertainty(evidence: Evidence, adapter_key: str) -> float:
+        """1 where no report is near, shrinking as the adapter's evidence grows: the weight the
+        card's prior still has in its confidence."""
+        return PRIOR_WEIGHT / (PRIOR_WEIGHT + evidence.weight.get(adapter_key, 0.0))
 
     @staticmethod
     def least_known(candidates: Iterable[str], evidence: Evidence) -> str | None:

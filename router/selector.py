@@ -15,7 +15,8 @@ memory) unless it trails the best by more than `margin`, in which case the best 
 
 Outcomes (Router.ReportOutcome, router/outcome_model.py): a tenant's reported rewards near a
 prompt move that tenant's confidences and threshold; where it has reported, a bounded share of
-its requests (`exploration`) tries the plausible adapter the rewards know least about.
+its requests (`exploration`, scaled down as the pick's evidence near the prompt grows) tries the
+plausible adapter the rewards know least about.
 
 Hot reload: the head file is re-read when its mtime or size changes, checked on every selection
 (one stat). `edgelora router train` writes it atomically (temp file + rename), so a running router
@@ -257,7 +258,8 @@ class AdapterSelector:
         selection = decide(confidences, resident, top_k=self.top_k, threshold=threshold,
                            margin=self.margin, sources=sources)
         if explore and evidence is not None and self.exploration > 0 and \
-                self._rng.random() < self.exploration:
+                self._rng.random() < self.exploration * OutcomeModel.uncertainty(
+                    evidence, selection.adapter_id):
             selection = self._explore(selection, prior, evidence)
         return dataclasses.replace(selection, embedding=segments[0])
 

@@ -58,8 +58,10 @@ def test_tenants_are_apart_and_reports_are_bounded() -> None:
     assert m.count("acme") == 3 and "shared" not in m.evidence("acme", axis(0)).weight
 
 
-def test_least_known() -> None:
+def test_least_known_and_uncertainty() -> None:
     evidence = Evidence(weight={"a": 3.0, "b": 0.5})
+    assert OutcomeModel.uncertainty(evidence, "c") == 1.0
+    assert OutcomeModel.uncertainty(evidence, "a") == PRIOR_WEIGHT / (PRIOR_WEIGHT + 3.0)
     assert OutcomeModel.least_known(["a", "b", "c"], evidence) == "c"
     assert OutcomeModel.least_known([], evidence) is None
 
