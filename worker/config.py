@@ -18,9 +18,12 @@ def _help(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class WorkerConfig(SharedConfig):
     model: str = field(default=DEFAULT_MODEL, metadata=_help(
-        "'default' (embedded SmolLM2-135M-Instruct) or an HF Llama-family checkpoint directory"))
+        "'default' (embedded SmolLM2-135M-Instruct), a Llama- or Qwen2-family .gguf file (F16, "
+        "Q8_0, Q4_0, Q4_K_M, ...; its tokenizer and chat template from the file), or an HF "
+        "checkpoint directory"))
     cache_dir: str = field(default="", metadata=_help(
-        "where the default model is dequantized once (empty = ~/.cache/edgelora)"))
+        "where the default model and --model .gguf files are dequantized once (empty = "
+        "~/.cache/edgelora)"))
     adapter_cache_dir: str = field(default="", metadata=_help(
         "where adapters pushed by the router (uploads) are kept by digest (empty = "
         "<cache dir>/adapters); no folder is shared with the router or other workers"))

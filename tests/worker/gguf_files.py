@@ -1,0 +1,83 @@
+"""Writes a small HF checkpoint (tests/conftest.py's tiny Llama, or a tiny Qwen2) as a GGUF file the
+way llama.cpp's converter does: llama.cpp tensor names, Llama's q/k rows permuted for its rotary
+layout, norms in F32 and the matrices in the asked type (F16, Q8_0, Q4_0 through the gguf
+package's quantizers), and the tokenizer with its chat template copied from the embedded
+SmolLM2 GGUF (the tiny models use SmolLM2's tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+         "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.N.<module>.<weight|bias>
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{NAMES[module]}.{kind}"
+
+
+def permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's reordering of a Llama q/k projection's rows (transformers undoes it)."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]) \
+        .swapaxes(1, 2).reshape(weights.shape)
+
+
+def write_gguf(hf_dir: Path, path: Path, qtype: str) -> Path:
+    """hf_dir's model as a GGUF at `path`; qtype: "F16", "Q8_0" or "Q4_0"."""
+    import gguf
+
+    from worker.gguf_import import find_default_gguf
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = config["model_type"]  # "llama" / "qwen2": llama.cpp's names too
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_vocab_size(config["vocab_size"])
+    source = gguf.GGUFReader(find_default_gguf())
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), vtype, sub)
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, tensor in load_file(hf_dir / "model.safetensors").items():
+        tensor = tensor.astype(np.float32)
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            tensor = permute(tensor, heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            tensor = permute(tensor, kv_heads)
+        if tensor.ndim == 1:  # norms and biases stay float32, as llama.cpp keeps them
+            writer.add_tensor(gguf_name(name), tensor)
+        elif qt == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gguf_name(name), tensor.astype(np.float16))
+        else:
+            # the quantized bytes; the writer derives the element shape from raw_dtype
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(tensor, qt), raw_dtype=qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
