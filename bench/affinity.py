@@ -9,8 +9,8 @@ at its arrival times and streamed. Each run ends by reading every worker's Info 
 The same requests run once with --routing affinity and once with round-robin; the target is
 affinity's device+host hit rate >= 1.5x round-robin's. Cache sizes are small on purpose (default
 4 device slots, 16 host entries per worker: 20 of 64 adapters) so the adapter set does not fit one
-worker. The tiny random Llama (tests/conftest.py) is the default model: hit rates depend on the
-routing and the request sequence, not on the weights; --model default uses SmolLM2-135M.
+worker. The tiny random Llama (bench/random_weights.py) is the default model: hit rates depend on
+the routing and the request sequence, not on the weights; --model default uses SmolLM2-135M.
 Skew decides the ratio: under Zipf alpha=1 the few head adapters take most requests and stay hot
 on both workers with either policy, so affinity only wins the tail; with the EdgeLoRA client's
 rule (uniform at alpha=1) each worker caching half the set shows in full.
@@ -139,7 +139,7 @@ def report(routing: str, infos: list[worker_pb2.InfoResponse], summary: dict[str
 
 
 def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[Path]]:
-    from tests.conftest import write_random_adapter, write_tiny_llama
+    from bench.random_weights import write_random_adapter, write_tiny_llama
 
     default = resolve_model_path("default", WorkerConfig().cache_path)
     model = default if args.model == "default" else write_tiny_llama(tmp / "tiny", default)

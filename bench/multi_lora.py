@@ -54,7 +54,7 @@ def adapter_name(i: int) -> str:
 
 
 def write_adapters(base: Path, root: Path, count: int, rank: int, seed: int) -> list[Path]:
-    from tests.conftest import write_random_adapter  # sets torch threads to 1: main() resets them
+    from bench.random_weights import write_random_adapter
 
     return [write_random_adapter(root / f"r{rank}-{i:02d}", base, rank=rank, alpha=2.0 * rank,
                                  seed=seed + i, std=0.05) for i in range(count)]

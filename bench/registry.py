@@ -500,7 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_adapters(args: argparse.Namespace, tmp: Path) -> tuple[dict[int, Path], list[Path]]:
-    from tests.conftest import write_random_adapter  # the tests' generator (torch, 1 thread)
+    from bench.random_weights import write_random_adapter
     from worker.config import WorkerConfig
     from worker.gguf_import import resolve_model_path
 

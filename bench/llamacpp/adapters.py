@@ -40,7 +40,7 @@ def demo_adapters() -> list[BenchAdapter]:
 def random_adapters(base_dir: Path, count: int, rank: int = 8, seed: int = 0,
                     root: Path | None = None) -> list[BenchAdapter]:
     """count seeded random PEFT adapters for the checkpoint in base_dir (written once)."""
-    from tests.conftest import write_random_adapter  # test helper; sets torch threads to 1
+    from bench.random_weights import write_random_adapter
 
     root = Path(root) if root else bench_cache() / "adapters" / f"r{rank}-seed{seed}"
     found = []

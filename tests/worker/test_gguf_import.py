@@ -13,10 +13,10 @@ import grpc
 import pytest
 import torch
 
+from bench.gguf_writer import write_gguf
 from edgelora.client import build_request
 from edgelora.v1 import router_pb2_grpc
 from tests.conftest import ServeThread, write_tiny_llama
-from tests.worker.gguf_files import write_gguf
 from tests.worker.test_model import write_qwen2
 from worker.config import WorkerConfig
 from worker.gguf_import import resolve_model_path

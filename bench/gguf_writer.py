@@ -1,8 +1,9 @@
-"""Writes a small HF checkpoint (tests/conftest.py's tiny Llama, or a tiny Qwen2) as a GGUF file the
-way llama.cpp's converter does: llama.cpp tensor names, Llama's q/k rows permuted for its rotary
-layout, norms in F32 and the matrices in the asked type (F16, Q8_0, Q4_0 through the gguf
-package's quantizers), and the tokenizer with its chat template copied from the embedded
-SmolLM2 GGUF (the tiny models use SmolLM2's tokenizer)."""
+"""Writes an HF Llama or Qwen2 checkpoint that uses SmolLM2's tokenizer (the tests' tiny models,
+bench/make_model.py's shapes) as a GGUF file the way llama.cpp's converter does: llama.cpp tensor
+names, Llama's q/k rows permuted for its rotary layout, norms and biases in F32 and the matrices
+in the asked type (F16, Q8_0, Q4_0 through the gguf package's quantizers), and the tokenizer with
+its chat template copied from the embedded SmolLM2 GGUF, its token list padded with [PAD<i>]
+tokens up to the model's vocabulary size (as the converter pads)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,14 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str) -> Path:
         if key.startswith("tokenizer."):
             vtype = field.types[0]
             sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), vtype, sub)
+            value = field.contents()
+            pad = config["vocab_size"] - len(value) if key.endswith((".tokens", ".token_type")) \
+                else 0
+            if key.endswith(".tokens") and pad > 0:
+                value = value + [f"[PAD{i}]" for i in range(len(value), config["vocab_size"])]
+            elif key.endswith(".token_type") and pad > 0:
+                value = value + [int(gguf.TokenType.UNUSED)] * pad
+            writer.add_key_value(key, value, vtype, sub)
     qt = getattr(gguf.GGMLQuantizationType, qtype)
     for name, tensor in load_file(hf_dir / "model.safetensors").items():
         tensor = tensor.astype(np.float32)
