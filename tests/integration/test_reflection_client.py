@@ -216,11 +216,14 @@ def test_node_example_uses_only_names_the_proto_defines() -> None:
     assert router.methods_by_name["UploadAdapter"].client_streaming
     assert "router.GenerateStream(" in source and "edgelora.v1.Router(" in source
     assert "router.UploadAdapter(" in source
+    assert "ReportOutcome" in router.methods_by_name and "router.ReportOutcome(" in source
     fields = {f.name for message in (types_pb2.GenerateRequest, types_pb2.GenerateResponse,
                                      types_pb2.ChatMessage, types_pb2.SamplingParams,
                                      types_pb2.Usage, router_pb2.UploadAdapterRequest,
                                      router_pb2.UploadAdapterHeader, types_pb2.AdapterFileChunk,
-                                     types_pb2.RegisterAdapterResponse, types_pb2.AdapterInfo)
+                                     types_pb2.RegisterAdapterResponse, types_pb2.AdapterInfo,
+                                     router_pb2.ReportOutcomeRequest,
+                                     router_pb2.ReportOutcomeResponse)
               for f in message.DESCRIPTOR.fields}
     # snake_case words, less the adapter's file names (adapter_config.json, ...)
     used = set(re.findall(r"\b[a-z]+(?:_[a-z]+)+\b(?!\.\w)", source)) | set(
