@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import grpc
 
 
@@ -53,3 +56,13 @@ class DeadlineExceeded(EdgeLoraError):
 
 class FailedPrecondition(EdgeLoraError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@asynccontextmanager
+async def refusals_abort(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """In a servicer method: an EdgeLoraError raised inside ends the call with its status and
+    message."""
+    try:
+        yield
+    except EdgeLoraError as exc:
+        await context.abort(exc.code, str(exc))

@@ -14,7 +14,7 @@ from contextlib import aclosing
 
 import grpc
 
-from common.errors import EdgeLoraError, InvalidArgument, PermissionDenied
+from common.errors import InvalidArgument, PermissionDenied, refusals_abort
 from common.internal_auth import bearer_token
 from common.limits import check_adapter_id, check_card, check_generate
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
@@ -46,47 +46,37 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.keys = self.dispatch.keys
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
-        try:
+        async with refusals_abort(context):
             return self.dispatch.authenticate(bearer_token(context.invocation_metadata()))
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
 
     async def GenerateStream(self, request: types_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[types_pb2.GenerateResponse]:
         caller = await self._caller(context)
-        try:
-            async with aclosing(self.dispatch.generate(caller, request)) as stream:
-                async for response in stream:
-                    yield response
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
+        async with refusals_abort(context), \
+                aclosing(self.dispatch.generate(caller, request)) as stream:
+            async for response in stream:
+                yield response
 
     async def Generate(self, request: types_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> types_pb2.GenerateResponse:
         caller = await self._caller(context)
-        try:
-            async with aclosing(self.dispatch.generate(caller, request)) as stream:
-                return merge_chunks([chunk async for chunk in stream])
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
+        async with refusals_abort(context), \
+                aclosing(self.dispatch.generate(caller, request)) as stream:
+            return merge_chunks([chunk async for chunk in stream])
 
     async def Tokenize(self, request: types_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> types_pb2.TokenizeResponse:
         caller = await self._caller(context)
-        try:
+        async with refusals_abort(context):
             return await self.dispatch.tokenize(caller, request)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
 
     async def ReportOutcome(self, request: router_pb2.ReportOutcomeRequest,
                             context: grpc.aio.ServicerContext
                             ) -> router_pb2.ReportOutcomeResponse:
         caller = await self._caller(context)
-        try:
+        async with refusals_abort(context):
             return await self.dispatch.report_outcome(caller, request.request_id, request.reward)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
@@ -99,10 +89,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                               context: grpc.aio.ServicerContext
                               ) -> types_pb2.RegisterAdapterResponse:
         caller = await self._caller(context)
-        try:
+        async with refusals_abort(context):
             record = await self._register(caller, request)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         return self._registered(caller, record)
 
     @staticmethod
@@ -115,10 +103,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             context: grpc.aio.ServicerContext
                             ) -> types_pb2.RegisterAdapterResponse:
         caller = await self._caller(context)
-        try:
+        async with refusals_abort(context):
             record = await self._upload(caller, requests)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         return self._registered(caller, record)
 
     async def _upload(self, caller: Caller,
@@ -189,12 +175,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                 context: grpc.aio.ServicerContext
                                 ) -> types_pb2.UnregisterAdapterResponse:
         caller = await self._caller(context)
-        try:
+        async with refusals_abort(context):
             check_adapter_id(request.adapter_id)
             record = removal_target(caller, request, self.registry)
             await self.registry.unregister(record.key)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         log.info("%s removed adapter %r of %s", caller.tenant or "the open tenant",
                  record.adapter_id, record.owner or "every tenant (shared)")
         return types_pb2.UnregisterAdapterResponse()
@@ -202,13 +186,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def SelectAdapter(self, request: router_pb2.SelectAdapterRequest,
                             context: grpc.aio.ServicerContext) -> router_pb2.SelectAdapterResponse:
         caller = await self._caller(context)
-        try:
+        async with refusals_abort(context):
             if not request.prompt and not request.messages:
                 raise InvalidArgument("SelectAdapter needs a prompt or messages")
             check_generate(types_pb2.GenerateRequest(prompt=request.prompt,
                                                      messages=request.messages), self.config)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         if self.selector is None:
             return router_pb2.SelectAdapterResponse(
                 selected_adapter_id="", reason="this router runs without the adaptive selector: "

@@ -24,6 +24,7 @@ from common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    refusals_abort,
 )
 from common.limits import check_generate, check_prompt
 from edgelora.v1 import types_pb2, worker_pb2, worker_pb2_grpc
@@ -185,11 +186,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Tokenize(self, request: types_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> types_pb2.TokenizeResponse:
         """The prompt's token ids as Generate would feed them (the chat template applied)."""
-        try:
+        async with refusals_abort(context):
             check_prompt(request, self.config)  # bounds first: no tokenizing of a huge prompt
             token_ids = self._encode_prompt(request)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         return types_pb2.TokenizeResponse(token_ids=token_ids,
                                           max_model_len=self.info.max_model_len)
 
@@ -222,10 +221,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     context: grpc.aio.ServicerContext) -> worker_pb2.ScoreResponse:
         """Every adapter's sequence goes through the scheduler like a Generate: they share
         forward passes (with each other and with running streams) through the multi-LoRA path."""
-        try:
+        async with refusals_abort(context):
             adds = self._to_score_requests(request)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         pending = {add.request_id for add in adds}
         results: dict[int, TokenEvent] = {}
@@ -264,13 +261,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def RegisterAdapter(self, request: types_pb2.RegisterAdapterRequest,
                               context: grpc.aio.ServicerContext
                               ) -> types_pb2.RegisterAdapterResponse:
-        try:
+        async with refusals_abort(context):
             if not ADAPTER_ID.fullmatch(request.adapter_id) or request.adapter_id == "auto":
                 raise InvalidArgument(f"adapter_id {request.adapter_id[:140]!r}: use 1-128 "
                                       "letters, digits, '-', '_', '.', '/' (and not 'auto')")
             spec = await self._check_adapter(request)
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         return types_pb2.RegisterAdapterResponse(adapter=types_pb2.AdapterInfo(
             adapter_id=spec.adapter_id, rank=spec.rank, path=spec.path,
             description=request.description, tier=types_pb2.ADAPTER_TIER_DISK))
@@ -311,7 +306,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Writes the pushed files into the cache (off the event loop), keeping them only if
         they hash to the digest named first."""
         loop = asyncio.get_running_loop()
-        try:
+        async with refusals_abort(context):
             first = await anext(aiter(requests), None)
             if first is None or first.WhichOneof("part") != "digest":
                 raise InvalidArgument("PutAdapter starts with the digest")
@@ -327,8 +322,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if removed:
                 log.info("adapter cache over --adapter-cache-mb %d: removed %d least recently "
                          "used blobs", self.config.adapter_cache_mb, len(removed))
-        except EdgeLoraError as exc:
-            await context.abort(exc.code, str(exc))
         return worker_pb2.PutAdapterResponse()
 
     async def UnregisterAdapter(self, request: types_pb2.UnregisterAdapterRequest,
