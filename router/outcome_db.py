@@ -47,8 +47,10 @@ class OutcomeDB:
             self._db.execute("INSERT INTO reports (tenant, adapter_key, embedding, reward, "
                              "created_s) VALUES (?, ?, ?, ?, ?)",
                              (tenant, adapter_key, blob, reward, time.time()))
-            self._db.execute("DELETE FROM reports WHERE tenant = ? AND seq NOT IN (SELECT seq "
-                             "FROM reports WHERE tenant = ? ORDER BY seq DESC LIMIT ?)",
+            # through the (tenant, seq) index: the max_reports-th newest and older go, without
+            # reading the tenant's other rows (NULL while it has fewer: nothing goes)
+            self._db.execute("DELETE FROM reports WHERE tenant = ? AND seq <= (SELECT seq FROM "
+                             "reports WHERE tenant = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                              (tenant, tenant, self.max_reports))
             self._db.execute("COMMIT")
 

@@ -24,7 +24,7 @@ included. At most `max_reports` per tenant, the oldest dropped first. With a dat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +56,16 @@ class _TenantReports:
     rewards: list[float] = field(default_factory=list)
     built: tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor] | None = None
 
+    def retain(self, keep: Callable[[torch.Tensor, str], bool]) -> None:
+        """Only the reports whose (embedding, adapter key) `keep` accepts."""
+        kept = [i for i, (e, k) in enumerate(zip(self.embeddings, self.keys, strict=True))
+                if keep(e, k)]
+        if len(kept) != len(self.keys):
+            self.embeddings = [self.embeddings[i] for i in kept]
+            self.keys = [self.keys[i] for i in kept]
+            self.rewards = [self.rewards[i] for i in kept]
+            self.built = None
+
 
 class OutcomeModel:
     def __init__(self, max_reports: int = 4096, db: OutcomeDB | None = None) -> None:
@@ -84,11 +94,8 @@ class OutcomeModel:
         another size (made with another embedder) are dropped."""
         self._center = mean
         for reports in self._tenants.values():
-            keep = [i for i, e in enumerate(reports.embeddings) if e.shape == mean.shape]
-            reports.embeddings = [reports.embeddings[i] for i in keep]
-            reports.keys = [reports.keys[i] for i in keep]
-            reports.rewards = [reports.rewards[i] for i in keep]
-            reports.built = None
+            reports.retain(lambda embedding, _: embedding.shape == mean.shape)
+            reports.built = None  # centered anew
 
     def has_reports(self, tenant: str) -> bool:
         return bool(self._tenants.get(tenant) and self._tenants[tenant].keys)
@@ -118,12 +125,7 @@ class OutcomeModel:
         if self.db is not None and gone:
             self.db.forget(sorted(gone))
         for reports in self._tenants.values():
-            keep = [i for i, key in enumerate(reports.keys) if key not in gone]
-            if len(keep) != len(reports.keys):
-                reports.embeddings = [reports.embeddings[i] for i in keep]
-                reports.keys = [reports.keys[i] for i in keep]
-                reports.rewards = [reports.rewards[i] for i in keep]
-                reports.built = None
+            reports.retain(lambda _, key: key not in gone)
 
     def evidence(self, tenant: str, whole: torch.Tensor) -> Evidence:
         """W and R per adapter key near the prompt (whole: its raw [dim] embedding)."""
