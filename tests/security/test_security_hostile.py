@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgelora.v1 import router_pb2_grpc, types_pb2
+from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from tests.conftest import write_random_adapter
 from tests.security.helpers import (
     CATASTROPHIC_REGEXES,
@@ -245,6 +245,33 @@ def test_extreme_accepted_controls_leave_the_bystander_alone(sec, alone) -> None
         assert run_code == grpc.StatusCode.OK, run_details
         assert tokens == alone, "a neighbour's controls changed the bystander's tokens"
     assert any(s < ended and e > started for *_, s, e in bystander.runs), "no overlap"
+
+
+def test_hostile_outcome_reports_and_card_kinds(sec, alone) -> None:
+    """ReportOutcome's fields and a card's kind, hostile, while acme streams: refused at once;
+    beta cannot report on (or learn that exists) a request of acme's."""
+    stub, acme, beta = sec.router(), sec.auth("acme"), sec.auth("beta")
+    code, details, reply = rpc(stub.Generate, greedy("Hello", max_tokens=2), acme, 30)
+    assert code == grpc.StatusCode.OK, details
+    acme_id = reply.request_id
+
+    def report(request_id: str, reward: float, who=beta):
+        return lambda: rpc(stub.ReportOutcome, router_pb2.ReportOutcomeRequest(
+            request_id=request_id, reward=reward), who, 30)[:2]
+
+    for hostile, word in ((report("x" * 100_000, 1.0), "request_id"),
+                          (report(acme_id, math.nan), "reward"),
+                          (report(acme_id, 1e308), "reward"), (report(acme_id, -math.inf),
+                                                                "reward"),
+                          (report("", 0.5), "request_id")):
+        assert_refused(during_bystander(sec, alone, hostile), None, sec, word)
+    result = during_bystander(sec, alone, report(acme_id, 1.0))  # beta: not its request
+    assert_refused(result, None, sec, "unknown", codes=(grpc.StatusCode.NOT_FOUND,))
+    assert report(acme_id, 1.0, acme)()[0] == grpc.StatusCode.OK  # still acme's to report
+    path = write_random_adapter(sec.root / "kinded", sec.base_dir, rank=RANK, seed=121)
+    for kind in ("k" * 100_000, "domain\x00", "Domain"):
+        result = during_bystander(sec, alone, admin_register(sec, "kinded", path, kind=kind))
+        assert_refused(result, "kinded", sec, "kind")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "nan-alpha", "nan-weights", "int-dtype", "oversized"])
