@@ -38,7 +38,8 @@ def permute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: Path, path: Path, qtype: str) -> Path:
-    """hf_dir's model as a GGUF at `path`; qtype: "F16", "Q8_0" or "Q4_0"."""
+    """hf_dir's model as a GGUF at `path`; qtype: "F16", "Q8_0", "Q4_0" or "Q4_K" (matrices
+    whose rows are not whole 256-weight blocks in Q8_0, as llama.cpp falls back)."""
     import gguf
 
     from worker.gguf_import import find_default_gguf
@@ -81,6 +82,12 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str) -> Path:
             writer.add_tensor(gguf_name(name), tensor)
         elif qt == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name(name), tensor.astype(np.float16))
+        elif qt == gguf.GGMLQuantizationType.Q4_K:
+            if tensor.shape[1] % QK_K:  # as llama.cpp's fallback for rows K-quants cannot take
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                writer.add_tensor(gguf_name(name), gguf.quants.quantize(tensor, q8), raw_dtype=q8)
+            else:
+                writer.add_tensor(gguf_name(name), quantize_q4_k(tensor), raw_dtype=qt)
         else:
             # the quantized bytes; the writer derives the element shape from raw_dtype
             writer.add_tensor(gguf_name(name), gguf.quants.quantize(tensor, qt), raw_dtype=qt)
@@ -89,3 +96,36 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+QK_K = 256  # weights per K-quant super-block
+
+
+def quantize_q4_k(weights: np.ndarray) -> np.ndarray:
+    """[rows, cols] float32 -> GGUF Q4_K bytes [rows, cols / 256 * 144] (the gguf package only
+    dequantizes K-quants). Per super-block of 256: fp16 d and dmin, 12 bytes of 6-bit scales and
+    mins for its 8 sub-blocks of 32, 128 bytes of 4-bit q; w = d * sc * q - dmin * m. A plain
+    min/max fit per sub-block (llama.cpp searches for better ones: same format, more error)."""
+    rows, cols = weights.shape
+    sub = weights.reshape(-1, 8, 32).astype(np.float32)             # [blocks, 8, 32]
+    low = np.minimum(sub.min(axis=2), 0.0)                          # offsets are subtracted
+    scale = (sub.max(axis=2) - low) / 15                            # [blocks, 8]
+    d = (scale.max(axis=1) / 63).astype(np.float16)                 # [blocks]
+    dmin = ((-low).max(axis=1) / 63).astype(np.float16)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.round(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)), 0, 63)
+    m = np.clip(np.round(np.divide(-low, dmin32, out=np.zeros_like(low), where=dmin32 > 0)),
+                0, 63)
+    step = (d32 * sc)[:, :, None]
+    q = np.round(np.divide(sub + (dmin32 * m)[:, :, None], step, out=np.zeros_like(sub),
+                           where=step > 0))
+    q = np.clip(q, 0, 15).astype(np.uint8)                          # [blocks, 8, 32]
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    scales = np.zeros((len(sub), 12), dtype=np.uint8)               # ggml's get_scale_min_k4
+    scales[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    scales[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:8] & 0xF) | ((m[:, 4:8] & 0xF) << 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(len(sub), 128)    # chunk c: sub-blocks 2c, 2c+1
+    blocks = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
+                             scales, qs], axis=1)                    # [blocks, 144]
+    return blocks.reshape(rows, cols // QK_K * 144)

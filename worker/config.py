@@ -9,6 +9,7 @@ from pathlib import Path
 from common.shared_config import LOOPBACK_HOSTS, SharedConfig
 
 DEFAULT_MODEL = "default"
+WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int8", "int4")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -65,6 +66,15 @@ class WorkerConfig(SharedConfig):
         "CPU, bfloat16: also keep int8 copies of the weights (+50%% weight memory) for steps of "
         "at most 4 tokens, which then read half the bytes (single-stream decode); their outputs "
         "differ slightly from bf16's"))
+    weights: str = field(default="auto", metadata=_help(
+        "how the projection, embedding and output-head weights are held: 'auto' (in --dtype), "
+        "'fp32', 'bf16', or kept quantized for every step with no full-precision copy: 'int8' "
+        "(per output row) or 'int4' (groups of 32); int8/int4 are for CPU workers and compute "
+        "in bfloat16 (docs/weights.md)"))
+    batch_invariant: bool = field(default=False, metadata=_help(
+        "every reduction on the prefill and decode path in an order that does not depend on "
+        "the batch: a greedy request gives the same tokens alone, in any batch, chunked or not "
+        "(on one machine and dtype); costs some throughput (docs/batch_invariance.md)"))
     cuda_graphs: bool = field(default=True, metadata=_help(
         "replay decode steps from CUDA graphs on CUDA (checked against eager steps at start)"))
     default_max_tokens: int = field(default=128, metadata=_help(
@@ -98,8 +108,16 @@ class WorkerConfig(SharedConfig):
             (self.metrics_max_tenants >= 1, "--metrics-max-tenants must be at least 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              "--dtype must be auto, float32, bfloat16 or float16"),
+            (self.weights in WEIGHT_FORMATS,
+             f"--weights must be one of {', '.join(WEIGHT_FORMATS)}"),
+            (not (self.int8_small_steps and self.weights in ("int8", "int4")),
+             f"--int8-small-steps adds int8 copies beside full weights; --weights "
+             f"{self.weights} already holds them quantized: use one of the two"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              "--device must be auto, cpu, cuda or cuda:N"),
+            (not (self.batch_invariant and self.int8_small_steps),
+             "--int8-small-steps gives steps of at most 4 tokens other weights: drop it, or "
+             "--batch-invariant"),
         ]
         for ok, message in checks:
             if not ok:

@@ -5,6 +5,9 @@
   SDPA; on CPU that copy costs about as much as the attention.
 - lora_delta_ (csrc/lora_delta.cpp): every segment's LoRA delta of one projection in one call,
   reading each used slot once (worker.lora, DeltaPath.KERNEL).
+- dequantize_int8_ (csrc/dequantize.cpp), q4_matmul and dequantize_q4_ (csrc/q4_matmul.cpp):
+  int4 weights' small-step matmul, and a block of a quantized weight's rows to bf16 in one pass
+  for large steps (worker.quantized_weights).
 
 Built with the machine's C++ compiler on first use (~30 s; torch caches the build under
 $TORCH_EXTENSIONS_DIR, and `make setup` does it ahead of time). Without a compiler, or with
@@ -28,7 +31,8 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp")
+SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp", "dequantize.cpp",
+           "q4_matmul.cpp")
 STALE_LOCK_S = 600  # a build takes ~30-60 s: a lock this old was left by a killed one
 NAME = "edgelora_cpu_kernels_" + hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
 

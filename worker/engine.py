@@ -44,10 +44,14 @@ class Engine:
 
         Then runs one multi-threaded matmul at once: a thread whose first parallel work comes
         after another thread's (the adapter loader's, say) ran small GEMMs 1.6x slower here.
+        With --batch-invariant, measures its matmul tiling here too, at this thread count (a
+        BLAS may split work by it), before the first request instead of inside its step.
         """
         torch.set_num_threads(self.num_threads)
         warm = torch.ones(512, 512)
         warm @ warm
+        if self.runner.invariance is not None:
+            self.runner.invariance.warm_up()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)

@@ -5,19 +5,29 @@ Maps HF tensor names to ours (q/k/v and gate/up fused at load time). Never runs 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from worker.model import LlamaModel, ModelConfig, rope_inv_freq
+from worker.quantized_weights import (
+    COMPUTE_DTYPE,
+    QUANTIZED,
+        quantize_model,
+    weight_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# quantized straight from the file, rows at a time: a 128k-token vocabulary's float32 table is 1 GB
+ROW_READ = ("embed_tokens.weight", "lm_head.weight")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _FUSED = {  # our fused name -> HF parts, concatenated along the output dimension
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -44,20 +54,72 @@ def read_model_config(path: Path) -> ModelConfig:
     return cfg
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+Source = Callable[[], torch.Tensor]  # reads one tensor (of ours) when called
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _tensor_sources(path: Path) -> dict[str, Source]:
+    """Every tensor of the checkpoint by HF name, read only when called: the loader converts
+    (or quantizes) one tensor at a time instead of holding the whole file beside the model.
+
+    Read with plain file reads, not safetensors' memory map: the pages of a mapped file count in
+    the process's resident memory as long as it stays mapped, so a float32 checkpoint of a 1B
+    model would show as 5 GB resident while the quantized model holds 0.7 GB."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights found")
-    tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, Source] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[name] = f.get_tensor(name)
-    return tensors
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_len <= min(size - 8, 100 << 20):
+                raise ValueError(f"{file}: not a safetensors file")
+            header = json.loads(f.read(header_len))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape = _DTYPES.get(info["dtype"]), [int(d) for d in info["shape"]]
+            begin, end = (8 + header_len + int(o) for o in info["data_offsets"])
+            if dtype is None or not 0 <= begin <= end <= size or \
+                    end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{file}: tensor {name!r} is malformed ({info})")
+            sources[name] = StoredTensor(file, begin, dtype, shape)
+    return sources
 
 
-def _to_our_names(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    ours: dict[str, torch.Tensor] = {}
+class StoredTensor:
+    """A tensor in a checkpoint file: called, the whole of it; sliced by rows, those rows only
+    (what the quantizer of a vocabulary-sized table reads at a time)."""
+
+    def __init__(self, file: Path, begin: int, dtype: torch.dtype, shape: list[int]) -> None:
+        self.file, self.begin, self.dtype, self.shape = file, begin, dtype, torch.Size(shape)
+
+    def __call__(self) -> torch.Tensor:
+        return self[:]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0] if self.shape else 1)
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        data = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        with self.file.open("rb") as f:
+            f.seek(self.begin + start * row_bytes)
+            if f.readinto(data.numpy()) != data.numel():
+                raise ValueError(f"{self.file}: truncated")
+        return data.view(self.dtype).view(-1, *self.shape[1:]) if self.shape else \
+            data.view(self.dtype).view(())
+
+
+def _concatenated(parts: list[Source]) -> torch.Tensor:
+    return torch.cat([read() for read in parts])
+
+
+def _to_our_names(hf: dict[str, Source]) -> dict[str, Source]:
+    ours: dict[str, Source] = {}
     for name, tensor in hf.items():
         name = name.removeprefix("model.") if not _LAYER.match(name) else name
         ours[name] = tensor
@@ -70,26 +132,44 @@ def _to_our_names(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for i in layer_ids:
                 names = [f"layers.{i}.{p}.{suffix}" for p in parts]
                 if all(n in ours for n in names):  # else left as is: load_model names the gap
-                    ours[f"layers.{i}.{fused}.{suffix}"] = torch.cat([ours.pop(n) for n in names])
+                    ours[f"layers.{i}.{fused}.{suffix}"] = functools.partial(
+                        _concatenated, [ours.pop(n) for n in names])
     return ours
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> LlamaModel:
-    """Builds the model from config.json + safetensors; names every missing or unexpected tensor."""
+def load_model(path: Path, device: torch.device, dtype: torch.dtype,
+               weights: str = "auto") -> LlamaModel:
+    """Builds the model from config.json + safetensors; names every missing or unexpected tensor.
+
+    weights: 'int8' / 'int4' keep the projections, output head and embedding quantized
+    (worker.quantized_weights; CPU, bfloat16), each quantized as it is read."""
     cfg = read_model_config(path)
-    weights = _to_our_names(_read_tensors(path))
+    sources = _to_our_names(_tensor_sources(path))
     if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
+        sources.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = LlamaModel(cfg)
     expected = set(model.state_dict().keys())
-    missing, unexpected = expected - set(weights), set(weights) - expected
+    missing, unexpected = expected - set(sources), set(sources) - expected
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
+    if weights in QUANTIZED:
+        if device.type != "cpu" or dtype != COMPUTE_DTYPE:
+            raise ValueError(f"--weights {weights} is for CPU workers computing in bfloat16")
+
+        def take(name: str) -> torch.Tensor | StoredTensor | None:
+            read = sources.pop(name, None)
+            if isinstance(read, StoredTensor) and name in ROW_READ:
+                return read  # read by rows as it is quantized
+            return None if read is None else read()
+
+        quantize_model(model, weights, take)
+    model.load_state_dict({k: read().to(dtype) for k, read in sources.items()}, assign=True)
     # inv_freq is a non-persistent buffer: rebuild it for real (meta init left it empty).
     model.inv_freq = rope_inv_freq(cfg)
-    log.info("loaded %s: %d layers, hidden %d, %.1f M parameters", path, cfg.num_layers,
-             cfg.hidden_size, sum(p.numel() for p in model.parameters()) / 1e6)
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s: %d layers, hidden %d, weights %s: %.0f MiB", path, cfg.num_layers,
+             cfg.hidden_size, weights if weights in QUANTIZED else str(dtype).removeprefix(
+                 "torch."), weight_bytes(model) / 2**20)
+    return model

@@ -2,8 +2,9 @@
 
 For a fused projection y = x·Wᵀ, each token t adds Σ_sub (x_t·A_{s,sub}ᵀ)·B_{s,sub}ᵀ of its slot s
 (B is pre-scaled by lora_alpha / r). Slot 0 means no adapter and has no storage. Four fast
-paths (DeltaPath) and a reference. A kernel takes every token of a step in one call per
-projection: C++ on CPU (worker.cpu_kernels), Triton on CUDA (worker.lora_triton). torch's three
+paths (DeltaPath; a fifth, TILED, serves --batch-invariant steps without a kernel) and a
+reference. A kernel takes every token of a step in one call per projection: C++ on CPU
+(worker.cpu_kernels), Triton on CUDA (worker.lora_triton). torch's three
 serve where neither is available: pool (every slot at once, masked per token: decode steps over
 many adapters), used (the same on copies of the step's slots: decode over a few of a big pool)
 and segments (one matmul pair per run of same-adapter tokens: prompt chunks, or one adapter).
@@ -22,6 +23,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from worker.batch_invariant import RowTiling, tiled_segment_delta
 from worker.model import ModelConfig
 
 # Our fused projections and the PEFT modules each is made of, in output order.
@@ -134,6 +136,7 @@ class DeltaPath(StrEnum):
     USED = "used"          # the step's slots copied out of the pool, then the pool path on them
     POOL = "pool"          # every slot of the pool at once, the other slots masked per token
     KERNEL = "kernel"      # every segment in one kernel call, each used slot read once
+    TILED = "tiled"        # segments at max rank on a RowTiling (--batch-invariant, no kernel)
 
 
 @dataclass
@@ -153,6 +156,7 @@ class LoraBatch:
     used: list[int]            # the slots of the decode rows, ascending
     num_decode_tokens: int
     path: DeltaPath
+    tiling: RowTiling | None = None  # the TILED path's (None: RowTiling())
     _masks: dict[tuple[DeltaPath, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -204,10 +208,12 @@ class LoraBatch:
 
     @classmethod
     def build(cls, slots: LoraSlots, row_slots: list[int], row_lengths: list[int],
-              device: torch.device) -> LoraBatch | None:
+              device: torch.device, tiling: RowTiling | None = None) -> LoraBatch | None:
         """None when no row uses an adapter: the step then skips LoRA entirely.
 
-        The leading rows of length 1 are the decode rows (the runner puts them first)."""
+        The leading rows of length 1 are the decode rows (the runner puts them first).
+        tiling (--batch-invariant): a path that computes each token alone, the C++ kernel
+        where there is one (its per-token sums never look at other tokens), else TILED."""
         if not any(row_slots):
             return None
         num_decode = next((i for i, n in enumerate(row_lengths) if n != 1), len(row_lengths))
@@ -219,7 +225,9 @@ class LoraBatch:
         # Without a kernel: decode rows over one adapter, or long runs of one, take a matmul
         # pair per run; over several adapters, the pool path, on copies of the used slots while
         # they are few (reading every slot would cost more than the copies).
-        if slots.kernel is not None:
+        if tiling is not None and (slots.kernel is None or device.type != "cpu"):
+            path = DeltaPath.TILED
+        elif slots.kernel is not None:
             path = DeltaPath.KERNEL
         elif (len(used) <= 1
               or sum(decode_segments) >= MIN_TOKENS_PER_SEGMENT * len(decode_segments)):
@@ -229,13 +237,15 @@ class LoraBatch:
         else:
             path = DeltaPath.POOL
         rank = max(slots.ranks[s] for s in row_slots)
-        return cls(slots, token_slots, rank, segments, used, num_decode, path)
+        return cls(slots, token_slots, rank, segments, used, num_decode, path, tiling)
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] of the base projection + each token's LoRA delta (in place); x [T, in]."""
         if self.path == DeltaPath.KERNEL:
             return self.kernel_delta.apply(layer, proj, x, y)
         a, bs = self.slots.layers[layer][proj]
+        if self.path == DeltaPath.TILED:
+            return tiled_segment_delta(x, y, a, bs, self.segments, self.tiling or RowTiling())
         if self.path == DeltaPath.SEGMENTS:
             return segment_delta(x, y, a, bs, self.segments, self.slots.ranks)
         decode = self.num_decode_tokens

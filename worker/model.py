@@ -86,6 +86,13 @@ class WeightCopies(Protocol):
                bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
+class RowTiling(Protocol):
+    """How batch-invariant steps run a row-wise matmul (worker.batch_invariant.RowTiling)."""
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor],
+              x: torch.Tensor) -> torch.Tensor: ...
+
+
 class LoraDelta(Protocol):
     """Adds each token's adapter delta to a projection's output (worker.lora.LoraBatch)."""
 
@@ -104,10 +111,14 @@ class ForwardBatch:
     decode_attention: Callable[..., torch.Tensor] | None = None
     block_size: int = 1  # tokens per KV block in those tables
     weights: WeightCopies | None = None  # set: projections multiply by these instead
+    tiling: RowTiling | None = None  # set (--batch-invariant): projections run on it
 
     def project(self, layer: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """linear(x) plus the LoRA delta of each token's adapter."""
-        y = linear(x) if self.weights is None else self.weights.linear(layer, name, x, linear.bias)
+        if self.weights is not None:
+            y = self.weights.linear(layer, name, x, linear.bias)
+        else:
+            y = linear(x) if self.tiling is None else self.tiling.apply(linear, x)
         return y if self.lora is None else self.lora.apply(layer, name, x, y)
 
 
@@ -260,5 +271,15 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden] -> logits [rows, vocab] in float32 (the sampler's precision)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:  # tied to the embedding
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()  # an nn.Linear, or a quantized one
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the norms are never quantized)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device

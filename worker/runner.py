@@ -10,6 +10,7 @@ from itertools import accumulate
 
 import torch
 
+from worker.batch_invariant import BatchInvariance, gathered_attention
 from worker.decode_graphs import DecodeGraphs
 from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
 from worker.json_constraint import TokenMasks
@@ -86,8 +87,11 @@ def split_by_context(rows: list[int], items: list[ScheduledSeq]) -> list[list[in
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, block_size: int,
                  device: torch.device, lora_slots: LoraSlots | None = None,
-                 decode_attention: DecodeAttention | None = None) -> None:
+                 decode_attention: DecodeAttention | None = None,
+                 invariance: BatchInvariance | None = None) -> None:
         self.model = model
+        # --batch-invariant: every row of a step computed as if alone (worker.batch_invariant)
+        self.invariance = invariance
         self.decode_attention = decode_attention
         self.kv_cache = kv_cache
         self.lora_slots = lora_slots
@@ -127,21 +131,28 @@ class ModelRunner:
             return _attention_group([batch.items[i] for i in rows], [offsets[i] for i in rows],
                                     bs, self.device, paged_decode)
 
-        if self.decode_attention is not None:
+        if self.invariance is not None:  # every token attends as a decode row of its own
+            groups = self.invariance.attention_groups(batch.items, offsets, bs, self.device,
+                                                      paged=self.decode_attention is not None)
+        elif self.decode_attention is not None:
             groups = [group(decode, paged_decode=True)] if decode else []
         else:
             groups = [group(rows) for rows in split_by_context(decode, batch.items)]
-        groups += [group(prompt)] if prompt else []
+        if prompt and self.invariance is None:
+            groups.append(group(prompt))
+        tiling = None if self.invariance is None else self.invariance.tiling
+        decode_attention = self.decode_attention or (gathered_attention if tiling is not None
+                                                     else None)
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
         lora = None if self.lora_slots is None else LoraBatch.build(
             self.lora_slots, [it.seq.slot for it in batch.items],
-            [it.num_new_tokens for it in batch.items], self.device)
+            [it.num_new_tokens for it in batch.items], self.device, tiling)
         fb = ForwardBatch(positions=as_tensor(positions), slot_mapping=as_tensor(slots),
-                          groups=groups, lora=lora, decode_attention=self.decode_attention,
-                          block_size=bs)
+                          groups=groups, lora=lora, decode_attention=decode_attention,
+                          block_size=bs, tiling=tiling)
         return as_tensor(input_ids), fb, as_tensor(last_idx)
 
     @torch.inference_mode()
@@ -160,8 +171,14 @@ class ModelRunner:
         if scoring:
             return self._score_and_sample(batch.items, hidden, last_idx)
         last = hidden.index_select(0, last_idx)
-        return self._sample(batch.items, self.model.compute_logits(last) if int8 is None
+        return self._sample(batch.items, self._logits(last) if int8 is None
                             else int8.logits(last))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden] -> [rows, vocab] fp32, batch-invariant under --batch-invariant."""
+        if self.invariance is not None:
+            return self.invariance.logits(hidden)
+        return self.model.compute_logits(hidden)
 
     def _sample(self, items: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
         """logits [rows, vocab] of `items` -> one sampled token per row (and, on the items
@@ -207,7 +224,7 @@ class ModelRunner:
         if generating:
             last = last_idx.index_select(0, torch.tensor(generating, device=self.device))
             sampled = self._sample([items[i] for i in generating],
-                                   self.model.compute_logits(hidden.index_select(0, last)))
+                                   self._logits(hidden.index_select(0, last)))
             for i, token in zip(generating, sampled, strict=True):
                 tokens[i] = token
         return tokens

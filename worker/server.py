@@ -19,6 +19,7 @@ from common.server import create_server, mark_serving
 from edgelora.v1 import worker_pb2, worker_pb2_grpc
 from worker import cpu_kernels
 from worker.adapter_memory import AdapterMemory
+from worker.batch_invariant import BatchInvariance
 from worker.config import WorkerConfig
 from worker.decode_graphs import DecodeGraphs, captured_decode
 from worker.engine import Engine
@@ -29,6 +30,7 @@ from worker.loader import load_model
 from worker.lora import LoraKernel, LoraSlots, module_shapes
 from worker.model import LlamaModel
 from worker.paged_attention import DecodeAttention
+from worker.quantized_weights import QUANTIZED
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
 from worker.sequence import Detokenizer, TokenEvent
@@ -36,6 +38,8 @@ from worker.service import WorkerInfo, WorkerService
 from worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16,
+                 "int4": torch.bfloat16}  # --weights -> the activations' dtype
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 GIL_SWITCH_INTERVAL_S = 0.02
 
@@ -47,9 +51,17 @@ def pick_device(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    held = WEIGHT_DTYPES.get(config.weights)  # the dtype --weights asks for, if it says one
+    if config.weights in QUANTIZED and device.type != "cpu":
+        raise ValueError(f"--weights {config.weights} is for CPU workers (its kernels are CPU "
+                         "kernels); on CUDA use --weights auto, bf16 or fp32")
     if config.dtype == "auto":
-        return device, torch.bfloat16 if native_bf16(device) else torch.float32
-    return device, getattr(torch, config.dtype)
+        return device, held or (torch.bfloat16 if native_bf16(device) else torch.float32)
+    dtype = getattr(torch, config.dtype)
+    if held is not None and dtype != held:
+        raise ValueError(f"--weights {config.weights} computes in {str(held)[6:]}: use --dtype "
+                         f"auto or {str(held)[6:]} with it, not --dtype {config.dtype}")
+    return device, dtype
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -133,7 +145,7 @@ def build_engine(config: WorkerConfig,
     torch.set_num_threads(1)
     device, dtype = pick_device(config)
     path = resolve_model_path(config.model, config.cache_path)
-    model = load_model(path, device, dtype)
+    model = load_model(path, device, dtype, config.weights)
     tokenizer = Tokenizer(path)
     engine, max_model_len = assemble_engine(config, model, tokenizer.detokenizer,
                                             tokenizer.eos_token_ids, emit, num_threads)
@@ -149,8 +161,7 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
     """The Engine around a loaded model (on its device, in its dtype), sized by `config`.
 
     -> (engine, max_model_len: the prompt + completion limit after the KV cache's cap)."""
-    weight = model.embed_tokens.weight
-    device, dtype, cfg = weight.device, weight.dtype, model.config
+    device, dtype, cfg = model.device, model.dtype, model.config
     num_blocks = KVCache.num_blocks_for(config.kv_cache_mb, cfg, config.kv_block_size,
                                         dtype) - 1
     # One more block than the scheduler hands out: captured decode steps' padding rows write there.
@@ -175,9 +186,13 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
              config.host_adapter_cache)
     scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
                           config.max_num_batched_tokens, config.max_queue, eos, adapters)
+    invariance = (BatchInvariance.for_engine(model, lora_slots, config.max_num_batched_tokens,
+                                             config.max_batch_size)
+                  if config.batch_invariant else None)
     runner = ModelRunner(model, kv_cache, config.kv_block_size, device, lora_slots,
-                         decode_attention)
-    if device.type == "cuda" and config.cuda_graphs:
+                         decode_attention, invariance)
+    # Captured steps replay the default path's padded buckets: --batch-invariant runs eagerly.
+    if device.type == "cuda" and config.cuda_graphs and invariance is None:
         runner.graphs = decode_graphs(config, runner, num_blocks, max_model_len)
     if config.int8_small_steps:
         runner.int8 = Int8Weights(model)

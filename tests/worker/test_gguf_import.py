@@ -22,7 +22,8 @@ from worker.config import WorkerConfig
 from worker.gguf_import import resolve_model_path
 from worker.tokenizer import Tokenizer
 
-TOLERANCE = {"F16": 1e-3, "Q8_0": 1e-2, "Q4_0": 0.15}  # of each matrix's largest weight
+# of each matrix's largest weight
+TOLERANCE = {"F16": 1e-3, "Q8_0": 1e-2, "Q4_0": 0.15, "Q4_K": 0.15}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,16 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path
 
 
 @pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q8_0"), ("qwen2", "F16"),
-                                             ("llama", "Q4_0")])
+                                             ("llama", "Q4_0"), ("llama-256", "Q4_K")])
 def test_a_gguf_file_is_imported_with_its_tokenizer(tmp_path: Path, tiny_model_dir: Path,
                                                     tiny_qwen2: Path, default_model_dir: Path,
                                                     arch: str, qtype: str) -> None:
+    """llama-256: hidden 256, so that every matrix's rows are whole 256-weight K-quant blocks."""
     from safetensors.torch import load_file
 
-    source = tiny_model_dir if arch == "llama" else tiny_qwen2
+    source = {"llama": tiny_model_dir, "qwen2": tiny_qwen2}.get(arch) or write_tiny_llama(
+        tmp_path / "llama-256", default_model_dir, hidden_size=256, intermediate_size=512)
+    arch = arch.removesuffix("-256")
     gguf = write_gguf(source, tmp_path / f"Tiny-{arch}-{qtype}.gguf", qtype)
     imported = resolve_model_path(str(gguf), tmp_path / "cache")
     assert imported.name == gguf.stem  # the base model's name clients see

@@ -82,3 +82,16 @@ def test_cuda_workers_replay_captured_decode_steps(tiny_model_dir) -> None:
     graphs = engine_on("cuda", tiny_model_dir).runner.graphs
     assert graphs is not None and sorted(graphs.graphs) == graphs.buckets == [1, 2, 4, 8]
     assert engine_on("cuda", tiny_model_dir, cuda_graphs=False).runner.graphs is None
+
+
+def test_batch_invariant_reaches_the_runner(tiny_model_dir) -> None:
+    assert engine_on("cpu", tiny_model_dir).runner.invariance is None  # off by default
+    runner = engine_on("cpu", tiny_model_dir, torch.bfloat16, batch_invariant=True).runner
+    assert runner.invariance is not None and runner.invariance.tiling.min_rows >= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_invariant_steps_are_never_replayed(tiny_model_dir) -> None:
+    """Captured steps pad decode rows to buckets on the default path: they stay off."""
+    assert engine_on("cuda", tiny_model_dir, batch_invariant=True).runner.graphs is None

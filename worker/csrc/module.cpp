@@ -8,9 +8,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                      int64_t block_size);
 void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor a, std::vector<torch::Tensor> bs,
                  torch::Tensor segments);
+void dequantize_int8_(torch::Tensor out, torch::Tensor q, torch::Tensor scales, int64_t start);
+torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                        torch::Tensor mins);
+torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
+void dequantize_q4_(torch::Tensor out, torch::Tensor packed, torch::Tensor scales,
+                    torch::Tensor mins, int64_t start);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over the paged KV cache (paged_attention.cpp)");
   m.def("lora_delta_", &lora_delta_, "segmented multi-LoRA delta, in place (lora_delta.cpp)");
+  m.def("dequantize_int8_", &dequantize_int8_, "int8 weight rows to bf16 (dequantize.cpp)");
+  m.def("q4_matmul", &q4_matmul, "x @ int4 weights, small steps (q4_matmul.cpp)");
+  m.def("q8_matmul", &q8_matmul, "x @ int8 weights, small steps (q4_matmul.cpp)");
+  m.def("dequantize_q4_", &dequantize_q4_, "int4 weight rows to bf16 (q4_matmul.cpp)");
 }

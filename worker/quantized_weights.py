@@ -1,0 +1,257 @@
+"""Weights kept quantized for every step (--weights int8 / int4): no full-precision copy.
+
+On a CPU a step of a few tokens is a stream of weights from memory, so fewer bytes per weight is
+the speed, and on an edge box the same bytes are most of the process's memory. Formats:
+  - int8: symmetric, one scale per output row (the output head's rows are the embedding's rows,
+    so a tied embedding reads its tokens' rows from the same bytes);
+  - int4: groups of GROUP_SIZE weights along the input, each group's range in 16 steps,
+    w = q * scale + min, which is GGUF's Q4_1. Asymmetric because on SmolLM2-135M the symmetric
+    form (Q4_0's) agreed with bf16's next token at 68% of positions, this one at 98%
+    (bench/weights_accuracy.py); the output head and a tied embedding stay int8 (HEAD_FORMAT).
+Small steps (<= SMALL_STEP_TOKENS rows, decode) are a stream of weights: int8 runs torch's
+weight-only kernel (_weight_int8pack_mm), int4 our C++ one (csrc/q4_matmul.cpp: activations
+quantized per group to int8, integer dot products with AVX-512 VNNI where present, a portable
+loop otherwise), reading 1 or ~0.6 byte per weight. Larger steps (prefill chunks, wide decode
+batches), where weight-only kernels fall behind bf16 GEMMs, dequantize DEQUANT_ROWS output rows
+at a time into a small buffer (C++, one pass) and multiply in bfloat16, so no layer is ever held
+in full precision.
+
+LoRA deltas are added to these projections' outputs in the activation dtype, as on full weights
+(worker.model.ForwardBatch.project): exact on top of the quantized base.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from worker import cpu_kernels
+from worker.model import LlamaModel
+
+log = logging.getLogger(__name__)
+GROUP_SIZE = 32          # int4 weights per (scale, min), as GGUF's 4-bit blocks
+INT4_RUN = 64            # int4 weights per packed run of a row (two groups)
+INT8_IN_MULTIPLE = 16    # _weight_int8pack_mm reads 16 weights at a time (other widths crash it)
+# Steps of at most this many rows take the weight-only kernels, larger ones dequantize blocks of
+# rows (C++, csrc/dequantize.cpp) and multiply in bf16. Measured on an 8192 x 2048 weight, 1
+# thread, ms (kernel / dequantized):
+#   rows           1      4      8           16            64             256
+#   bf16 weights   2.90   2.58   3.22        4.59          11.9           40.0
+#   int8           1.29   2.10   4.50 / 4.33 8.58 / 6.74   31.8 / 13.9    124 / 42.4
+#   int4           0.89   1.58   3.24 / 3.19 6.39 / 8.65   25.5 / 15.8    101 / 44.3
+SMALL_STEP_TOKENS = {"int8": 16, "int4": 16}
+DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in);
+COMPUTE_DTYPE = torch.bfloat16
+QUANTIZE_ROWS = 4096        # rows quantized at once
+QUANTIZED = ("int8", "int4")
+# The output head (and a tied embedding) of an int4 model in int8, as llama.cpp keeps its 4-bit
+# models' output in 6-8 bits: the logits are where rounding reaches the sampled token directly.
+HEAD_FORMAT = {"int8": "int8", "int4": "int8"}
+
+
+class QuantizedLinear(nn.Module):
+    """A projection y = x Wᵀ (+ bias) whose W is held quantized. Subclasses: the formats."""
+
+    small_step_rows = 0
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        # not persistent: a quantized model is made from a checkpoint, never saved
+        self.register_buffer("bias", None if bias is None else bias.to(COMPUTE_DTYPE),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.small_step(x) if x.shape[0] <= self.small_step_rows else self.large_step(x)
+        return y if self.bias is None else y + self.bias
+
+    def small_step(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Output rows [start, end) of W, dequantized: [end - start, in] in COMPUTE_DTYPE."""
+        raise NotImplementedError
+
+    def columns(self, start: int, end: int) -> torch.Tensor:
+        """(W[start:end])ᵀ dequantized, [in, end - start]: what a large step multiplies by."""
+        return self.rows(start, end).T
+
+    def large_step(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], self.out_features)
+        for start in range(0, self.out_features, DEQUANT_ROWS):
+            end = min(start + DEQUANT_ROWS, self.out_features)
+            torch.mm(x, self.columns(start, end), out=out[:, start:end])
+        return out
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W dequantized (an embedding lookup in a tied head): [n, in]."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers())
+
+
+class Int8Linear(QuantizedLinear):
+    small_step_rows = SMALL_STEP_TOKENS["int8"]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        out_features, in_features = weight.shape
+        super().__init__(out_features, in_features, bias)
+        q, scales = quantize_int8(weight)
+        self.register_buffer("q", q, persistent=False)            # [out, in] int8
+        self.register_buffer("scales", scales, persistent=False)  # [out] bf16
+
+    def small_step(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = cpu_kernels.load()
+        if kernels is None or self.in_features % INT4_RUN:
+            return torch._weight_int8pack_mm(x, self.q, self.scales)
+        return kernels.q8_matmul(x.contiguous(), self.q, self.scales)
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            return self.q[start:end].to(COMPUTE_DTYPE).mul_(self.scales[start:end, None])
+        out = torch.empty(end - start, self.in_features, dtype=COMPUTE_DTYPE)
+        kernels.dequantize_int8_(out, self.q, self.scales, start)
+        return out
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q.index_select(0, ids).to(COMPUTE_DTYPE).mul_(
+            self.scales.index_select(0, ids)[:, None])
+
+
+class Int4Linear(QuantizedLinear):
+    """Our int4 layout (csrc/q4_matmul.cpp): packed [out, in / 2] uint8, each run of 64 weights
+    of a row in 32 bytes, weight i in byte i's low nibble and weight i + 32 in its high one;
+    scales and mins [out, in / GROUP_SIZE] fp16; w = q * scale + min."""
+
+    small_step_rows = SMALL_STEP_TOKENS["int4"]
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        out_features, in_features = weight.shape
+        super().__init__(out_features, in_features, bias)
+        q, scales, mins = quantize_int4(weight)
+        runs = q.view(out_features, -1, 2, INT4_RUN // 2).to(torch.uint8)
+        packed = runs[:, :, 0] | (runs[:, :, 1] << 4)  # [out, in / 64, 32]
+        self.register_buffer("packed", packed.reshape(out_features, -1), persistent=False)
+        self.register_buffer("scales", scales.half(), persistent=False)
+        self.register_buffer("mins", mins.half(), persistent=False)
+
+    def small_step(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = cpu_kernels.load()
+        if kernels is None:  # torch's ops: correct, slow
+            return x @ self.rows(0, self.out_features).T
+        return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self.mins)
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            return self._dequantize(self.packed[start:end], slice(start, end))
+        out = torch.empty(end - start, self.in_features, dtype=COMPUTE_DTYPE)
+        kernels.dequantize_q4_(out, self.packed, self.scales, self.mins, start)
+        return out
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._dequantize(self.packed.index_select(0, ids), ids)
+
+    def _dequantize(self, packed: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        """q * scale + min in float32, rounded once to bf16 (as the C++ kernel)."""
+        runs = packed.view(len(packed), -1, INT4_RUN // 2)
+        q = torch.stack([runs & 0xF, runs >> 4], dim=2).view(len(packed), -1, GROUP_SIZE)
+        w = torch.addcmul(self.mins[rows].float()[:, :, None], q.float(),
+                          self.scales[rows].float()[:, :, None])
+        return w.view(len(packed), self.in_features).to(COMPUTE_DTYPE)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embeddings read from a quantized table (the tied output head's, or its own)."""
+
+    def __init__(self, table: QuantizedLinear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.gather(ids)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (int8 [out, in], scales [out] bf16): symmetric, per row, 127 = the row's
+    largest magnitude."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0])
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):  # bounded temporaries (a vocab head)
+        w = weight[start:start + QUANTIZE_ROWS].float()
+        s = scales[start:start + QUANTIZE_ROWS]
+        torch.div(w.abs().amax(dim=1).clamp_(min=1e-12), 127, out=s)
+        q[start:start + QUANTIZE_ROWS] = (w / s[:, None]).round_().clamp_(-127, 127)
+    return q, scales.to(COMPUTE_DTYPE)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[out, in] -> (q int32 [out, in] in 0..15, scales, mins [out, in / GROUP_SIZE] float32):
+    each group's range in 16 steps from its least weight, w = q * scale + min (GGUF's Q4_1)."""
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, -1, GROUP_SIZE)
+    low, high = w.amin(dim=2, keepdim=True), w.amax(dim=2, keepdim=True)
+    scales = ((high - low) / 15).clamp_(min=1e-12)
+    q = ((w - low) / scales).round_().clamp_(0, 15).to(torch.int32)
+    return (q.view(out_features, in_features), scales.view(out_features, -1),
+            low.view(out_features, -1))
+
+
+def quantized_linear(fmt: str, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> QuantizedLinear:
+    """`weight` [out, in] held in `fmt`; int4 falls back to int8 where its runs of 64 do not fit
+    the in-features (which int8 needs divisible by 16)."""
+    in_features = weight.shape[1]
+    if fmt == "int4" and in_features % INT4_RUN == 0:
+        return Int4Linear(weight, bias)
+    if in_features % INT8_IN_MULTIPLE == 0:
+        return Int8Linear(weight, bias)
+    raise ValueError(f"--weights {fmt}: a weight of {in_features} in-features fits no kernel "
+                     f"(they need multiples of {INT8_IN_MULTIPLE}); use --weights bf16")
+
+
+def quantize_model(model: LlamaModel, fmt: str,
+                   take: Callable[[str], torch.Tensor | None] | None = None) -> None:
+    """Replaces the projections, the output head and the embedding of `model` by their `fmt`
+    forms (the head and a tied embedding: one HEAD_FORMAT table), freeing the originals.
+
+    take(name): a weight or bias by state-dict name (None: absent), to quantize each straight
+    from the checkpoint into a model still on the meta device (the loader: no full-precision copy
+    of the model in between); default: the model's own, which must be on the CPU in bf16."""
+    if fmt not in QUANTIZED:
+        raise ValueError(f"unknown quantized format {fmt!r}")
+    if take is None and (model.device.type != "cpu" or model.dtype != COMPUTE_DTYPE):
+        raise ValueError(f"--weights {fmt} is for CPU workers computing in bfloat16 (this one: "
+                         f"{model.device.type}, {str(model.dtype).removeprefix('torch.')})")
+    take = take or dict(model.named_parameters()).get
+    for i, layer in enumerate(model.layers):
+        for kind, parent, name in (("self_attn", layer.self_attn, "qkv_proj"),
+                                   ("self_attn", layer.self_attn, "o_proj"),
+                                   ("mlp", layer.mlp, "gate_up_proj"),
+                                   ("mlp", layer.mlp, "down_proj")):
+            prefix = f"layers.{i}.{kind}.{name}"
+            setattr(parent, name, quantized_linear(fmt, take(f"{prefix}.weight"),
+                                                   take(f"{prefix}.bias")))
+    tied = model.lm_head is None
+    head = quantized_linear(HEAD_FORMAT[fmt],
+                            take("embed_tokens.weight" if tied else "lm_head.weight"))
+    embedding = head if tied else quantized_linear(HEAD_FORMAT[fmt], take("embed_tokens.weight"))
+    model.embed_tokens = QuantizedEmbedding(embedding)
+    model.lm_head = head
+
+
+def weight_bytes(model: LlamaModel) -> int:
+    """Bytes of the model's weights as held (quantized or not), a tied table once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen and tensor.device.type != "meta":
+            seen.add(id(tensor))
+            total += tensor.nbytes
+    return total
