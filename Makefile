@@ -31,7 +31,7 @@ model: $(VENV)/.installed
 
 # Compile the CPU kernels once (~40 s; torch caches them, a no-op afterwards).
 kernels: $(VENV)/.installed
-	$(PY) -m worker.cpu_kernels
+	$(PY) -m worker.kernels.cpu
 
 run: setup
 	$(VENV)/bin/edgelora serve --adapters-dir adapters/demo

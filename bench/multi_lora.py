@@ -6,7 +6,7 @@ written to a temporary directory (deleted at exit), --threads torch threads for 
       (and the base model), same prompts, greedy, --new-tokens each (ignore_eos); our Engine
       driven synchronously, adapters made device-resident by a warm-up request each first.
       Target: mixed / same >= 0.85. On CPU, the mixed batch again on torch's LoRA paths instead
-      of the C++ kernel (worker.cpu_kernels), side by side.
+      of the C++ kernel (worker.kernels.cpu), side by side.
   (b) adapter load times per adapter: disk -> host (read_adapter_weights + host_layout, page
       cache warm) and host -> device slot (LoraSlots.write) from the host layout, and from the
       tensors as read side by side; r=8 and r=64, all 7 projection modules.

@@ -16,9 +16,9 @@ from bench.random_weights import (  # noqa: F401
     write_random_adapter,
     write_tiny_llama,
 )
-from worker import cpu_kernels as kernels
 from worker.config import WorkerConfig
 from worker.gguf_import import ensure_default_checkpoint
+from worker.kernels import cpu as kernels
 
 # Tests run several processes at once on 2 cores: torch with 2 threads collapses then.
 torch.set_num_threads(1)
@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 
 
 def built_cpu_kernels():
-    """worker.cpu_kernels' module. CPU workers need it, so a failed build fails the tests."""
+    """worker.kernels.cpu' module. CPU workers need it, so a failed build fails the tests."""
     module = kernels.load()
     assert module is not None, "the CPU kernels did not build (see the log)"
     return module

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from worker.kernels.paged_attention import table_slots
 from worker.model import AttentionGroup, LlamaModel
-from worker.paged_attention import table_slots
 
 if TYPE_CHECKING:  # worker.lora imports this module, worker.scheduler worker.lora
     from worker.lora import LoraSlots

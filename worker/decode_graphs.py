@@ -19,12 +19,12 @@ import logging
 
 import torch
 
+from worker.kernels.paged_attention import DecodeAttention
+from worker.kernels.self_check import agrees
 from worker.kv_cache import KVCache
 from worker.lora import KernelDelta, LoraSlots, kernel_segments, segment_runs
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
-from worker.paged_attention import DecodeAttention
 from worker.scheduler import ScheduledSeq
-from worker.self_check import agrees
 from worker.sequence import SamplingOptions, Sequence
 
 log = logging.getLogger(__name__)

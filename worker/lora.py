@@ -4,7 +4,7 @@ For a fused projection y = x·Wᵀ, each token t adds Σ_sub (x_t·A_{s,sub}ᵀ)
 (B is pre-scaled by lora_alpha / r). Slot 0 means no adapter and has no storage. Four fast
 paths (DeltaPath; a fifth, TILED, serves --batch-invariant steps without a kernel) and a
 reference. A kernel takes every token of a step in one call per projection: C++ on CPU
-(worker.cpu_kernels), Triton on CUDA (worker.lora_triton). torch's three
+(worker.kernels.cpu), Triton on CUDA (worker.kernels.lora_triton). torch's three
 serve where neither is available: pool (every slot at once, masked per token: decode steps over
 many adapters), used (the same on copies of the step's slots: decode over a few of a big pool)
 and segments (one matmul pair per run of same-adapter tokens: prompt chunks, or one adapter).

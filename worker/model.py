@@ -107,7 +107,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [num_tokens] KV-cache slot each token's k/v is written to
     groups: list[AttentionGroup]
     lora: LoraDelta | None = None  # None: no token in this step uses an adapter
-    # worker.paged_attention.DecodeAttention, for the groups with block tables
+    # worker.kernels.paged_attention.DecodeAttention, for the groups with block tables
     decode_attention: Callable[..., torch.Tensor] | None = None
     block_size: int = 1  # tokens per KV block in those tables
     weights: WeightCopies | None = None  # set: projections multiply by these instead

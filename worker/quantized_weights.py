@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from worker import cpu_kernels
+from worker.kernels import cpu as cpu_kernels
 from worker.model import LlamaModel
 
 log = logging.getLogger(__name__)

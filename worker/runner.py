@@ -14,11 +14,11 @@ from worker.batch_invariant import BatchInvariance, gathered_attention
 from worker.decode_graphs import DecodeGraphs
 from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
 from worker.json_constraint import TokenMasks
+from worker.kernels.paged_attention import DecodeAttention, table_slots
 from worker.kv_cache import KVCache
 from worker.logprobs import StepLogprobs
 from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
-from worker.paged_attention import DecodeAttention, table_slots
 from worker.penalties import PenaltyState
 from worker.sampler import make_sampling_tensors, sample
 from worker.scheduler import Batch, ScheduledSeq

@@ -17,7 +17,6 @@ import torch
 from common.internal_auth import InternalAuthInterceptor
 from common.server import create_server, mark_serving
 from edgelora.v1 import worker_pb2, worker_pb2_grpc
-from worker import cpu_kernels
 from worker.adapter_memory import AdapterMemory
 from worker.batch_invariant import BatchInvariance
 from worker.config import WorkerConfig
@@ -25,11 +24,11 @@ from worker.decode_graphs import DecodeGraphs, captured_decode
 from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
 from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
+from worker.kernels import device_kernels
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
-from worker.lora import LoraKernel, LoraSlots, module_shapes
+from worker.lora import LoraSlots, module_shapes
 from worker.model import LlamaModel
-from worker.paged_attention import DecodeAttention
 from worker.quantized_weights import QUANTIZED
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
@@ -68,26 +67,6 @@ def native_bf16(device: torch.device) -> bool:
     """CUDA, or a CPU with AMX tiles: there bf16 runs our decode steps 1.6x and prefill 3x as
     fast as fp32 (bench/engine_throughput.py --bf16). Without AMX, fp32 kernels are the faster."""
     return device.type == "cuda" or torch.cpu._is_amx_tile_supported()
-
-
-def device_kernels(device: torch.device,
-                   dtype: torch.dtype) -> tuple[DecodeAttention | None, LoraKernel | None]:
-    """The decode attention and LoRA kernels for the device: C++ on CPU (worker.cpu_kernels),
-    Triton on CUDA once each passed its check on this GPU. None for one that is missing (the
-    reason is logged): its work then takes torch's paths."""
-    if device.type == "cpu":
-        kernels = cpu_kernels.load()
-        return ((kernels.paged_decode_attention, kernels.lora_delta_) if kernels is not None
-                else (None, None))
-    if device.type != "cuda":
-        return None, None
-    try:
-        from worker import lora_triton, paged_attention_triton
-    except ImportError as exc:  # CUDA builds of torch bring Triton
-        log.warning("no Triton (%s): decode attention and LoRA deltas on torch's paths", exc)
-        return None, None
-    return (paged_attention_triton.checked_kernel(device, dtype),
-            lora_triton.checked_kernel(device, dtype))
 
 
 def decode_graphs(config: WorkerConfig, runner: ModelRunner, num_blocks: int,

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.worker.kernels.test_paged_attention import paged_case
 from tests.worker.test_lora import ADAPTERS, filled_slots
-from tests.worker.test_paged_attention import paged_case
 from worker.batch_invariant import (
     STRICT_TILE_ROWS,
     Probe,
@@ -20,8 +20,8 @@ from worker.batch_invariant import (
     tiled_segment_delta,
 )
 from worker.config import WorkerConfig
+from worker.kernels.paged_attention import reference_decode_attention
 from worker.lora import LoraBatch, reference_delta
-from worker.paged_attention import reference_decode_attention
 
 CPU = torch.device("cpu")
 

@@ -14,8 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import built_cpu_kernels
-from worker import decode_graphs, lora_triton, paged_attention_triton
+from worker import decode_graphs
 from worker.decode_graphs import DecodeGraphs, buckets_up_to, captured_decode
+from worker.kernels import lora_triton, paged_attention_triton
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.lora import LoraSlots, module_shapes

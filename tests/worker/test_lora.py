@@ -1,5 +1,5 @@
 """Tests for worker.lora: the slot pool, per-step LoraBatch metadata and every fast delta path
-(the C++ kernel of worker.cpu_kernels on CPU) against the per-token reference (Punica-style:
+(the C++ kernel of worker.kernels.cpu on CPU) against the per-token reference (Punica-style:
 mixed ranks, module subsets and popularity)."""
 
 from __future__ import annotations

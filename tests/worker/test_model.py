@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import built_cpu_kernels, write_tiny_llama
-from worker import paged_attention_triton
+from worker.kernels import paged_attention_triton
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.runner import ModelRunner

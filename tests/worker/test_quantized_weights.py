@@ -76,7 +76,7 @@ def test_the_cpp_dequantization_is_torchs_bit_for_bit(cls: type[QuantizedLinear]
                                                       monkeypatch) -> None:
     layer = cls(torch.randn(333, 128, generator=torch.Generator().manual_seed(7)))
     kernel = [layer.columns(start, min(start + 128, 333)) for start in (0, 128, 256)]
-    monkeypatch.setattr("worker.cpu_kernels.load", lambda: None)  # torch's ops
+    monkeypatch.setattr("worker.kernels.cpu.load", lambda: None)  # torch's ops
     for start, got in zip((0, 128, 256), kernel, strict=True):
         assert torch.equal(got, layer.columns(start, min(start + 128, 333))), start
 
@@ -88,7 +88,7 @@ def test_the_int4_small_step_kernel_on_and_off_vnni_paths(cpu_kernels, monkeypat
     layer = Int4Linear(torch.randn(128, 192, generator=g))
     x = torch.randn(5, 192, generator=g).to(BF16)
     kernel = layer.small_step(x)
-    monkeypatch.setattr("worker.cpu_kernels.load", lambda: None)
+    monkeypatch.setattr("worker.kernels.cpu.load", lambda: None)
     assert relative_error(kernel, layer.small_step(x)) < 0.02
 
 

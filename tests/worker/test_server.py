@@ -40,7 +40,7 @@ def test_auto_on_cuda_is_bf16() -> None:
 def test_cpu_workers_take_the_cpp_kernels(cpu_kernels, monkeypatch) -> None:
     attention, lora = device_kernels(torch.device("cpu"), torch.bfloat16)
     assert attention is cpu_kernels.paged_decode_attention and lora is cpu_kernels.lora_delta_
-    monkeypatch.setattr("worker.cpu_kernels.load", lambda: None)  # no compiler
+    monkeypatch.setattr("worker.kernels.cpu.load", lambda: None)  # no compiler
     assert device_kernels(torch.device("cpu"), torch.bfloat16) == (None, None)
     assert device_kernels(torch.device("meta"), torch.float32) == (None, None)
 
@@ -48,7 +48,7 @@ def test_cpu_workers_take_the_cpp_kernels(cpu_kernels, monkeypatch) -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_workers_take_the_triton_kernels() -> None:
-    from worker import lora_triton, paged_attention_triton
+    from worker.kernels import lora_triton, paged_attention_triton
 
     assert device_kernels(torch.device("cuda"), torch.bfloat16) == (
         paged_attention_triton.paged_decode_attention, lora_triton.lora_delta_)

@@ -1,4 +1,4 @@
-"""worker.cpu_kernels' build bookkeeping (the kernels themselves: tests/worker/test_lora.py,
+"""worker.kernels.cpu' build bookkeeping (the kernels themselves: tests/worker/test_lora.py,
 test_paged_attention.py): a lock left by a killed build is removed, a live one is kept."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import cpu_kernels
+from worker.kernels import cpu as cpu_kernels
 
 
 def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path: Path,

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.self_check import agrees
 from worker.lora import LoraKernel, segment_delta
-from worker.self_check import agrees
 
 log = logging.getLogger(__name__)
 BLOCK_M, BLOCK_K, BLOCK_N = 16, 64, 64  # tl.dot needs every side >= 16

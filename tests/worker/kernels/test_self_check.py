@@ -1,4 +1,4 @@
-"""worker.self_check: what a start-up check accepts, and what it logs when it refuses."""
+"""worker.kernels.self_check: what a start-up check accepts, and what it logs when it refuses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from worker.self_check import agrees
+from worker.kernels.self_check import agrees
 
 log = logging.getLogger("test_self_check")
 

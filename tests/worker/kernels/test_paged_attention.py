@@ -1,12 +1,12 @@
-"""worker.paged_attention's kernels against gather + SDPA: C++ (worker.cpu_kernels) and Triton
-(worker.paged_attention_triton: compiled on a GPU, else in Triton's interpreter)."""
+"""worker.kernels.paged_attention's kernels against gather + SDPA: C++ (worker.kernels.cpu) and
+Triton (worker.kernels.paged_attention_triton: compiled on a GPU, else in Triton's interpreter)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker.paged_attention import reference_decode_attention
+from worker.kernels.paged_attention import reference_decode_attention
 
 
 def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, lengths: list[int],
@@ -25,7 +25,7 @@ def paged_case(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, leng
 
 def on_triton_device(*args):
     """The Triton kernel on CUDA when there is one (else the interpreter, on CPU tensors)."""
-    from worker.paged_attention_triton import paged_decode_attention
+    from worker.kernels.paged_attention_triton import paged_decode_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]

@@ -1,5 +1,5 @@
 """Decode attention read straight from the paged KV cache, in Triton: the GPU counterpart of
-csrc/paged_attention.cpp, with its call (worker.paged_attention.DecodeAttention).
+csrc/paged_attention.cpp, with its call (worker.kernels.paged_attention.DecodeAttention).
 
 torch's path gathers each decode row's K and V into padded tensors, writes them and reads them
 again in SDPA: about three times the cache bytes a step must read. Here a program per (row, KV
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.paged_attention import DecodeAttention, reference_decode_attention
-from worker.self_check import agrees
+from worker.kernels.paged_attention import DecodeAttention, reference_decode_attention
+from worker.kernels.self_check import agrees
 
 log = logging.getLogger(__name__)
 BLOCK_N = 64  # positions per block of the online softmax

@@ -1,5 +1,5 @@
-"""worker.lora_triton: the Triton LoRA kernels against the per-token reference, compiled on a GPU
-and in Triton's interpreter on CPU (the same kernels, run by numpy; tests/conftest.py)."""
+"""worker.kernels.lora_triton: the Triton LoRA kernels against the per-token reference, compiled
+on a GPU and in Triton's interpreter on CPU (the same kernels, run by numpy; tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.worker.test_lora import (
     filled_slots,
     popular_rows,
 )
-from worker import lora_triton
+from worker.kernels import lora_triton
 from worker.lora import DeltaPath, LoraBatch
 
 
@@ -61,6 +61,6 @@ def test_checked_kernel_serves_a_kernel_that_agrees_and_refuses_one_that_does_no
 
     for broken, reason in ((off_by_one_rank, "off by"), (crashes, "unusable")):
         monkeypatch.setattr(lora_triton, "lora_delta_", broken)
-        with caplog.at_level(logging.WARNING, logger="worker.lora_triton"):
+        with caplog.at_level(logging.WARNING, logger="worker.kernels.lora_triton"):
             assert lora_triton.checked_kernel(torch.device(device), torch.float32) is None
         assert reason in caplog.text

@@ -1,8 +1,8 @@
 """Decode attention read straight from the paged KV cache: the kernel's signature and reference.
 
-The kernels are C++ (csrc/paged_attention.cpp, built by worker.cpu_kernels) and Triton
-(worker.paged_attention_triton); torch's path (worker.model) gathers each decode row's K and V
-into padded tensors, then runs SDPA.
+The kernels are C++ (csrc/paged_attention.cpp, built by worker.kernels.cpu) and Triton
+(worker.kernels.paged_attention_triton); torch's path (worker.model) gathers each decode row's K
+and V into padded tensors, then runs SDPA.
 """
 
 from __future__ import annotations

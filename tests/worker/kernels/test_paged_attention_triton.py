@@ -1,5 +1,6 @@
-"""worker.paged_attention_triton: the start-up check that decides whether a GPU worker serves the
-Triton decode attention (its results are checked in test_paged_attention.py and test_model.py)."""
+"""worker.kernels.paged_attention_triton: the start-up check that decides whether a GPU worker
+serves the Triton decode attention (its results are checked in test_paged_attention.py and
+test_model.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from worker import paged_attention_triton
+from worker.kernels import paged_attention_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: the interpreter
 
@@ -28,6 +29,6 @@ def test_checked_kernel_serves_a_kernel_that_agrees_and_refuses_one_that_does_no
 
     for broken, reason in ((one_position_short, "off by"), (crashes, "unusable")):
         monkeypatch.setattr(paged_attention_triton, "paged_decode_attention", broken)
-        with caplog.at_level(logging.WARNING, logger="worker.paged_attention_triton"):
+        with caplog.at_level(logging.WARNING, logger="worker.kernels.paged_attention_triton"):
             assert paged_attention_triton.checked_kernel(DEVICE, torch.float32) is None
         assert reason in caplog.text
