@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.kernels import cpu as cpu_kernels
-
 if TYPE_CHECKING:  # worker.lora imports this package's modules
     from worker.kernels.paged_attention import DecodeAttention
     from worker.lora import LoraKernel
@@ -30,7 +28,9 @@ def device_kernels(device: torch.device,
     Triton on CUDA once each passed its check on this GPU. None for one that is missing (the
     reason is logged): its work then takes torch's paths."""
     if device.type == "cpu":
-        kernels = cpu_kernels.load()
+        from worker.kernels import cpu  # not at import: `python -m worker.kernels.cpu` builds
+
+        kernels = cpu.load()
         return ((kernels.paged_decode_attention, kernels.lora_delta_) if kernels is not None
                 else (None, None))
     if device.type != "cuda":

@@ -131,6 +131,48 @@ float row_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
 #endif
 }
 
+// row_dot for C activation rows at once: each run of weights is unpacked once for all of them
+// (a step of several streams costs less than that many single steps).
+template <int C>
+void rows_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
+              const QuantizedRow* x, int64_t k, float* result) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  const int64_t groups = k / kGroup;
+  static const RunIndex runs;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  __m512 acc[C], acc_min[C], factor[C];
+  for (int i = 0; i < C; ++i) acc[i] = acc_min[i] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t n = std::min<int64_t>(16, groups - g0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + g0));
+    const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins + g0));
+    for (int i = 0; i < C; ++i) {
+      factor[i] = _mm512_mul_ps(s, _mm512_loadu_ps(x[i].scale.data() + g0));
+      acc_min[i] = _mm512_fmadd_ps(m, _mm512_loadu_ps(x[i].sum.data() + g0), acc_min[i]);
+    }
+    for (int64_t r = 0; r < n / 2; ++r) {
+      const int64_t run = g0 / 2 + r;
+      const __m512i both = _mm512_broadcast_i64x4(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + run * 32)));
+      const __m512i weights = _mm512_and_si512(_mm512_srlv_epi16(both, shift), nibble);
+      for (int i = 0; i < C; ++i) {
+        const __m512i acts = _mm512_loadu_si512(x[i].q.data() + run * kRun);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, acts);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                 _mm512_permutexvar_ps(runs.idx[r], factor[i]), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < C; ++i) {
+    result[i] = _mm512_reduce_add_ps(acc[i]) + _mm512_reduce_add_ps(acc_min[i]);
+  }
+#else
+  for (int i = 0; i < C; ++i) result[i] = row_dot(w, scales, mins, x[i], k);
+#endif
+}
+
 // int8 weights (one scale per row, applied by the caller): sum_g dx_g * sum_j q_j xq_j. vpdpbusd
 // takes unsigned weights: q ^ 0x80 = q + 128, and the 128 * sum_j xq_j it adds is taken off once
 // per activation row (offset = 128 * sum_g dx_g * sum_j xq_j = 128 * sum of x.sum).
@@ -166,6 +208,36 @@ float row_dot_q8(const int8_t* w, const QuantizedRow& x, int64_t k, float offset
 #endif
 }
 
+// row_dot_q8 for C activation rows at once (each run of weights loaded once for all of them).
+template <int C>
+void rows_dot_q8(const int8_t* w, const QuantizedRow* x, int64_t k, const float* offsets,
+                 float* result) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  const int64_t groups = k / kGroup;
+  static const RunIndex runs;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[C], factor[C];
+  for (int i = 0; i < C; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t n = std::min<int64_t>(16, groups - g0);
+    for (int i = 0; i < C; ++i) factor[i] = _mm512_loadu_ps(x[i].scale.data() + g0);
+    for (int64_t r = 0; r < n / 2; ++r) {
+      const int64_t run = g0 / 2 + r;
+      const __m512i weights = _mm512_xor_si512(_mm512_loadu_si512(w + run * kRun), flip);
+      for (int i = 0; i < C; ++i) {
+        const __m512i acts = _mm512_loadu_si512(x[i].q.data() + run * kRun);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, acts);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                 _mm512_permutexvar_ps(runs.idx[r], factor[i]), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < C; ++i) result[i] = _mm512_reduce_add_ps(acc[i]) - offsets[i];
+#else
+  for (int i = 0; i < C; ++i) result[i] = row_dot_q8(w, x[i], k, offsets[i]);
+#endif
+}
+
 void check(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& mins,
            int64_t k) {
   TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && mins.is_contiguous());
@@ -195,9 +267,18 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   // every activation row (a row of W, k / 2 bytes, stays in L1 across them).
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < n; ++row) {
-    for (int64_t i = 0; i < m; ++i) {
-      out[i * n + row] = c10::BFloat16(row_dot(w + row * (k / 2), s + row * groups,
-                                               mn + row * groups, rows[i], k));
+    const uint8_t* wr = w + row * (k / 2);
+    const c10::Half *sr = s + row * groups, *mr = mn + row * groups;
+    float dots[4];
+    for (int64_t i = 0; i < m; i += 4) {  // up to 4 activation rows per pass over the row
+      const int64_t count = std::min<int64_t>(4, m - i);
+      switch (count) {
+        case 4: rows_dot<4>(wr, sr, mr, rows.data() + i, k, dots); break;
+        case 3: rows_dot<3>(wr, sr, mr, rows.data() + i, k, dots); break;
+        case 2: rows_dot<2>(wr, sr, mr, rows.data() + i, k, dots); break;
+        default: dots[0] = row_dot(wr, sr, mr, rows[i], k);
+      }
+      for (int64_t j = 0; j < count; ++j) out[(i + j) * n + row] = c10::BFloat16(dots[j]);
     }
   }
   return y;
@@ -252,8 +333,17 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < n; ++row) {
     const float scale = static_cast<float>(s[row]);
-    for (int64_t i = 0; i < m; ++i) {
-      out[i * n + row] = c10::BFloat16(scale * row_dot_q8(w + row * k, rows[i], k, offsets[i]));
+    const int8_t* wr = w + row * k;
+    float dots[4];
+    for (int64_t i = 0; i < m; i += 4) {  // up to 4 activation rows per pass over the row
+      const int64_t count = std::min<int64_t>(4, m - i);
+      switch (count) {
+        case 4: rows_dot_q8<4>(wr, rows.data() + i, k, offsets.data() + i, dots); break;
+        case 3: rows_dot_q8<3>(wr, rows.data() + i, k, offsets.data() + i, dots); break;
+        case 2: rows_dot_q8<2>(wr, rows.data() + i, k, offsets.data() + i, dots); break;
+        default: dots[0] = row_dot_q8(wr, rows[i], k, offsets[i]);
+      }
+      for (int64_t j = 0; j < count; ++j) out[(i + j) * n + row] = c10::BFloat16(scale * dots[j]);
     }
   }
   return y;
