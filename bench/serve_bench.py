@@ -17,6 +17,8 @@ against gRPC), and writes results.json + serve_bench.png to --out.
     .venv/bin/python bench/serve_bench.py --targets llamacpp --llamacpp-url http://127.0.0.1:8080
     .venv/bin/python bench/serve_bench.py --targets edgelora --protocols grpc,http \
         --scenarios mixed --rounds 2
+    .venv/bin/python bench/serve_bench.py --targets edgelora,edgelora-invariant --scenarios mixed
+        # what --batch-invariant costs: edgelora-invariant / edgelora tok/s (target >= 0.8x)
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ from bench.workload import (
 )
 from worker.config import WorkerConfig
 
-TARGETS = ("edgelora", "llamacpp")
+TARGETS = ("edgelora", "llamacpp", "edgelora-invariant")
 SCENARIOS = ("mixed", "single")
 PROTOCOLS = ("grpc", "http")  # ours; llama.cpp is HTTP only
 HTTP_LABEL = "edgelora-http"  # ours over HTTP in the tables ("edgelora" is ours over gRPC)
+INVARIANT_LABEL = "edgelora-invariant"  # ours with --batch-invariant, over gRPC
 
 
 def scenario_requests(requests: list[Request], scenario: str) -> list[Request]:
@@ -102,7 +105,7 @@ async def _drive(target: str, endpoint: str, prompts: Sequence[str], adapter_ids
     from bench.serve_targets import edgelora_http_stream, edgelora_stream, llamacpp_stream
 
     channel = None
-    if target == "edgelora":
+    if target in ("edgelora", INVARIANT_LABEL):
         import grpc
 
         channel = grpc.aio.insecure_channel(endpoint)
@@ -142,7 +145,7 @@ def run_target(target: str, args: argparse.Namespace, prompts: Sequence[str],
         print(f"{target}: ready at {', '.join(endpoints.values())} in "
               f"{time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.1f}",
               flush=True)
-        rounds = args.rounds if target == "edgelora" else 1
+        rounds = args.rounds if target != "llamacpp" else 1
         runs: dict[str, list[dict[str, dict]]] = {label: [] for label in endpoints}
         for round_ in range(rounds):
             order = list(endpoints) if round_ % 2 == 0 else list(reversed(endpoints))
@@ -173,6 +176,12 @@ def _launch(target: str, args: argparse.Namespace, base_dir: Path
     Ours is one server; each of --protocols is a label ("edgelora" gRPC, HTTP_LABEL)."""
     from bench.llamacpp.adapters import adapter_set
 
+    if target == INVARIANT_LABEL:  # a second server of ours: the same, with --batch-invariant
+        adapters = adapter_set(base_dir, args.num_adapters, args.demo_adapters, seed=args.seed)
+        server = EdgeloraServer(args.threads, args.max_batch, max(a.rank for a in adapters),
+                                args.device_slots, [*args.ours_arg, "--batch-invariant", "true"],
+                                args.out / "edgelora-invariant.log").start(adapters)
+        return server, {INVARIANT_LABEL: server.address}, [a.name for a in adapters]
     if target == "edgelora":
         from bench.serve_targets import edgelora_adapter_ids
 
@@ -208,7 +217,8 @@ def _launch(target: str, args: argparse.Namespace, base_dir: Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + str(TARGETS))
+    p.add_argument("--targets", default="edgelora,llamacpp", help="comma list of " + str(TARGETS)
+                   + f" ({INVARIANT_LABEL}: a second server of ours with --batch-invariant)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of "
                    + str(SCENARIOS))
     p.add_argument("--protocols", default="grpc", help="ours over these, each against a "
@@ -302,11 +312,16 @@ def main(argv: list[str] | None = None) -> Results:
         print(line)
     for line in http_cost_lines(results, http=HTTP_LABEL, grpc="edgelora"):
         print(line)
+    for line in ratio_lines(results, INVARIANT_LABEL, "edgelora", target_ratio=0.8):
+        print(line.replace("SLO >= theirs", "SLO >= the default's"))
     for scenario, targets in results.items():
         for target, result in targets.items():
             for error in result["errors"]:
                 print(f"error ({scenario}/{target}): {error}")
-    print(f"plot: {plot(results, args.out / 'serve_bench.png', args.slo_ttft_s)}")
+    try:
+        print(f"plot: {plot(results, args.out / 'serve_bench.png', args.slo_ttft_s)}")
+    except ImportError:  # matplotlib is the optional 'bench' extra
+        print("plot: skipped (pip install 'edgelora[bench]' for matplotlib)")
     # The load average after the run counts our own servers' threads, so only the one before
     # any server started tells of other processes.
     if idle_load > args.threads / 2:
