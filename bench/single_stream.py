@@ -61,17 +61,20 @@ def wait_peak_rss_mib(process: subprocess.Popen) -> float:
 
 # -- ours, in a child process ----------------------------------------------------------------
 def ours(args: argparse.Namespace) -> dict:
+    import torch
+
     from bench.engine_drive import make_prompts, run_ours
     from worker import server
     from worker.config import WorkerConfig
+    from worker.gguf_import import resolve_model_path
+    from worker.kv_cache import KVCache
     from worker.loader import read_model_config
 
     batches = [1, *args.batches]
-    path = server.resolve_model_path(args.model, WorkerConfig().cache_path)
-    cfg = read_model_config(path)
-    # the KV cache for the longest run, as llama.cpp sizes its context: bf16 k and v per layer
+    path = resolve_model_path(args.model, WorkerConfig().cache_path)
+    # the KV cache for the longest run (bf16), as llama.cpp sizes its context
     tokens = max(args.prompt_tokens + 2, max(batches) * (STREAM_PROMPT + args.new_tokens))
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    per_token = KVCache.bytes_per_token(read_model_config(path), torch.bfloat16)
     kv_mib = math.ceil((tokens + 16 * (max(batches) + 2)) * per_token / 2**20)
     config = WorkerConfig(model=args.model, device="cpu", weights=args.weights,
                           num_threads=args.threads, max_batch_size=max(batches),

@@ -25,7 +25,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,7 +36,6 @@ from bench.engine_drive import run_ours
 from worker import server
 from worker.config import WorkerConfig
 from worker.engine import Engine
-from worker.gguf_import import resolve_model_path
 from worker.quantized_weights import weight_bytes
 from worker.sequence import SamplingOptions, Sequence
 from worker.tokenizer import Tokenizer
@@ -61,12 +59,12 @@ GREEDY_TOKENS = 32
 TARGETS = {"int8": (0.95, 1.02), "int4": (0.90, 1.05)}
 
 
-def build(model: str, weights: str, threads: int, prefill: int) -> Engine:
+def build(model: str, weights: str, threads: int, prefill: int) -> tuple[Engine, Tokenizer]:
     config = WorkerConfig(model=model, device="cpu", weights=weights, num_threads=threads,
                           max_num_batched_tokens=max(512, prefill), max_batch_size=8)
-    engine, _, _ = server.build_engine(config, emit=lambda event: None)
+    engine, tokenizer, _ = server.build_engine(config, emit=lambda event: None)
     torch.set_num_threads(threads)
-    return engine
+    return engine, tokenizer
 
 
 @torch.inference_mode()
@@ -84,20 +82,6 @@ def next_token_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     return logits
 
 
-def time_steps(engine: Engine, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds of `ids`, seconds per batch-1 decode step) of one greedy generation."""
-    seq = Sequence(1, ids, SamplingOptions(max_tokens=new_tokens, ignore_eos=True))
-    engine.scheduler.add(seq)
-    start = time.perf_counter()
-    while seq.num_output_tokens == 0:
-        engine.step()
-    first = time.perf_counter()
-    while engine.scheduler.has_work():
-        engine.step()
-    end = time.perf_counter()
-    return first - start, (end - first) / (new_tokens - 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
@@ -113,8 +97,8 @@ def main() -> None:
     prefill = 256
     results, reference, reference_outputs = {}, None, []
     for fmt in sorted(formats, key=lambda f: f != "bf16"):
-        engine = build(args.model, fmt, args.threads, prefill)
-        ids = engine_tokens(args.model)
+        engine, tokenizer = build(args.model, fmt, args.threads, prefill)
+        ids = tokenizer.encode_prompt(TEXT)[:prefill]
         logits = next_token_logits(engine, ids)
         log_probs = F.log_softmax(logits, dim=-1)
         targets = torch.tensor(ids[1:])
@@ -128,13 +112,14 @@ def main() -> None:
                "mib": weight_bytes(engine.runner.model) / 2**20}
         if args.speed:
             prompt = (ids * (prefill // len(ids) + 1))[:prefill]
-            timings = [time_steps(engine, prompt, args.new_tokens) for _ in range(args.repeats)]
-            row["prefill_tps"] = prefill / min(t[0] for t in timings)
-            row["decode_tps"] = 1 / min(t[1] for t in timings)
+            timings = [run_ours(engine, tokenizer, [prompt], args.new_tokens)
+                       for _ in range(args.repeats)]
+            row["prefill_tps"] = prefill / min(t.prefill_s for t in timings)
+            row["decode_tps"] = max(t.tps for t in timings)
         # decode steps (one token each: the small-step kernels, int8 activations): greedy tokens
         # before the first that differs from bf16's, over GREEDY_PROMPTS
-        outputs = run_ours(engine, engine_tokenizer(args.model), greedy_prompts(args.model),
-                           GREEDY_TOKENS).outputs
+        prompts = [tokenizer.encode_chat([("user", text)]) for text in GREEDY_TEXTS]
+        outputs = run_ours(engine, tokenizer, prompts, GREEDY_TOKENS).outputs
         if fmt == "bf16":
             reference_outputs = outputs
         row["greedy"] = sum(next((i for i, (a, b) in enumerate(zip(o, r, strict=True)) if a != b),
@@ -164,19 +149,6 @@ def main() -> None:
             print(f"{'PASS' if ok else 'MISS'}  {fmt}: top-1 agreement {100 * r['agree']:.1f}% "
                   f"(>= {100 * min_agree:.0f}%), perplexity {r['ppl'] / base['ppl']:.3f}x bf16 "
                   f"(<= {max_ppl:.2f}x), weights {r['mib'] / base['mib']:.2f}x bf16's bytes")
-
-
-def engine_tokenizer(model: str) -> Tokenizer:
-    return Tokenizer(resolve_model_path(model, WorkerConfig().cache_path))
-
-
-def engine_tokens(model: str) -> list[int]:
-    return engine_tokenizer(model).encode_prompt(TEXT)[:256]
-
-
-def greedy_prompts(model: str) -> list[list[int]]:
-    tokenizer = engine_tokenizer(model)
-    return [tokenizer.encode_chat([("user", text)]) for text in GREEDY_TEXTS]
 
 
 if __name__ == "__main__":

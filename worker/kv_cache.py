@@ -55,5 +55,9 @@ class KVCache:
     @staticmethod
     def num_blocks_for(budget_mb: int, cfg: ModelConfig, block_size: int,
                        dtype: torch.dtype) -> int:
-        bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-        return (budget_mb << 20) // (bytes_per_token * block_size)
+        return (budget_mb << 20) // (KVCache.bytes_per_token(cfg, dtype) * block_size)
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """k and v of every layer for one token."""
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize

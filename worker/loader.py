@@ -16,12 +16,7 @@ from pathlib import Path
 import torch
 
 from worker.model import LlamaModel, ModelConfig, rope_inv_freq
-from worker.quantized_weights import (
-    COMPUTE_DTYPE,
-    QUANTIZED,
-        quantize_model,
-    weight_bytes,
-)
+from worker.quantized_weights import COMPUTE_DTYPE, QUANTIZED, quantize_model, weight_bytes
 
 log = logging.getLogger(__name__)
 

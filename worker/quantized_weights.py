@@ -8,13 +8,13 @@ the speed, and on an edge box the same bytes are most of the process's memory. F
     w = q * scale + min, which is GGUF's Q4_1. Asymmetric because on SmolLM2-135M the symmetric
     form (Q4_0's) agreed with bf16's next token at 68% of positions, this one at 98%
     (bench/weights_accuracy.py); the output head and a tied embedding stay int8 (HEAD_FORMAT).
-Small steps (<= SMALL_STEP_TOKENS rows, decode) are a stream of weights: int8 runs torch's
-weight-only kernel (_weight_int8pack_mm), int4 our C++ one (csrc/q4_matmul.cpp: activations
-quantized per group to int8, integer dot products with AVX-512 VNNI where present, a portable
-loop otherwise), reading 1 or ~0.6 byte per weight. Larger steps (prefill chunks, wide decode
-batches), where weight-only kernels fall behind bf16 GEMMs, dequantize DEQUANT_ROWS output rows
-at a time into a small buffer (C++, one pass) and multiply in bfloat16, so no layer is ever held
-in full precision.
+Small steps (<= SMALL_STEP_TOKENS rows, decode) are a stream of weights: our C++ kernels
+(kernels/csrc/q4_matmul.cpp: activations quantized per group of 32 to int8, integer dot products
+with AVX-512 VNNI where present, a portable loop otherwise) read 1 or ~0.6 byte per weight; int8
+weights whose in-features are not runs of 64 take torch's _weight_int8pack_mm. Larger steps
+(prefill chunks, wide decode batches), where weight-only kernels fall behind bf16 GEMMs,
+dequantize DEQUANT_ROWS output rows at a time into a small buffer (C++, one pass) and multiply in
+bfloat16, so no layer is ever held in full precision.
 
 LoRA deltas are added to these projections' outputs in the activation dtype, as on full weights
 (worker.model.ForwardBatch.project): exact on top of the quantized base.
@@ -36,16 +36,16 @@ GROUP_SIZE = 32          # int4 weights per (scale, min), as GGUF's 4-bit blocks
 INT4_RUN = 64            # int4 weights per packed run of a row (two groups)
 INT8_IN_MULTIPLE = 16    # _weight_int8pack_mm reads 16 weights at a time (other widths crash it)
 # Steps of at most this many rows take the weight-only kernels, larger ones dequantize blocks of
-# rows (C++, csrc/dequantize.cpp) and multiply in bf16. Measured on an 8192 x 2048 weight, 1
-# thread, ms (kernel / dequantized):
+# rows (C++) and multiply in bf16. Measured on an 8192 x 2048 weight, 1 thread, ms (kernel /
+# dequantized; the kernels were torch's then: ours, 2 threads, beat dequantizing up to 16 rows):
 #   rows           1      4      8           16            64             256
 #   bf16 weights   2.90   2.58   3.22        4.59          11.9           40.0
 #   int8           1.29   2.10   4.50 / 4.33 8.58 / 6.74   31.8 / 13.9    124 / 42.4
 #   int4           0.89   1.58   3.24 / 3.19 6.39 / 8.65   25.5 / 15.8    101 / 44.3
 SMALL_STEP_TOKENS = {"int8": 16, "int4": 16}
-DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in);
+DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in)
 COMPUTE_DTYPE = torch.bfloat16
-QUANTIZE_ROWS = 4096        # rows quantized at once
+QUANTIZE_ROWS = 4096     # rows quantized at once
 QUANTIZED = ("int8", "int4")
 # The output head (and a tied embedding) of an int4 model in int8, as llama.cpp keeps its 4-bit
 # models' output in 6-8 bits: the logits are where rounding reaches the sampled token directly.
@@ -178,9 +178,11 @@ class QuantizedEmbedding(nn.Module):
         return self.table.gather(ids)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] -> (int8 [out, in], scales [out] bf16): symmetric, per row, 127 = the row's
-    largest magnitude."""
+@torch.no_grad()  # also a model built in place, whose parameters require grad
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = COMPUTE_DTYPE
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (int8 [out, in], scales [out] in scale_dtype): symmetric, per row, 127 = the
+    row's largest magnitude (also --int8-small-steps' copies, worker.int8_weights)."""
     q = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[0])
     for start in range(0, weight.shape[0], QUANTIZE_ROWS):  # bounded temporaries (a vocab head)
@@ -188,9 +190,10 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = scales[start:start + QUANTIZE_ROWS]
         torch.div(w.abs().amax(dim=1).clamp_(min=1e-12), 127, out=s)
         q[start:start + QUANTIZE_ROWS] = (w / s[:, None]).round_().clamp_(-127, 127)
-    return q, scales.to(COMPUTE_DTYPE)
+    return q, scales.to(scale_dtype)
 
 
+@torch.no_grad()
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[out, in] -> (q int32 [out, in] in 0..15, scales, mins [out, in / GROUP_SIZE] float32):
     each group's range in 16 steps from its least weight, w = q * scale + min (GGUF's Q4_1)."""

@@ -58,8 +58,9 @@ def pick_device(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
         return device, held or (torch.bfloat16 if native_bf16(device) else torch.float32)
     dtype = getattr(torch, config.dtype)
     if held is not None and dtype != held:
-        raise ValueError(f"--weights {config.weights} computes in {str(held)[6:]}: use --dtype "
-                         f"auto or {str(held)[6:]} with it, not --dtype {config.dtype}")
+        name = str(held).removeprefix("torch.")
+        raise ValueError(f"--weights {config.weights} computes in {name}: use --dtype auto or "
+                         f"{name} with it, not --dtype {config.dtype}")
     return device, dtype
 
 

@@ -85,36 +85,11 @@ struct RunIndex {
 };
 #endif
 
-// sum over the row's groups of scale_g * dx_g * (sum_j q_j xq_j) + min_g * dx_g * (sum_j xq_j)
-float row_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
+// sum over the row's groups of scale_g * dx_g * (sum_j q_j xq_j) + min_g * dx_g * (sum_j xq_j),
+// one row at a time in portable C++ (rows_dot takes the VNNI path where the CPU has it)
+[[maybe_unused]] float row_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
               const QuantizedRow& x, int64_t k) {
   const int64_t groups = k / kGroup;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  static const RunIndex runs;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
-  // the run's 32 bytes in both halves, the upper half shifted right by 4: weights i, i + 32
-  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  __m512 acc = _mm512_setzero_ps(), acc_min = _mm512_setzero_ps();
-  for (int64_t g0 = 0; g0 < groups; g0 += 16) {  // 16 groups = 8 runs of 64 weights
-    const int64_t n = std::min<int64_t>(16, groups - g0);
-    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + g0));
-    const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins + g0));
-    const __m512 factor = _mm512_mul_ps(s, _mm512_loadu_ps(x.scale.data() + g0));
-    acc_min = _mm512_fmadd_ps(m, _mm512_loadu_ps(x.sum.data() + g0), acc_min);
-    for (int64_t r = 0; r < n / 2; ++r) {
-      const int64_t run = g0 / 2 + r;
-      const __m512i both = _mm512_broadcast_i64x4(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + run * 32)));
-      const __m512i weights = _mm512_and_si512(_mm512_srlv_epi16(both, shift), nibble);
-      const __m512i acts = _mm512_loadu_si512(x.q.data() + run * kRun);
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, acts);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                            _mm512_permutexvar_ps(runs.idx[r], factor), acc);
-    }
-  }
-  return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(acc_min);
-#else
   float total = 0.f;
   for (int64_t r = 0; r < k / kRun; ++r) {
     int32_t dot0 = 0, dot1 = 0;
@@ -128,7 +103,6 @@ float row_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
   }
   for (int64_t g = 0; g < groups; ++g) total += half_to_float(mins[g]) * x.sum[g];
   return total;
-#endif
 }
 
 // row_dot for C activation rows at once: each run of weights is unpacked once for all of them
@@ -140,6 +114,7 @@ void rows_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
   const int64_t groups = k / kGroup;
   static const RunIndex runs;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
+  // a run's 32 bytes in both halves, the upper half shifted right by 4: weights i, i + 32
   const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
   __m512 acc[C], acc_min[C], factor[C];
   for (int i = 0; i < C; ++i) acc[i] = acc_min[i] = _mm512_setzero_ps();
@@ -173,31 +148,10 @@ void rows_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
 #endif
 }
 
-// int8 weights (one scale per row, applied by the caller): sum_g dx_g * sum_j q_j xq_j. vpdpbusd
-// takes unsigned weights: q ^ 0x80 = q + 128, and the 128 * sum_j xq_j it adds is taken off once
-// per activation row (offset = 128 * sum_g dx_g * sum_j xq_j = 128 * sum of x.sum).
-float row_dot_q8(const int8_t* w, const QuantizedRow& x, int64_t k, float offset) {
+// int8 weights (one scale per row, applied by the caller): sum_g dx_g * sum_j q_j xq_j, one row
+// at a time in portable C++ (rows_dot_q8 takes the VNNI path where the CPU has it)
+[[maybe_unused]] float row_dot_q8(const int8_t* w, const QuantizedRow& x, int64_t k) {
   const int64_t groups = k / kGroup;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  static const RunIndex runs;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
-    const int64_t n = std::min<int64_t>(16, groups - g0);
-    const __m512 factor = _mm512_loadu_ps(x.scale.data() + g0);
-    for (int64_t r = 0; r < n / 2; ++r) {
-      const int64_t run = g0 / 2 + r;
-      const __m512i weights = _mm512_xor_si512(
-          _mm512_loadu_si512(w + run * kRun), flip);
-      const __m512i acts = _mm512_loadu_si512(x.q.data() + run * kRun);
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, acts);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                            _mm512_permutexvar_ps(runs.idx[r], factor), acc);
-    }
-  }
-  return _mm512_reduce_add_ps(acc) - offset;
-#else
-  (void)offset;
   float total = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
     int32_t dot = 0;
@@ -205,10 +159,11 @@ float row_dot_q8(const int8_t* w, const QuantizedRow& x, int64_t k, float offset
     total += x.scale[g] * static_cast<float>(dot);
   }
   return total;
-#endif
 }
 
 // row_dot_q8 for C activation rows at once (each run of weights loaded once for all of them).
+// vpdpbusd takes unsigned weights: q ^ 0x80 = q + 128, and the 128 * sum_j xq_j it adds is taken
+// off once per activation row (offsets[i] = 128 * sum_g dx_g * sum_j xq_j = 128 * sum of x.sum).
 template <int C>
 void rows_dot_q8(const int8_t* w, const QuantizedRow* x, int64_t k, const float* offsets,
                  float* result) {
@@ -234,7 +189,8 @@ void rows_dot_q8(const int8_t* w, const QuantizedRow* x, int64_t k, const float*
   }
   for (int i = 0; i < C; ++i) result[i] = _mm512_reduce_add_ps(acc[i]) - offsets[i];
 #else
-  for (int i = 0; i < C; ++i) result[i] = row_dot_q8(w, x[i], k, offsets[i]);
+  (void)offsets;  // the portable loop reads signed weights: no offset to take off
+  for (int i = 0; i < C; ++i) result[i] = row_dot_q8(w, x[i], k);
 #endif
 }
 
@@ -276,7 +232,7 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
         case 4: rows_dot<4>(wr, sr, mr, rows.data() + i, k, dots); break;
         case 3: rows_dot<3>(wr, sr, mr, rows.data() + i, k, dots); break;
         case 2: rows_dot<2>(wr, sr, mr, rows.data() + i, k, dots); break;
-        default: dots[0] = row_dot(wr, sr, mr, rows[i], k);
+        default: rows_dot<1>(wr, sr, mr, rows.data() + i, k, dots);
       }
       for (int64_t j = 0; j < count; ++j) out[(i + j) * n + row] = c10::BFloat16(dots[j]);
     }
@@ -341,7 +297,7 @@ torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
         case 4: rows_dot_q8<4>(wr, rows.data() + i, k, offsets.data() + i, dots); break;
         case 3: rows_dot_q8<3>(wr, rows.data() + i, k, offsets.data() + i, dots); break;
         case 2: rows_dot_q8<2>(wr, rows.data() + i, k, offsets.data() + i, dots); break;
-        default: dots[0] = row_dot_q8(wr, rows[i], k, offsets[i]);
+        default: rows_dot_q8<1>(wr, rows.data() + i, k, offsets.data() + i, dots);
       }
       for (int64_t j = 0; j < count; ++j) out[(i + j) * n + row] = c10::BFloat16(scale * dots[j]);
     }
