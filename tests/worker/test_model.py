@@ -166,3 +166,36 @@ def test_missing_weights_are_named(tmp_path: Path, tiny_model_dir: Path) -> None
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"layers\.1\.mlp"):
         load_model(tmp_path, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("damage", ["header length", "offsets past the end", "size != shape",
+                                    "unknown dtype", "truncated file"])
+def test_a_malformed_checkpoint_file_is_refused_by_name(tmp_path: Path, tiny_model_dir: Path,
+                                                        damage: str) -> None:
+    """The loader reads safetensors itself (plain reads, worker.loader._tensor_sources): a
+    damaged header or file is a clear error naming the file, never a read past its end."""
+    import json as json_lib
+    import struct
+
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    raw = (tiny_model_dir / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json_lib.loads(raw[8:8 + length]), raw[8 + length:]
+    first = next(k for k in header if k != "__metadata__")
+    if damage == "header length":
+        blob = struct.pack("<Q", len(raw) * 10) + raw[8:]
+    else:
+        if damage == "offsets past the end":
+            header[first]["data_offsets"] = [0, len(data) + 4096]
+        elif damage == "size != shape":
+            header[first]["shape"] = [header[first]["shape"][0] + 1, *header[first]["shape"][1:]]
+        elif damage == "unknown dtype":
+            header[first]["dtype"] = "F8_E9M9"
+        encoded = json_lib.dumps(header).encode()
+        blob = struct.pack("<Q", len(encoded)) + encoded + data
+        if damage == "truncated file":
+            blob = blob[:len(blob) - len(data) // 2]
+    (tmp_path / "model.safetensors").write_bytes(blob)
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        load_model(tmp_path, torch.device("cpu"), torch.float32)
