@@ -15,7 +15,7 @@ import torch
 
 from common.errors import EdgeLoraError
 from worker.runner import ModelRunner
-from worker.scheduler import Scheduler
+from worker.scheduler import Scheduler, StepResult
 from worker.sequence import Abort, AddRequest, Detokenizer, Sequence, SequenceStatus, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
-        tokens = self.runner.run(batch) if batch.items else []
-        for event in [*batch.events, *self.scheduler.postprocess(batch, tokens)]:
+        result = self.runner.run(batch) if batch.items else StepResult([])
+        for event in [*batch.events, *self.scheduler.postprocess(batch, result)]:
             self.emit(event)
         return True
 

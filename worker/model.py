@@ -86,8 +86,9 @@ class WeightCopies(Protocol):
                bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
-class RowTiling(Protocol):
-    """How batch-invariant steps run a row-wise matmul (worker.batch_invariant.RowTiling)."""
+class MatmulTiling(Protocol):
+    """How batch-invariant steps feed a row-wise matmul its rows, so that each row's result does
+    not depend on how many others share the call (worker.batch_invariant.RowTiling)."""
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor],
               x: torch.Tensor) -> torch.Tensor: ...
@@ -111,7 +112,7 @@ class ForwardBatch:
     decode_attention: Callable[..., torch.Tensor] | None = None
     block_size: int = 1  # tokens per KV block in those tables
     weights: WeightCopies | None = None  # set: projections multiply by these instead
-    tiling: RowTiling | None = None  # set (--batch-invariant): projections run on it
+    tiling: MatmulTiling | None = None  # set (--batch-invariant): projections run on it
 
     def project(self, layer: int, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """linear(x) plus the LoRA delta of each token's adapter."""

@@ -1,4 +1,5 @@
-"""Turns a scheduled Batch into tensors, runs the model and the sampler, returns one token per row.
+"""Turns a scheduled Batch into tensors, runs the model and the sampler, returns the step's results
+(a StepResult: one token per row, and the logprobs and log-likelihoods of the rows that have them).
 
 With worker.decode_graphs (the steps it replays), the only place that moves batch data between
 host and device; one host sync per step (two in steps that also score references).
@@ -21,7 +22,7 @@ from worker.lora import LoraBatch, LoraSlots
 from worker.model import AttentionGroup, ForwardBatch, LlamaModel
 from worker.penalties import PenaltyState
 from worker.sampler import make_sampling_tensors, sample
-from worker.scheduler import Batch, ScheduledSeq
+from worker.scheduler import Batch, ScheduledSeq, StepResult
 from worker.scoring import row_log_likelihoods, scored_positions
 
 # Token reported for scoring rows: they sample nothing, and postprocess never reads it.
@@ -121,25 +122,11 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         last_idx = [off + it.num_new_tokens - 1
                     for off, it in zip(offsets, batch.items, strict=True)]
-        # Decode rows (one query) and prompt chunks attend in separate groups so that a long
-        # chunk never pads every decode row to its length. The paged kernel reads each decode
-        # row's own length; torch's path splits decode rows further by length.
-        decode = [i for i, it in enumerate(batch.items) if it.num_new_tokens == 1]
-        prompt = [i for i, it in enumerate(batch.items) if it.num_new_tokens > 1]
-
-        def group(rows: list[int], paged_decode: bool = False) -> AttentionGroup:
-            return _attention_group([batch.items[i] for i in rows], [offsets[i] for i in rows],
-                                    bs, self.device, paged_decode)
-
         if self.invariance is not None:  # every token attends as a decode row of its own
             groups = self.invariance.attention_groups(batch.items, offsets, bs, self.device,
                                                       paged=self.decode_attention is not None)
-        elif self.decode_attention is not None:
-            groups = [group(decode, paged_decode=True)] if decode else []
         else:
-            groups = [group(rows) for rows in split_by_context(decode, batch.items)]
-        if prompt and self.invariance is None:
-            groups.append(group(prompt))
+            groups = self._attention_groups(batch.items, offsets)
         tiling = None if self.invariance is None else self.invariance.tiling
         decode_attention = self.decode_attention or (gathered_attention if tiling is not None
                                                      else None)
@@ -155,11 +142,32 @@ class ModelRunner:
                           block_size=bs, tiling=tiling)
         return as_tensor(input_ids), fb, as_tensor(last_idx)
 
+    def _attention_groups(self, items: list[ScheduledSeq],
+                          offsets: list[int]) -> list[AttentionGroup]:
+        """The default steps' groups. Decode rows (one query) and prompt chunks attend apart so
+        that a long chunk never pads every decode row to its length. The paged kernel reads each
+        decode row's own length; torch's path splits decode rows further by length."""
+        decode = [i for i, it in enumerate(items) if it.num_new_tokens == 1]
+        prompt = [i for i, it in enumerate(items) if it.num_new_tokens > 1]
+
+        def group(rows: list[int], paged_decode: bool = False) -> AttentionGroup:
+            return _attention_group([items[i] for i in rows], [offsets[i] for i in rows],
+                                    self.block_size, self.device, paged_decode)
+
+        if self.decode_attention is not None:
+            groups = [group(decode, paged_decode=True)] if decode else []
+        else:
+            groups = [group(rows) for rows in split_by_context(decode, items)]
+        if prompt:
+            groups.append(group(prompt))
+        return groups
+
     @torch.inference_mode()
-    def run(self, batch: Batch) -> list[int]:
+    def run(self, batch: Batch) -> StepResult:
+        """One forward step of `batch` -> its results; row i of them is batch.items[i] after
+        the sort below, which reorders batch.items in place."""
         # Decode rows first, then prompt chunks (LoraBatch gives each part its own path); within
         # each, rows of one adapter side by side form one segment for the LoRA matmuls.
-        # postprocess pairs tokens with batch.items, so sorting in place keeps them matched.
         batch.items.sort(key=lambda it: (it.num_new_tokens > 1, it.seq.slot))
         if self.graphs is not None and self.graphs.covers(batch.items):
             return self._sample(batch.items, self.graphs.run(batch.items))
@@ -180,10 +188,10 @@ class ModelRunner:
             return self.invariance.logits(hidden)
         return self.model.compute_logits(hidden)
 
-    def _sample(self, items: list[ScheduledSeq], logits: torch.Tensor) -> list[int]:
-        """logits [rows, vocab] of `items` -> one sampled token per row (and, on the items
-        that asked, its logprobs). JSON masks, then logprobs, then penalties and sampling, as
-        vLLM orders them; each extra costs nothing in a step where no row uses it."""
+    def _sample(self, items: list[ScheduledSeq], logits: torch.Tensor) -> StepResult:
+        """logits [rows, vocab] of `items` -> one sampled token per row (and, for the rows that
+        asked, its logprobs). JSON masks, then logprobs, then penalties and sampling, as vLLM
+        orders them; each extra costs nothing in a step where no row uses it."""
         seqs = [it.seq for it in items]
         opts = [seq.options for seq in seqs]
         tensors = make_sampling_tensors(
@@ -204,27 +212,27 @@ class ModelRunner:
             tensors.penalties = state.gather(penalized, [seqs[i] for i in penalized])
         tokens = sample(logits, tensors)
         if logprobs is None:
-            return tokens.tolist()  # the step's one host sync
+            return StepResult(tokens.tolist())  # the step's one host sync
         host_tokens, rows = logprobs.fetch(tokens)  # the same one sync, logprobs included
-        for i, row in zip(wanted, rows, strict=True):
-            items[i].logprobs = row
-        return host_tokens
+        return StepResult(host_tokens, dict(zip(wanted, rows, strict=True)))
 
     def _score_and_sample(self, items: list[ScheduledSeq], hidden: torch.Tensor,
-                          last_idx: torch.Tensor) -> list[int]:
-        """Scoring rows get their chunk's log-likelihood (on the item) and NO_TOKEN; the other
-        rows are sampled as usual, from the same forward."""
+                          last_idx: torch.Tensor) -> StepResult:
+        """Scoring rows get their chunk's log-likelihood and NO_TOKEN; the other rows are
+        sampled as usual, from the same forward."""
         offsets = list(accumulate((it.num_new_tokens for it in items[:-1]), initial=0))
         hidden_idx, targets, rows = scored_positions(items, offsets)
         sums = row_log_likelihoods(self.model, hidden, hidden_idx, targets, rows, len(items))
-        for it, log_likelihood in zip(items, sums, strict=True):
-            it.log_likelihood = log_likelihood
-        tokens = [NO_TOKEN] * len(items)
+        result = StepResult([NO_TOKEN] * len(items), log_likelihoods={
+            i: total for i, (it, total) in enumerate(zip(items, sums, strict=True))
+            if it.seq.is_scoring})
         generating = [i for i, it in enumerate(items) if not it.seq.is_scoring]
         if generating:
             last = last_idx.index_select(0, torch.tensor(generating, device=self.device))
             sampled = self._sample([items[i] for i in generating],
                                    self._logits(hidden.index_select(0, last)))
-            for i, token in zip(generating, sampled, strict=True):
-                tokens[i] = token
-        return tokens
+            # the sampled rows' indices are into `generating`: back to the step's rows
+            for i, token in zip(generating, sampled.tokens, strict=True):
+                result.tokens[i] = token
+            result.logprobs = {generating[j]: row for j, row in sampled.logprobs.items()}
+        return result

@@ -27,9 +27,6 @@ KV_HEADROOM_FRACTION = 16
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
-    # scoring rows: the runner's sum of log p over the reference tokens this chunk predicts
-    log_likelihood: float = 0.0
-    logprobs: TokenLogprobs | None = None  # the sampled token's, when the request asked
 
 
 @dataclass
@@ -37,6 +34,18 @@ class Batch:
     items: list[ScheduledSeq]
     # requests that ended while scheduling (their adapter failed to load or went away): as is
     events: list[TokenEvent] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    """What one forward step gives the batch (ModelRunner.run). Row i is batch.items[i] in the
+    order run() left them in (it sorts them in place); dicts hold only the rows they apply to."""
+
+    tokens: list[int]  # one per row; meaningless for mid-prompt chunks and scoring rows
+    # the sampled token's, for the rows whose request asked
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    # scoring rows: the sum of log p over the reference tokens this chunk predicts
+    log_likelihoods: dict[int, float] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -249,16 +258,16 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: Batch, next_tokens: list[int]) -> list[TokenEvent]:
-        """Applies one step's sampled tokens; returns the events to stream."""
+    def postprocess(self, batch: Batch, result: StepResult) -> list[TokenEvent]:
+        """Applies one step's results (row i: batch.items[i]); returns the events to stream."""
         events = []
-        for item, token in zip(batch.items, next_tokens, strict=True):
+        for i, (item, token) in enumerate(zip(batch.items, result.tokens, strict=True)):
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += item.num_new_tokens
             if seq.is_scoring:
-                seq.log_likelihood += item.log_likelihood
+                seq.log_likelihood += result.log_likelihoods[i]
                 if seq.num_uncomputed_tokens == 0:  # scored in full: no token is sampled
                     self.running.remove(seq)
                     self._finish(seq, "scored")
@@ -281,9 +290,10 @@ class Scheduler:
                 self.running.remove(seq)
                 self._finish(seq, reason)
                 text += seq.detok.flush() if seq.detok else ""
+            logprobs = result.logprobs.get(i)
             events.append(TokenEvent(seq.request_id, [token], text, seq.num_prompt_tokens,
                                      seq.num_output_tokens, finish_reason=reason,
-                                     logprobs=[item.logprobs] if item.logprobs else []))
+                                     logprobs=[logprobs] if logprobs else []))
         return events
 
     def _finish_reason(self, seq: Sequence, token: int) -> str:

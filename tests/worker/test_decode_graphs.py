@@ -77,7 +77,7 @@ class Twin:
             for seq in seqs:
                 blocks.allocate(seq.block_table, len(seq.token_ids))
             batch = Batch([ScheduledSeq(seq, len(seq.token_ids)) for seq in seqs])
-            tokens = runner.run(batch)
+            tokens = runner.run(batch).tokens
             for it, token in zip(batch.items, tokens, strict=True):
                 it.seq.num_computed_tokens = len(it.seq.token_ids)
                 it.seq.token_ids.append(token)
@@ -145,7 +145,7 @@ def test_runner_replays_only_the_steps_graphs_cover(tiny_model_dir: Path) -> Non
         for it in items:
             blocks.allocate(it.seq.block_table, it.seq.num_computed_tokens + it.num_new_tokens)
         batch = Batch(items)
-        for it, token in zip(batch.items, runner.run(batch), strict=True):
+        for it, token in zip(batch.items, runner.run(batch).tokens, strict=True):
             it.seq.num_computed_tokens += it.num_new_tokens
             if it.seq.num_computed_tokens == len(it.seq.token_ids):
                 it.seq.token_ids.append(token)

@@ -10,8 +10,15 @@ import pytest
 
 from common.errors import Aborted, NotFound, ResourceExhausted
 from worker.kv_cache import BlockManager
-from worker.scheduler import Batch, Scheduler
-from worker.sequence import SamplingOptions, Sequence, SequenceStatus, TenantLimits, TokenEvent
+from worker.scheduler import Batch, Scheduler, StepResult
+from worker.sequence import (
+    SamplingOptions,
+    Sequence,
+    SequenceStatus,
+    TenantLimits,
+    TokenEvent,
+    TokenLogprobs,
+)
 from worker.tenant_queues import overflow_limit
 
 EOS = 2
@@ -55,6 +62,11 @@ def token_for(seq: Sequence) -> int:
     return 1000 + seq.request_id * 100 + seq.num_output_tokens
 
 
+def tokens_for(batch: Batch) -> StepResult:
+    """The runner's result for `batch`: token_for each row."""
+    return StepResult([token_for(item.seq) for item in batch.items])
+
+
 def expected_outputs(request_id: int, n: int) -> list[int]:
     return [1000 + request_id * 100 + i for i in range(n)]
 
@@ -72,7 +84,7 @@ def step(sched: Scheduler, tokens: list[int] | None = None) -> tuple[Batch, list
         f"no batch although waiting={ids(sched.waiting)} running={ids(sched.running)}")
     if tokens is None:
         tokens = [token_for(item.seq) for item in batch.items]
-    events = sched.postprocess(batch, tokens)
+    events = sched.postprocess(batch, StepResult(tokens))
     return batch, events
 
 
@@ -324,6 +336,18 @@ def test_one_row_finishing_leaves_the_others_running() -> None:
 # --- abort and queue limits --------------------------------------------------------------------
 
 
+def test_each_row_gets_the_logprobs_at_its_index_in_the_result() -> None:
+    sched = make_scheduler()
+    sched.add(make_seq(1, prompt_len=3))
+    sched.add(make_seq(2, prompt_len=5))
+    batch = sched.schedule()
+    assert batch is not None and rows(batch) == [(1, 3), (2, 5)]
+    result = tokens_for(batch)
+    result.logprobs[1] = TokenLogprobs(result.tokens[1], -0.5, [(result.tokens[1], -0.5)])
+    events = {e.request_id: e for e in sched.postprocess(batch, result)}
+    assert events[2].logprobs == [result.logprobs[1]] and events[1].logprobs == []
+
+
 def test_abort_waiting_sequence() -> None:
     sched = make_scheduler(max_batch_size=1)
     a = make_seq(1, prompt_len=3, max_tokens=10)
@@ -365,7 +389,7 @@ def test_abort_between_schedule_and_postprocess_emits_nothing() -> None:
     sched.add(b)
     batch = sched.schedule()
     assert sched.abort(1)
-    events = sched.postprocess(batch, [400, 401])
+    events = sched.postprocess(batch, StepResult([400, 401]))
     assert ids_of_events(events) == [2], events
     assert a.output_ids == [] and a.detok.seen == []
     assert_finished(a, "cancelled")
@@ -450,7 +474,7 @@ def test_preempted_sequence_recompute_is_chunked_without_events() -> None:
         if b.num_computed_tokens < computed_before:  # reset by preemption (maybe re-admitted)
             preempted_outputs.append(b.num_output_tokens)
         assert sum(n for _, n in rows(batch)) <= 3, rows(batch)
-        events = sched.postprocess(batch, [token_for(item.seq) for item in batch.items])
+        events = sched.postprocess(batch, tokens_for(batch))
         b_fed = any(item.seq is b for item in batch.items)
         if b_fed and b.num_output_tokens > 0 and 2 not in ids_of_events(events):
             silent_recompute_steps += 1
@@ -544,7 +568,7 @@ def _simulate(seed: int, num_seqs: int = 20, abort_rate: float = 0.0,
         assert_batch_ok(sched, batch, step_no)
         tokens = [EOS if eos_rate and rng.random() < eos_rate else token_for(item.seq)
                   for item in batch.items]
-        for ev in sched.postprocess(batch, tokens):
+        for ev in sched.postprocess(batch, StepResult(tokens)):
             events[ev.request_id].append(ev)
         assert_blocks_consistent(sched)
     else:
@@ -617,14 +641,14 @@ def score_step(sched: Scheduler, chunk_scores: dict[int, float]) -> tuple[Batch,
     unusable token (-1), as ModelRunner gives them."""
     batch = sched.schedule()
     assert batch is not None
-    tokens = []
-    for item in batch.items:
+    result = StepResult([])
+    for i, item in enumerate(batch.items):
         if item.seq.is_scoring:
-            item.log_likelihood = chunk_scores.get(item.seq.request_id, 0.0)
-            tokens.append(-1)
+            result.log_likelihoods[i] = chunk_scores.get(item.seq.request_id, 0.0)
+            result.tokens.append(-1)
         else:
-            tokens.append(token_for(item.seq))
-    return batch, sched.postprocess(batch, tokens)
+            result.tokens.append(token_for(item.seq))
+    return batch, sched.postprocess(batch, result)
 
 
 def test_scoring_sequence_finishes_after_its_last_chunk_with_the_summed_score() -> None:
@@ -898,7 +922,7 @@ def test_an_adapter_gone_at_acquire_ends_only_its_sequence() -> None:
     assert_finished(gone, "error")
     assert gone.slot == 0 and not sched.waiting
     assert_blocks_consistent(sched)
-    sched.postprocess(batch, [token_for(item.seq) for item in batch.items])
+    sched.postprocess(batch, tokens_for(batch))
     while sched.has_work():
         step(sched)
     assert adapters.refcount == Counter({1: 0}), "the adapter that loaded is released"
@@ -935,7 +959,7 @@ def test_whole_run_with_tenants_under_tight_kv(seed: int) -> None:
         last_newcomer_only = newcomer_only
         assert len(sched.running) <= overflow_limit(max_batch), ids(sched.running)
         assert sum(1 for s in sched.running if s.tenant == "a") <= 2, ids(sched.running)
-        for ev in sched.postprocess(batch, [token_for(item.seq) for item in batch.items]):
+        for ev in sched.postprocess(batch, tokens_for(batch)):
             streamed[ev.request_id] += ev.token_ids
         assert_blocks_consistent(sched)
     else:
