@@ -8,6 +8,9 @@ the speed, and on an edge box the same bytes are most of the process's memory. F
     w = q * scale + min, which is GGUF's Q4_1. Asymmetric because on SmolLM2-135M the symmetric
     form (Q4_0's) agreed with bf16's next token at 68% of positions, this one at 98%
     (bench/weights_accuracy.py); the output head and a tied embedding stay int8 (HEAD_FORMAT).
+    A weight that is already 4-bit symmetric, every group exactly scale * (q - 8) (what a GGUF
+    Q4_0 file holds), is kept in that form instead, head included: 4.5 bits a weight rather
+    than 5 (8 for the head), and the file's own weights, not a rounding of them.
 Small steps (<= SMALL_STEP_TOKENS rows, decode) are a stream of weights: our C++ kernels
 (kernels/csrc/q4_matmul.cpp: activations quantized per group of 32 to int8, integer dot products
 with AVX-512 VNNI where present, a portable loop otherwise) read 1 or ~0.6 byte per weight; int8
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -48,8 +52,18 @@ COMPUTE_DTYPE = torch.bfloat16
 QUANTIZE_ROWS = 4096     # rows quantized at once
 QUANTIZED = ("int8", "int4")
 # The output head (and a tied embedding) of an int4 model in int8, as llama.cpp keeps its 4-bit
-# models' output in 6-8 bits: the logits are where rounding reaches the sampled token directly.
+# models' output in 6-8 bits: the logits are where rounding reaches the sampled token directly
+# (unless the file's head is 4-bit already: quantized_table).
 HEAD_FORMAT = {"int8": "int8", "int4": "int8"}
+_NO_MINS = torch.empty(0, dtype=torch.float16)
+
+
+class StoredRows(Protocol):
+    """A weight read by row blocks (worker.loader.StoredTensor: a vocabulary table in a file)."""
+
+    shape: torch.Size
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
 
 
 class QuantizedLinear(nn.Module):
@@ -127,33 +141,53 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """Our int4 layout (csrc/q4_matmul.cpp): packed [out, in / 2] uint8, each run of 64 weights
     of a row in 32 bytes, weight i in byte i's low nibble and weight i + 32 in its high one;
-    scales and mins [out, in / GROUP_SIZE] fp16; w = q * scale + min."""
+    scales and mins [out, in / GROUP_SIZE] fp16; w = q * scale + min. `mins` is None in the
+    symmetric form (min = -8 * scale), kept for a weight that is exactly in it (is_q4_0).
+
+    weight: a tensor, or a StoredTensor (a vocabulary table, read and quantized by row blocks)."""
 
     small_step_rows = SMALL_STEP_TOKENS["int4"]
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor | StoredRows, bias: torch.Tensor | None = None,
+                 symmetric: bool | None = None) -> None:
         out_features, in_features = weight.shape
         super().__init__(out_features, in_features, bias)
-        q, scales, mins = quantize_int4(weight)
-        runs = q.view(out_features, -1, 2, INT4_RUN // 2).to(torch.uint8)
-        packed = runs[:, :, 0] | (runs[:, :, 1] << 4)  # [out, in / 64, 32]
-        self.register_buffer("packed", packed.reshape(out_features, -1), persistent=False)
-        self.register_buffer("scales", scales.half(), persistent=False)
-        self.register_buffer("mins", mins.half(), persistent=False)
+        symmetric = is_q4_0(weight) if symmetric is None else symmetric
+        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+        scales = torch.empty(out_features, in_features // GROUP_SIZE, dtype=torch.float16)
+        mins = None if symmetric else torch.empty_like(scales)
+        for start in range(0, out_features, QUANTIZE_ROWS):  # bounded temporaries (a vocab head)
+            end = min(start + QUANTIZE_ROWS, out_features)
+            w = weight[start:end]
+            if symmetric:
+                q, s = quantize_q4_0(w)
+            else:
+                q, s, m = quantize_int4(w)
+                mins[start:end] = m
+            scales[start:end] = s
+            runs = q.view(end - start, -1, 2, INT4_RUN // 2).to(torch.uint8)
+            packed[start:end] = (runs[:, :, 0] | (runs[:, :, 1] << 4)).view(end - start, -1)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("mins", mins, persistent=False)
 
     def small_step(self, x: torch.Tensor) -> torch.Tensor:
         kernels = cpu_kernels.load()
         if kernels is None:  # torch's ops: correct, slow
             return x @ self.rows(0, self.out_features).T
-        return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self.mins)
+        return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self._mins())
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         kernels = cpu_kernels.load()
         if kernels is None:
             return self._dequantize(self.packed[start:end], slice(start, end))
         out = torch.empty(end - start, self.in_features, dtype=COMPUTE_DTYPE)
-        kernels.dequantize_q4_(out, self.packed, self.scales, self.mins, start)
+        kernels.dequantize_q4_(out, self.packed, self.scales, self._mins(), start)
         return out
+
+    def _mins(self) -> torch.Tensor:
+        """The kernels' mins argument: empty for the symmetric form."""
+        return _NO_MINS if self.mins is None else self.mins
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         return self._dequantize(self.packed.index_select(0, ids), ids)
@@ -162,8 +196,9 @@ class Int4Linear(QuantizedLinear):
         """q * scale + min in float32, rounded once to bf16 (as the C++ kernel)."""
         runs = packed.view(len(packed), -1, INT4_RUN // 2)
         q = torch.stack([runs & 0xF, runs >> 4], dim=2).view(len(packed), -1, GROUP_SIZE)
-        w = torch.addcmul(self.mins[rows].float()[:, :, None], q.float(),
-                          self.scales[rows].float()[:, :, None])
+        scales = self.scales[rows].float()
+        mins = -8 * scales if self.mins is None else self.mins[rows].float()
+        w = torch.addcmul(mins[:, :, None], q.float(), scales[:, :, None])
         return w.view(len(packed), self.in_features).to(COMPUTE_DTYPE)
 
 
@@ -206,6 +241,36 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
             low.view(out_features, -1))
 
 
+@torch.no_grad()
+def quantize_q4_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] -> (q int32 [out, in] in 0..15, scales [out, in / GROUP_SIZE] float32) in
+    GGUF's Q4_0 form, as llama.cpp quantizes it: each group's largest-magnitude weight (the first,
+    with its sign) is q = 0, w = scale * (q - 8)."""
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, -1, GROUP_SIZE)
+    extreme = w.gather(2, w.abs().argmax(dim=2, keepdim=True))
+    scales = extreme / -8
+    inverse = torch.where(scales == 0, 0.0, 1 / scales)
+    q = (w * inverse + 8).round_().clamp_(0, 15).to(torch.int32)
+    return q.view(out_features, in_features), scales.view(out_features, -1)
+
+
+@torch.no_grad()
+def is_q4_0(weight: torch.Tensor | StoredRows) -> bool:
+    """Whether every group of `weight` is exactly fp16 scale * (q - 8): the weights a GGUF Q4_0
+    file dequantizes to, which Int4Linear then keeps as they are."""
+    if weight.shape[1] % INT4_RUN:
+        return False
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        w = weight[start:start + QUANTIZE_ROWS].float()
+        q, scales = quantize_q4_0(w)
+        scales = scales.half().float()
+        rebuilt = (q.view(len(w), -1, GROUP_SIZE) - 8) * scales[:, :, None]
+        if not torch.equal(rebuilt.view_as(w), w):
+            return False
+    return True
+
+
 def quantized_linear(fmt: str, weight: torch.Tensor,
                      bias: torch.Tensor | None = None) -> QuantizedLinear:
     """`weight` [out, in] held in `fmt`; int4 falls back to int8 where its runs of 64 do not fit
@@ -217,6 +282,14 @@ def quantized_linear(fmt: str, weight: torch.Tensor,
         return Int8Linear(weight, bias)
     raise ValueError(f"--weights {fmt}: a weight of {in_features} in-features fits no kernel "
                      f"(they need multiples of {INT8_IN_MULTIPLE}); use --weights bf16")
+
+
+def quantized_table(fmt: str, weight: torch.Tensor | StoredRows) -> QuantizedLinear:
+    """The output head or embedding in HEAD_FORMAT[fmt], or in int4 where it is 4-bit already
+    (a Q4_0 file's): re-quantizing those to int8 would spend 8 bits on 4 bits' worth."""
+    if fmt == "int4" and is_q4_0(weight):
+        return Int4Linear(weight, symmetric=True)
+    return quantized_linear(HEAD_FORMAT[fmt], weight)
 
 
 def quantize_model(model: LlamaModel, fmt: str,
@@ -242,9 +315,8 @@ def quantize_model(model: LlamaModel, fmt: str,
             setattr(parent, name, quantized_linear(fmt, take(f"{prefix}.weight"),
                                                    take(f"{prefix}.bias")))
     tied = model.lm_head is None
-    head = quantized_linear(HEAD_FORMAT[fmt],
-                            take("embed_tokens.weight" if tied else "lm_head.weight"))
-    embedding = head if tied else quantized_linear(HEAD_FORMAT[fmt], take("embed_tokens.weight"))
+    head = quantized_table(fmt, take("embed_tokens.weight" if tied else "lm_head.weight"))
+    embedding = head if tied else quantized_table(fmt, take("embed_tokens.weight"))
     model.embed_tokens = QuantizedEmbedding(embedding)
     model.lm_head = head
 

@@ -99,3 +99,26 @@ def test_imported_weights_are_float32(tmp_path: Path, tiny_model_dir: Path) -> N
                                   tmp_path / "cache")
     assert {t.dtype for t in load_file(imported / "model.safetensors").values()} == \
         {torch.float32}
+
+
+def test_a_q4_0_file_is_held_in_its_own_4_bit_blocks(tmp_path: Path,
+                                                     tiny_model_dir: Path) -> None:
+    """--weights int4 on a Q4_0 file keeps its weights as they are (not re-quantized to Q4_1 or
+    int8): every projection and the tied head 4.5 bits a weight, equal to the file's values."""
+    import gguf as gguf_package
+    import torch
+
+    from worker.loader import load_model
+    from worker.quantized_weights import Int4Linear
+
+    path = write_gguf(tiny_model_dir, tmp_path / "Tiny-Q4_0.gguf", "Q4_0")
+    model = load_model(resolve_model_path(str(path), tmp_path / "cache"), torch.device("cpu"),
+                       torch.bfloat16, weights="int4")
+    linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert model.lm_head in linears and model.embed_tokens.table is model.lm_head
+    assert len(linears) == 4 * len(model.layers) + 1
+    assert all(m.mins is None for m in linears)
+    table = next(t for t in gguf_package.GGUFReader(path).tensors if t.name == "token_embd.weight")
+    want = gguf_package.quants.dequantize(table.data, table.tensor_type)
+    assert torch.equal(model.lm_head.rows(0, model.lm_head.out_features),
+                       torch.from_numpy(want).to(torch.bfloat16))

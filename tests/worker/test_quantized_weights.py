@@ -113,6 +113,57 @@ def test_int4_groups_span_their_range_and_requantize_to_themselves() -> None:
     assert torch.allclose(scales2, scales) and torch.allclose(mins2, mins)
 
 
+def q4_0_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Weights as a GGUF Q4_0 file dequantizes them: fp16 scale * (q - 8) in each group."""
+    q, scales = qw.quantize_q4_0(torch.randn(rows, cols, generator=torch.Generator().manual_seed(
+        seed)))
+    return ((q.view(rows, -1, GROUP_SIZE) - 8) * scales.half().float()[:, :, None]).view(rows, cols)
+
+
+def test_weights_already_in_q4_0_form_are_kept_as_they_are(cpu_kernels) -> None:
+    """A Q4_0 file's weights: 4.5 bits a weight, dequantized back bit for bit, on the C++ and
+    torch paths, and every step size the matmul of exactly those weights."""
+    weight = q4_0_weights(192, 256, seed=8)
+    weight[5, :GROUP_SIZE] = 0.0  # an all-zero group: scale 0
+    assert qw.is_q4_0(weight)
+    layer = Int4Linear(weight)
+    assert layer.mins is None
+    assert layer.nbytes == 192 * 256 * 4.5 / 8
+    assert torch.equal(layer.rows(0, 192), weight.to(BF16))
+    assert torch.equal(layer.gather(torch.tensor([5, 0, 191])), weight[[5, 0, 191]].to(BF16))
+    g = torch.Generator().manual_seed(9)
+    for rows in STEP_SIZES:
+        x = torch.randn(rows, 256, generator=g).to(BF16)
+        assert relative_error(layer(x), x.float() @ weight.T) < 0.01, rows
+
+
+def test_symmetric_int4_on_torchs_paths(monkeypatch) -> None:
+    layer = Int4Linear(q4_0_weights(64, 128, seed=10))
+    kernel_rows = layer.rows(0, 64)
+    monkeypatch.setattr("worker.kernels.cpu.load", lambda: None)
+    assert torch.equal(layer.rows(0, 64), kernel_rows)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(11)).to(BF16)
+    assert relative_error(layer(x), x.float() @ kernel_rows.float().T) < 0.01
+
+
+def test_other_weights_are_not_taken_for_q4_0() -> None:
+    """Any float weights, Q4_1-form ones, and Q4_0 weights one ulp off stay asymmetric (5 bits,
+    more accurate for them); a head in 4 bits only where the file had it so."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(12))
+    assert not qw.is_q4_0(w) and Int4Linear(w).mins is not None
+    q, scales, mins = quantize_int4(w)
+    q4_1 = (q.float().view(64, -1, GROUP_SIZE) * scales[:, :, None] + mins[:, :, None])
+    assert not qw.is_q4_0(q4_1.view(64, 128))
+    near = q4_0_weights(64, 128, seed=13)
+    near[7, 3] = torch.nextafter(near[7, 3], torch.tensor(1.0))
+    assert not qw.is_q4_0(near)
+    assert not qw.is_q4_0(q4_0_weights(64, 96, seed=14))  # in-features not runs of 64
+    assert isinstance(qw.quantized_table("int4", w), Int8Linear)
+    assert isinstance(qw.quantized_table("int8", q4_0_weights(64, 128, seed=15)), Int8Linear)
+    head = qw.quantized_table("int4", q4_0_weights(64, 128, seed=15))
+    assert isinstance(head, Int4Linear) and head.mins is None
+
+
 def test_a_weight_no_kernel_takes_is_a_clear_error() -> None:
     assert isinstance(qw.quantized_linear("int4", torch.randn(64, 96)), Int8Linear)  # 96 % 64
     with pytest.raises(ValueError, match="multiples of 16"):
