@@ -35,6 +35,8 @@ SHAPES: dict[str, tuple[str, int, int, int, int, int, int, float, int]] = {
     "tiny": ("llama", 64, 128, 2, 4, 2, 49280, 10000.0, 2048),  # the tests' size
 }
 TYPES = ("F16", "Q8_0", "Q4_0")
+# how we hold each GGUF type's weights when a benchmark compares us with llama.cpp on it
+WEIGHTS = {"Q4_0": "int4", "Q8_0": "int8", "F16": "bf16"}
 STD = 0.02  # of every matrix: a trained model's scale
 
 
@@ -90,6 +92,18 @@ def write_checkpoint(shape: str, target: Path, tokenizer_dir: Path, seed: int) -
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, target / name)
     return target
+
+
+def model_files(shape: str, quant: str) -> tuple[Path, Path]:
+    """(the `quant` GGUF file, the HF checkpoint) of `shape` under the default --out, written
+    first where missing (the benchmarks' models: bench/single_stream.py, bench/serve_bench.py)."""
+    from worker.config import WorkerConfig
+
+    out = WorkerConfig().cache_path / "bench" / "models" / shape
+    gguf = out / f"{shape}-{quant}.gguf"
+    if not gguf.exists() or not (out / "hf" / "config.json").exists():
+        main(["--shape", shape, "--types", quant, "--ranks", ""])
+    return gguf, out / "hf"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:

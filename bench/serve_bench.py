@@ -19,6 +19,11 @@ against gRPC), and writes results.json + serve_bench.png to --out.
         --scenarios mixed --rounds 2
     .venv/bin/python bench/serve_bench.py --targets edgelora,edgelora-invariant --scenarios mixed
         # what --batch-invariant costs: edgelora-invariant / edgelora tok/s (target >= 0.8x)
+    .venv/bin/python bench/serve_bench.py --shape llama-3.2-1b --quant Q4_0 --num-requests 48
+        # a 1B-class model (bench/make_model.py's random weights): llama-server on the Q4_0 file,
+        # ours on the same file with --weights int4, adapters in that shape
+
+Without --shape both serve the embedded default (ours: its checkpoint; llama.cpp: its Q4_1 GGUF).
 """
 
 from __future__ import annotations
@@ -208,7 +213,7 @@ def _launch(target: str, args: argparse.Namespace, base_dir: Path
     adapters = adapter_set(base_dir, args.num_adapters, args.demo_adapters, seed=args.seed)
     loras = convert_adapters([a.path for a in adapters], base_dir, args.lora_outtype)
     server = LlamaServer(LlamaServerConfig(
-        default_gguf(), tuple(loras), parallel=args.max_batch, threads=args.threads,
+        args.gguf or default_gguf(), tuple(loras), parallel=args.max_batch, threads=args.threads,
         ctx_per_slot=args.ctx_per_slot, extra_args=tuple(args.llamacpp_arg)),
         args.out / "llamacpp.log").start()
     return server, {target: server.url}, [str(i) for i in range(len(loras))]
@@ -246,6 +251,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--duration-s)")
     w.add_argument("--duration-s", type=float, default=None, help="arrivals within this window")
     w.add_argument("--seed", type=int, default=0, help="workload, prompts and random adapters")
+    m = p.add_argument_group("model (default: the embedded SmolLM2-135M)")
+    m.add_argument("--shape", default="", help="bench/make_model.py's random weights in this "
+                   "shape (e.g. llama-3.2-1b), written first if missing")
+    m.add_argument("--quant", default="Q4_0", help="--shape's GGUF type for llama-server; ours "
+                   "serves the same file with the matching --weights (Q4_0: int4, Q8_0: int8, "
+                   "F16: bf16)")
     s = p.add_argument_group("servers")
     s.add_argument("--threads", type=int, default=2, help="ours --num-threads, llama.cpp -t")
     s.add_argument("--max-batch", type=int, default=WorkerConfig().max_batch_size,
@@ -282,7 +293,16 @@ def main(argv: list[str] | None = None) -> Results:
     from worker.gguf_import import resolve_model_path
     from worker.tokenizer import Tokenizer
 
+    args.gguf = None  # llama-server's model: the default's GGUF unless --shape
     base_dir = resolve_model_path("default", WorkerConfig().cache_path)
+    if args.shape:
+        from bench.make_model import WEIGHTS, model_files
+
+        if args.quant not in WEIGHTS:
+            raise SystemExit(f"--quant {args.quant}: one of {sorted(WEIGHTS)}")
+        args.gguf, base_dir = model_files(args.shape, args.quant)  # adapters in its shapes
+        args.ours_arg = ["--model", str(args.gguf), "--weights", WEIGHTS[args.quant],
+                         *args.ours_arg]
     requests = generate_workload(args.num_requests, args.num_adapters, args.alpha, args.rule,
                                  args.rate, args.cv, (args.input_min, args.input_max),
                                  (args.output_min, args.output_max), args.seed,
@@ -292,6 +312,7 @@ def main(argv: list[str] | None = None) -> Results:
                for r in requests]
     per_scenario = {s: scenario_requests(requests, s) for s in args.scenarios}
     idle_load = os.getloadavg()[0]  # before our servers start: other processes' share
+    print(f"model: {args.gguf or 'the embedded default'}", flush=True)
     print(f"workload: {len(requests)} requests over {args.num_adapters} adapters "
           f"({len({r.adapter for r in requests})} used, {args.rule} alpha={args.alpha}), Gamma "
           f"rate {args.rate}/s cv {args.cv}, last arrival {requests[-1].arrival_s:.1f} s, input "

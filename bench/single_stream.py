@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WEIGHTS = {"Q4_0": "int4", "Q8_0": "int8", "F16": "bf16"}
+from bench.make_model import WEIGHTS  # noqa: E402
+
 CONTEXT_PROMPT = 8     # tokens before a tg run (llama-bench's tg starts from an empty context)
 STREAM_PROMPT = 32     # tokens of each concurrent stream's prompt
 TARGET = 1.0
@@ -173,16 +174,9 @@ def llama_server_streams(args: argparse.Namespace, gguf: Path, b: int) -> tuple[
 
 # -- the run ----------------------------------------------------------------------------------
 def model_file(args: argparse.Namespace, quant: str) -> Path:
-    if args.model:
-        return Path(args.model)
-    from bench.make_model import main as make_model
-    from worker.config import WorkerConfig
+    from bench.make_model import model_files
 
-    path = WorkerConfig().cache_path / "bench" / "models" / args.shape / \
-        f"{args.shape}-{quant}.gguf"
-    if not path.exists():
-        make_model(["--shape", args.shape, "--types", quant, "--ranks", ""])
-    return path
+    return Path(args.model) if args.model else model_files(args.shape, quant)[0]
 
 
 def verdict(ratio: float) -> str:

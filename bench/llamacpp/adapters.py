@@ -39,10 +39,12 @@ def demo_adapters() -> list[BenchAdapter]:
 
 def random_adapters(base_dir: Path, count: int, rank: int = 8, seed: int = 0,
                     root: Path | None = None) -> list[BenchAdapter]:
-    """count seeded random PEFT adapters for the checkpoint in base_dir (written once)."""
+    """count seeded random PEFT adapters for the checkpoint in base_dir (written once, in a
+    folder named after the checkpoint: another model's shapes get their own)."""
     from bench.random_weights import write_random_adapter
 
-    root = Path(root) if root else bench_cache() / "adapters" / f"r{rank}-seed{seed}"
+    root = Path(root) if root else bench_cache() / "adapters" / base_dir.name / \
+        f"r{rank}-seed{seed}"
     found = []
     for i in range(count):
         name = f"adapter-{i:02d}"
