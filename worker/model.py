@@ -124,14 +124,19 @@ class ForwardBatch:
 
 
 class RMSNorm(nn.Module):
+    # (x [rows, dim], weight, eps) -> the same as forward's torch ops, in one call
+    # (worker.kernels.norm_kernel; set by LlamaModel.use_norm_kernel)
+    kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
+            return self.kernel(x.contiguous(), self.weight, self.eps)
         # Normalise in fp32 like the reference, then cast back: bf16 variance drifts.
-        # F.rms_norm is one fused op; the spelled-out version is four.
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -275,6 +280,13 @@ class LlamaModel(nn.Module):
         if self.lm_head is None:  # tied to the embedding
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()  # an nn.Linear, or a quantized one
+
+    def use_norm_kernel(self, kernel: Callable[[torch.Tensor, torch.Tensor, float],
+                                               torch.Tensor] | None) -> None:
+        """Every RMSNorm of the model through `kernel` (None: torch's ops)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = kernel
 
     @property
     def dtype(self) -> torch.dtype:

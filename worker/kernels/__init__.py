@@ -5,12 +5,13 @@
 - paged_attention: the decode attention kernels' signature and torch reference;
 - paged_attention_triton, lora_triton: the CUDA kernels (Triton), each checked on its GPU;
 - self_check: the start-up comparison of a kernel with its reference;
-- device_kernels (here): which of them a device gets.
+- device_kernels, norm_kernel (here): which of them a device gets.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,3 +43,15 @@ def device_kernels(device: torch.device,
         return None, None
     return (paged_attention_triton.checked_kernel(device, dtype),
             lora_triton.checked_kernel(device, dtype))
+
+
+def norm_kernel(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, float],
+                                                   torch.Tensor] | None:
+    """RMSNorm in one op (worker.model.RMSNorm.kernel): the C++ one on CPU; None elsewhere (on
+    CUDA torch's ops run on the GPU, where their dispatch overlaps the device's work)."""
+    if device.type != "cpu":
+        return None
+    from worker.kernels import cpu
+
+    kernels = cpu.load()
+    return kernels.rms_norm if kernels is not None else None

@@ -8,6 +8,8 @@
 - dequantize_int8_ (csrc/dequantize.cpp), q4_matmul and dequantize_q4_ (csrc/q4_matmul.cpp):
   int4 weights' small-step matmul, and a block of a quantized weight's rows to bf16 in one pass
   for large steps (worker.quantized_weights).
+- rms_norm (csrc/rms_norm.cpp): worker.model.RMSNorm's casts and arithmetic in one pass per row
+  (torch's CPU rms_norm and the casts around it are ~8 dispatched ops).
 
 Built with the machine's C++ compiler on first use (~30 s; torch caches the build under
 $TORCH_EXTENSIONS_DIR, and `make setup` does it ahead of time). Without a compiler, or with
@@ -32,7 +34,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp", "dequantize.cpp",
-           "q4_matmul.cpp")
+           "q4_matmul.cpp", "rms_norm.cpp")
 STALE_LOCK_S = 600  # a build takes ~30-60 s: a lock this old was left by a killed one
 NAME = "edgelora_cpu_kernels_" + hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
 

@@ -14,6 +14,7 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 void dequantize_q4_(torch::Tensor out, torch::Tensor packed, torch::Tensor scales,
                     torch::Tensor mins, int64_t start);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_matmul", &q4_matmul, "x @ int4 weights, small steps (q4_matmul.cpp)");
   m.def("q8_matmul", &q8_matmul, "x @ int8 weights, small steps (q4_matmul.cpp)");
   m.def("dequantize_q4_", &dequantize_q4_, "int4 weight rows to bf16 (q4_matmul.cpp)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, one pass (rms_norm.cpp)");
 }
