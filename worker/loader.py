@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from worker.model import LlamaModel, ModelConfig, rope_inv_freq
-from worker.quantized_weights import COMPUTE_DTYPE, QUANTIZED, quantize_model, weight_bytes
+from worker.quantized_weights import QUANTIZED, quantize_model, require_cpu_bf16, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype,
         raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     if weights in QUANTIZED:
-        if device.type != "cpu" or dtype != COMPUTE_DTYPE:
-            raise ValueError(f"--weights {weights} is for CPU workers computing in bfloat16")
+        require_cpu_bf16(weights, device, dtype)
 
         def take(name: str) -> torch.Tensor | StoredTensor | None:
             read = sources.pop(name, None)

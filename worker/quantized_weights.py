@@ -292,6 +292,13 @@ def quantized_table(fmt: str, weight: torch.Tensor | StoredRows) -> QuantizedLin
     return quantized_linear(HEAD_FORMAT[fmt], weight)
 
 
+def require_cpu_bf16(fmt: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Quantized weights run on the CPU kernels, with activations in COMPUTE_DTYPE."""
+    if device.type != "cpu" or dtype != COMPUTE_DTYPE:
+        raise ValueError(f"--weights {fmt} is for CPU workers computing in bfloat16 (this one: "
+                         f"{device.type}, {str(dtype).removeprefix('torch.')})")
+
+
 def quantize_model(model: LlamaModel, fmt: str,
                    take: Callable[[str], torch.Tensor | None] | None = None) -> None:
     """Replaces the projections, the output head and the embedding of `model` by their `fmt`
@@ -302,9 +309,8 @@ def quantize_model(model: LlamaModel, fmt: str,
     of the model in between); default: the model's own, which must be on the CPU in bf16."""
     if fmt not in QUANTIZED:
         raise ValueError(f"unknown quantized format {fmt!r}")
-    if take is None and (model.device.type != "cpu" or model.dtype != COMPUTE_DTYPE):
-        raise ValueError(f"--weights {fmt} is for CPU workers computing in bfloat16 (this one: "
-                         f"{model.device.type}, {str(model.dtype).removeprefix('torch.')})")
+    if take is None:
+        require_cpu_bf16(fmt, model.device, model.dtype)
     take = take or dict(model.named_parameters()).get
     for i, layer in enumerate(model.layers):
         for kind, parent, name in (("self_attn", layer.self_attn, "qkv_proj"),
