@@ -164,6 +164,16 @@ def test_other_weights_are_not_taken_for_q4_0() -> None:
     assert isinstance(head, Int4Linear) and head.mins is None
 
 
+def test_quantized_weights_refuse_a_float32_model(tiny_model_dir: Path) -> None:
+    """The loader (for callers other than the worker's flags) and an already loaded model."""
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"CPU workers computing in bfloat16 \(this one: cpu, "
+                                         r"float32\)"):
+        load_model(tiny_model_dir, cpu, torch.float32, weights="int8")
+    with pytest.raises(ValueError, match=r"this one: cpu, float32"):
+        quantize_model(load_model(tiny_model_dir, cpu, torch.float32), "int4")
+
+
 def test_a_weight_no_kernel_takes_is_a_clear_error() -> None:
     assert isinstance(qw.quantized_linear("int4", torch.randn(64, 96)), Int8Linear)  # 96 % 64
     with pytest.raises(ValueError, match="multiples of 16"):
