@@ -42,10 +42,11 @@ def prompts() -> list[tuple[list[int], str]]:
 
 
 def make_engine(model_dir: Path, adapters: dict[str, Path], kernels: bool,
-                monkeypatch: pytest.MonkeyPatch, weights: str = "auto", **limits) -> Engine:
+                monkeypatch: pytest.MonkeyPatch, weights: str = "auto",
+                dtype: torch.dtype = torch.bfloat16, **limits) -> Engine:
     if not kernels:  # as with EDGELORA_CPU_KERNELS=0
         monkeypatch.setattr("worker.server.device_kernels", lambda device, dtype: (None, None))
-    model = load_model(model_dir, torch.device("cpu"), torch.bfloat16, weights)
+    model = load_model(model_dir, torch.device("cpu"), dtype, weights)
     config = WorkerConfig(device="cpu", kv_cache_mb=8, max_lora_rank=16, device_adapter_slots=4,
                           batch_invariant=True, **limits)
     engine, _ = assemble_engine(config, model, lambda stop: None, (), lambda event: None)
@@ -104,18 +105,21 @@ def scenarios(target: int, prompts: list[tuple[list[int], str]]) -> dict[str, tu
     }
 
 
-@pytest.mark.parametrize(("kernels", "weights"), [(True, "auto"), (False, "auto"),
-                                                  (True, "int8"), (True, "int4")],
-                         ids=["cpp-kernels", "torch-paths", "int8-weights", "int4-weights"])
+@pytest.mark.parametrize(("kernels", "weights", "dtype"), [
+    (True, "auto", torch.bfloat16), (False, "auto", torch.bfloat16),
+    (True, "int8", torch.bfloat16), (True, "int4", torch.bfloat16),
+    (True, "auto", torch.float32)],
+    ids=["cpp-kernels", "torch-paths", "int8-weights", "int4-weights", "float32"])
 def test_greedy_requests_give_the_same_bits_alone_batched_and_chunked(
-        kernels: bool, weights: str, tiny_model_dir: Path, adapters: dict[str, Path], prompts,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        kernels: bool, weights: str, dtype: torch.dtype, tiny_model_dir: Path,
+        adapters: dict[str, Path], prompts, monkeypatch: pytest.MonkeyPatch) -> None:
     """int8/int4: quantized projections switch kernels by step size (worker.quantized_weights),
-    which the tiling's calibration must see and cover."""
-    whole = make_engine(tiny_model_dir, adapters, kernels, monkeypatch, weights,
+    which the tiling's calibration must see and cover. float32: where this CPU's BLAS needs
+    heights that are multiples of a tile (RowTiling.one_call), the padded calls."""
+    whole = make_engine(tiny_model_dir, adapters, kernels, monkeypatch, weights, dtype,
                         max_batch_size=8, max_num_batched_tokens=512)
     # 7-token budget: prompts are prefilled in chunks, beside other rows' decodes
-    chunked = make_engine(tiny_model_dir, adapters, kernels, monkeypatch, weights,
+    chunked = make_engine(tiny_model_dir, adapters, kernels, monkeypatch, weights, dtype,
                           max_batch_size=4, max_num_batched_tokens=7)
     assert whole.runner.invariance.tiling == chunked.runner.invariance.tiling
     for target in (0, 3, 5):  # 23 tokens on the base, 70 on a16, 2 on a4

@@ -57,9 +57,24 @@ def test_calibrate_takes_the_smallest_height_above_which_rows_agree() -> None:
     assert calibrate([Probe(gemv_differs, 4, 64)], CPU, torch.float32) == RowTiling(2)
 
 
+def test_calibrate_pads_to_a_multiple_of_the_tile_where_those_heights_agree() -> None:
+    calls = []
+
+    def blocked(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x * (1.0 if x.shape[0] % STRICT_TILE_ROWS == 0 else 1.5)
+
+    tiling = calibrate([Probe(blocked, 4, 100)], CPU, torch.float32)
+    assert tiling == RowTiling(STRICT_TILE_ROWS, STRICT_TILE_ROWS, one_call=True)
+    calls.clear()
+    x = torch.arange(40.0)[:, None]
+    assert torch.equal(tiling.apply(blocked, x), x)
+    assert calls == [48]  # one call, padded to 3 tiles
+
+
 def test_calibrate_falls_back_to_fixed_tiles_where_every_height_differs() -> None:
     def blocked(x: torch.Tensor) -> torch.Tensor:
-        return x * (1.0 if x.shape[0] % STRICT_TILE_ROWS == 0 else 1.5)
+        return x * (1.0 if x.shape[0] == STRICT_TILE_ROWS else 1.5)
 
     tiling = calibrate([Probe(blocked, 4, 100)], CPU, torch.float32)
     assert tiling == RowTiling(STRICT_TILE_ROWS, STRICT_TILE_ROWS)
