@@ -142,7 +142,7 @@ class Int4Linear(QuantizedLinear):
     """Our int4 layout (csrc/q4_matmul.cpp): packed [out, in / 2] uint8, each run of 64 weights
     of a row in 32 bytes, weight i in byte i's low nibble and weight i + 32 in its high one;
     scales and mins [out, in / GROUP_SIZE] fp16; w = q * scale + min. `mins` is None in the
-    symmetric form (min = -8 * scale), kept for a weight that is exactly in it (is_q4_0).
+    symmetric form (min = -8 * scale), kept for a weight that is exactly in it (pack_q4_0).
 
     weight: a tensor, or a StoredTensor (a vocabulary table, read and quantized by row blocks)."""
 
@@ -150,23 +150,14 @@ class Int4Linear(QuantizedLinear):
 
     def __init__(self, weight: torch.Tensor | StoredRows, bias: torch.Tensor | None = None,
                  symmetric: bool | None = None) -> None:
+        """symmetric: None = the Q4_0 form where it holds `weight` exactly, else Q4_1's; True =
+        the Q4_0 form or NotQ4_0; False = Q4_1's."""
         out_features, in_features = weight.shape
         super().__init__(out_features, in_features, bias)
-        symmetric = is_q4_0(weight) if symmetric is None else symmetric
-        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
-        scales = torch.empty(out_features, in_features // GROUP_SIZE, dtype=torch.float16)
-        mins = None if symmetric else torch.empty_like(scales)
-        for start in range(0, out_features, QUANTIZE_ROWS):  # bounded temporaries (a vocab head)
-            end = min(start + QUANTIZE_ROWS, out_features)
-            w = weight[start:end]
-            if symmetric:
-                q, s = quantize_q4_0(w)
-            else:
-                q, s, m = quantize_int4(w)
-                mins[start:end] = m
-            scales[start:end] = s
-            runs = q.view(end - start, -1, 2, INT4_RUN // 2).to(torch.uint8)
-            packed[start:end] = (runs[:, :, 0] | (runs[:, :, 1] << 4)).view(end - start, -1)
+        held = None if symmetric is False else pack_q4_0(weight)
+        if held is None and symmetric:
+            raise NotQ4_0("the weight is not exactly in Q4_0 form")
+        packed, scales, mins = (*held, None) if held is not None else pack_q4_1(weight)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("mins", mins, persistent=False)
@@ -255,20 +246,66 @@ def quantize_q4_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(out_features, in_features), scales.view(out_features, -1)
 
 
+class NotQ4_0(ValueError):
+    """Int4Linear(symmetric=True) of a weight the Q4_0 form does not hold exactly."""
+
+
+def _exact_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows w [n, in] -> (q, fp16 scales) in Q4_0 form when every group is exactly fp16 scale *
+    (q - 8) (the weights a GGUF Q4_0 file dequantizes to), else None."""
+    q, scales = quantize_q4_0(w)
+    scales = scales.half()
+    rebuilt = (q.view(len(w), -1, GROUP_SIZE) - 8) * scales.float()[:, :, None]
+    return (q, scales) if torch.equal(rebuilt.view_as(w), w.float()) else None
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    """q [n, in] in 0..15 -> our layout [n, in / 2] uint8 (Int4Linear)."""
+    runs = q.view(len(q), -1, 2, INT4_RUN // 2).to(torch.uint8)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).view(len(q), -1)
+
+
+@torch.no_grad()
+def pack_q4_0(weight: torch.Tensor | StoredRows) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed, fp16 scales) of `weight` in the Q4_0 form, by row blocks (bounded temporaries: a
+    vocabulary table), or None at the first block that form does not hold exactly."""
+    out_features, in_features = weight.shape
+    if in_features % INT4_RUN:
+        return None
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    scales = torch.empty(out_features, in_features // GROUP_SIZE, dtype=torch.float16)
+    for start in range(0, out_features, QUANTIZE_ROWS):
+        exact = _exact_q4_0(weight[start:start + QUANTIZE_ROWS])
+        if exact is None:
+            return None
+        packed[start:start + QUANTIZE_ROWS] = _pack(exact[0])
+        scales[start:start + QUANTIZE_ROWS] = exact[1]
+    return packed, scales
+
+
+@torch.no_grad()
+def pack_q4_1(weight: torch.Tensor | StoredRows) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    """(packed, fp16 scales, fp16 mins) of `weight` in the Q4_1 form (quantize_int4), by row
+    blocks."""
+    out_features, in_features = weight.shape
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    scales = torch.empty(out_features, in_features // GROUP_SIZE, dtype=torch.float16)
+    mins = torch.empty_like(scales)
+    for start in range(0, out_features, QUANTIZE_ROWS):
+        q, scales[start:start + QUANTIZE_ROWS], mins[start:start + QUANTIZE_ROWS] = \
+            quantize_int4(weight[start:start + QUANTIZE_ROWS])
+        packed[start:start + QUANTIZE_ROWS] = _pack(q)
+    return packed, scales, mins
+
+
 @torch.no_grad()
 def is_q4_0(weight: torch.Tensor | StoredRows) -> bool:
     """Whether every group of `weight` is exactly fp16 scale * (q - 8): the weights a GGUF Q4_0
     file dequantizes to, which Int4Linear then keeps as they are."""
-    if weight.shape[1] % INT4_RUN:
-        return False
-    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
-        w = weight[start:start + QUANTIZE_ROWS].float()
-        q, scales = quantize_q4_0(w)
-        scales = scales.half().float()
-        rebuilt = (q.view(len(w), -1, GROUP_SIZE) - 8) * scales[:, :, None]
-        if not torch.equal(rebuilt.view_as(w), w):
-            return False
-    return True
+    return weight.shape[1] % INT4_RUN == 0 and all(
+        _exact_q4_0(weight[start:start + QUANTIZE_ROWS]) is not None
+        for start in range(0, weight.shape[0], QUANTIZE_ROWS))
 
 
 def quantized_linear(fmt: str, weight: torch.Tensor,
@@ -287,8 +324,11 @@ def quantized_linear(fmt: str, weight: torch.Tensor,
 def quantized_table(fmt: str, weight: torch.Tensor | StoredRows) -> QuantizedLinear:
     """The output head or embedding in HEAD_FORMAT[fmt], or in int4 where it is 4-bit already
     (a Q4_0 file's): re-quantizing those to int8 would spend 8 bits on 4 bits' worth."""
-    if fmt == "int4" and is_q4_0(weight):
-        return Int4Linear(weight, symmetric=True)
+    if fmt == "int4":
+        try:
+            return Int4Linear(weight, symmetric=True)
+        except NotQ4_0:
+            pass
     return quantized_linear(HEAD_FORMAT[fmt], weight)
 
 
