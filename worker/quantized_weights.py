@@ -56,6 +56,7 @@ QUANTIZED = ("int8", "int4")
 # (unless the file's head is 4-bit already: quantized_table).
 HEAD_FORMAT = {"int8": "int8", "int4": "int8"}
 _NO_MINS = torch.empty(0, dtype=torch.float16)
+Q4_0_ZERO = 8  # Q4_0's form: w = scale * (q - Q4_0_ZERO), so min = -Q4_0_ZERO * scale
 
 
 class StoredRows(Protocol):
@@ -188,7 +189,7 @@ class Int4Linear(QuantizedLinear):
         runs = packed.view(len(packed), -1, INT4_RUN // 2)
         q = torch.stack([runs & 0xF, runs >> 4], dim=2).view(len(packed), -1, GROUP_SIZE)
         scales = self.scales[rows].float()
-        mins = -8 * scales if self.mins is None else self.mins[rows].float()
+        mins = -Q4_0_ZERO * scales if self.mins is None else self.mins[rows].float()
         w = torch.addcmul(mins[:, :, None], q.float(), scales[:, :, None])
         return w.view(len(packed), self.in_features).to(COMPUTE_DTYPE)
 
@@ -240,9 +241,9 @@ def quantize_q4_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out_features, in_features = weight.shape
     w = weight.float().view(out_features, -1, GROUP_SIZE)
     extreme = w.gather(2, w.abs().argmax(dim=2, keepdim=True))
-    scales = extreme / -8
+    scales = extreme / -Q4_0_ZERO
     inverse = torch.where(scales == 0, 0.0, 1 / scales)
-    q = (w * inverse + 8).round_().clamp_(0, 15).to(torch.int32)
+    q = (w * inverse + Q4_0_ZERO).round_().clamp_(0, 15).to(torch.int32)
     return q.view(out_features, in_features), scales.view(out_features, -1)
 
 
@@ -255,7 +256,7 @@ def _exact_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     (q - 8) (the weights a GGUF Q4_0 file dequantizes to), else None."""
     q, scales = quantize_q4_0(w)
     scales = scales.half()
-    rebuilt = (q.view(len(w), -1, GROUP_SIZE) - 8) * scales.float()[:, :, None]
+    rebuilt = (q.view(len(w), -1, GROUP_SIZE) - Q4_0_ZERO) * scales.float()[:, :, None]
     return (q, scales) if torch.equal(rebuilt.view_as(w), w.float()) else None
 
 

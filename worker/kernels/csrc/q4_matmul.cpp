@@ -43,9 +43,12 @@ inline void prefetch(const void* p) {
 
 inline float half_to_float(c10::Half h) { return static_cast<float>(h); }
 
-// group g's min: stored, or -8 * scale in the symmetric form (mins == nullptr)
+// min / scale in the symmetric form (worker/quantized_weights.py, Q4_0_ZERO)
+constexpr float kSymmetricMin = -8.f;
+
+// group g's min: stored, or kSymmetricMin * scale in the symmetric form (mins == nullptr)
 inline float min_of(const c10::Half* scales, const c10::Half* mins, int64_t g) {
-  return mins ? half_to_float(mins[g]) : -8.f * half_to_float(scales[g]);
+  return mins ? half_to_float(mins[g]) : kSymmetricMin * half_to_float(scales[g]);
 }
 
 struct QuantizedRow {  // one activation row, quantized per group
@@ -142,7 +145,7 @@ void rows_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
     const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales + g0));
     const __m512 m = mins ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mins + g0))
-                          : _mm512_mul_ps(s, _mm512_set1_ps(-8.f));
+                          : _mm512_mul_ps(s, _mm512_set1_ps(kSymmetricMin));
     for (int i = 0; i < C; ++i) {
       factor[i] = _mm512_mul_ps(s, _mm512_loadu_ps(x[i].scale.data() + g0));
       acc_min[i] = _mm512_fmadd_ps(m, _mm512_loadu_ps(x[i].sum.data() + g0), acc_min[i]);
