@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> Results:
 
         if args.quant not in WEIGHTS:
             raise SystemExit(f"--quant {args.quant}: one of {sorted(WEIGHTS)}")
+        if args.demo_adapters:  # trained on the default model: other shapes cannot load them
+            raise SystemExit("--demo-adapters fit only the default model, not --shape")
         args.gguf, base_dir = model_files(args.shape, args.quant)  # adapters in its shapes
         args.ours_arg = ["--model", str(args.gguf), "--weights", WEIGHTS[args.quant],
                          *args.ours_arg]
