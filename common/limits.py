@@ -25,6 +25,10 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # real schemas nest a handful of levels.
 MAX_JSON_SCHEMA_BYTES = 64 * 1024
 MAX_JSON_SCHEMA_DEPTH = 64
+# Size and depth do not bound everything: `pattern` repetition counts and `format` fields cost
+# seconds in fewer bytes. A json_schema is compiled in a child process first (worker.schema_trial)
+# and refused when that takes longer than this; real schemas compile in milliseconds.
+MAX_JSON_COMPILE_S = 5.0
 
 
 def shown(value: str, limit: int = 80) -> str:

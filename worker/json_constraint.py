@@ -16,6 +16,7 @@ import torch
 
 from common.errors import InvalidArgument
 from common.limits import shown
+from worker.schema_trial import SchemaTrial
 
 JSON_OBJECT, JSON_SCHEMA = "json_object", "json_schema"
 # Whitespace characters allowed between two JSON tokens: enough for pretty-printing, while a
@@ -37,16 +38,24 @@ class JsonGrammars:
                                                        stop_token_ids=stop_token_ids)
         # one thread: compiles run off the event loop and must not take the engine's cores
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+        self._trial = SchemaTrial(info, MAX_WHITESPACE)  # a client's schema, under a deadline
         self._cache: dict[tuple[str, str], Any] = {}  # (type, schema) -> compiled, oldest first
         self.vocab_size = vocab_size
 
+    def cached(self, format_type: str, json_schema: str = "") -> Any | None:
+        """The compiled grammar if this format was compiled lately, else None; no compiling."""
+        return self._cache.get((format_type, json_schema))
+
     def compile(self, format_type: str, json_schema: str = "") -> Any:
-        """A compiled grammar for the format; InvalidArgument for a schema it cannot take."""
+        """A compiled grammar for the format; InvalidArgument for a schema it cannot take, or
+        that takes longer than MAX_JSON_COMPILE_S to compile (worker.schema_trial)."""
         key = (format_type, json_schema)
         compiled = self._cache.get(key)
         if compiled is not None:
             return compiled
         schema = '{"type": "object"}' if format_type == JSON_OBJECT else json_schema
+        if format_type == JSON_SCHEMA:
+            self._trial.check(schema, strict=True)
         try:
             # json_object: any object, so properties beyond none listed are allowed. json_schema:
             # xgrammar's (and vLLM's) strict mode, additionalProperties false unless given.
@@ -63,6 +72,9 @@ class JsonGrammars:
 
     def constraint(self, compiled: Any) -> JsonConstraint:
         return JsonConstraint(self._xgr.GrammarMatcher(compiled))
+
+    def close(self) -> None:
+        self._trial.close()
 
 
 def _no_raw_control_characters(ebnf: str) -> str:

@@ -173,6 +173,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if fmt.type in ("", "text"):
             return None
 
+        if self._grammars is not None:  # a schema compiled lately: no wait behind a compile
+            compiled = self._grammars.cached(fmt.type, fmt.json_schema)
+            if compiled is not None:
+                return self._grammars.constraint(compiled)
+
         def compile_grammar() -> JsonConstraint:
             if self._grammars is None:
                 engine = self.engine
@@ -300,6 +305,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def close(self) -> None:
         self._validator.shutdown(wait=False, cancel_futures=True)
         self._compiler.shutdown(wait=False, cancel_futures=True)
+        if self._grammars is not None:
+            self._grammars.close()
 
     async def PutAdapter(self, requests: AsyncIterator[worker_pb2.PutAdapterRequest],
                          context: grpc.aio.ServicerContext) -> worker_pb2.PutAdapterResponse:

@@ -224,6 +224,44 @@ def test_json_schema_output_validates(worker: worker_pb2_grpc.WorkerStub) -> Non
     jsonschema.validate(json.loads("".join(c.text for c in chunks)), schema)
 
 
+def test_a_schema_that_compiles_for_ever_is_refused_and_holds_no_one_up(
+        worker: worker_pb2_grpc.WorkerStub) -> None:
+    import json
+
+    from common.limits import MAX_JSON_COMPILE_S
+
+    known = types_pb2.ResponseFormat(type="json_schema", json_schema=json.dumps(
+        {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    worker_generate(worker, "JSON:", max_tokens=50, response_format=known)  # compiled, cached
+    # minutes of compiling in 6 KiB: bounded repetition in patterns (worker.schema_trial)
+    slow = types_pb2.ResponseFormat(type="json_schema", json_schema=json.dumps(
+        {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,5000}"}
+                                          for i in range(100)}}))
+    outcome: dict[str, object] = {}
+
+    def hostile() -> None:
+        start = time.monotonic()
+        try:
+            worker_generate(worker, "JSON:", response_format=slow)
+        except grpc.RpcError as exc:
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    time.sleep(1.0)  # the slow schema is compiling now
+    start = time.monotonic()
+    chunks = worker_generate(worker, "JSON:", max_tokens=50, response_format=known)
+    assert chunks[-1].finish_reason == "stop"
+    assert time.monotonic() - start < MAX_JSON_COMPILE_S - 2  # not queued behind it
+    thread.join(timeout=60)
+    error = outcome["error"]
+    assert isinstance(error, grpc.RpcError)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "to compile" in error.details()
+    assert outcome["seconds"] < MAX_JSON_COMPILE_S + 15  # the deadline, plus the child's start
+
+
 @pytest.mark.parametrize("fmt, words", [
     (types_pb2.ResponseFormat(type="json_schema", json_schema='{"type": "bogus"}'),
      "JSON Schema"),
