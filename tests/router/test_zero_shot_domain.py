@@ -62,7 +62,8 @@ def test_the_sets_are_apart_and_of_the_promised_size() -> None:
     cards = read_cards(DOMAINS)
     examples = {e for card in cards.values() for e in card.example_prompts}
     sets = {name: read_rows(DOMAINS / name) for name in ("heldout.jsonl", "heldout2.jsonl")}
-    dev = {r["prompt"] for name in ("dev.jsonl", "dev2.jsonl") for r in read_rows(DOMAINS / name)}
+    dev = {r["prompt"] for name in ("dev.jsonl", "dev2.jsonl", "dev3.jsonl")
+           for r in read_rows(DOMAINS / name)}
     seen: set[str] = set()
     for rows in sets.values():
         prompts = {r["prompt"] for r in rows}
