@@ -300,15 +300,6 @@ def pack_q4_1(weight: torch.Tensor | StoredRows) -> tuple[torch.Tensor, torch.Te
     return packed, scales, mins
 
 
-@torch.no_grad()
-def is_q4_0(weight: torch.Tensor | StoredRows) -> bool:
-    """Whether every group of `weight` is exactly fp16 scale * (q - 8): the weights a GGUF Q4_0
-    file dequantizes to, which Int4Linear then keeps as they are."""
-    return weight.shape[1] % INT4_RUN == 0 and all(
-        _exact_q4_0(weight[start:start + QUANTIZE_ROWS]) is not None
-        for start in range(0, weight.shape[0], QUANTIZE_ROWS))
-
-
 def quantized_linear(fmt: str, weight: torch.Tensor,
                      bias: torch.Tensor | None = None) -> QuantizedLinear:
     """`weight` [out, in] held in `fmt`; int4 falls back to int8 where its runs of 64 do not fit

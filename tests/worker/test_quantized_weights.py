@@ -125,7 +125,7 @@ def test_weights_already_in_q4_0_form_are_kept_as_they_are(cpu_kernels) -> None:
     torch paths, and every step size the matmul of exactly those weights."""
     weight = q4_0_weights(192, 256, seed=8)
     weight[5, :GROUP_SIZE] = 0.0  # an all-zero group: scale 0
-    assert qw.is_q4_0(weight)
+    assert qw.pack_q4_0(weight) is not None
     layer = Int4Linear(weight)
     assert layer.mins is None
     assert layer.nbytes == 192 * 256 * 4.5 / 8
@@ -150,14 +150,14 @@ def test_other_weights_are_not_taken_for_q4_0() -> None:
     """Any float weights, Q4_1-form ones, and Q4_0 weights one ulp off stay asymmetric (5 bits,
     more accurate for them); a head in 4 bits only where the file had it so."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(12))
-    assert not qw.is_q4_0(w) and Int4Linear(w).mins is not None
+    assert qw.pack_q4_0(w) is None and Int4Linear(w).mins is not None
     q, scales, mins = quantize_int4(w)
     q4_1 = (q.float().view(64, -1, GROUP_SIZE) * scales[:, :, None] + mins[:, :, None])
-    assert not qw.is_q4_0(q4_1.view(64, 128))
+    assert qw.pack_q4_0(q4_1.view(64, 128)) is None
     near = q4_0_weights(64, 128, seed=13)
     near[7, 3] = torch.nextafter(near[7, 3], torch.tensor(1.0))
-    assert not qw.is_q4_0(near)
-    assert not qw.is_q4_0(q4_0_weights(64, 96, seed=14))  # in-features not runs of 64
+    assert qw.pack_q4_0(near) is None
+    assert qw.pack_q4_0(q4_0_weights(64, 96, seed=14)) is None  # in-features not runs of 64
     assert isinstance(qw.quantized_table("int4", w), Int8Linear)
     assert isinstance(qw.quantized_table("int8", q4_0_weights(64, 128, seed=15)), Int8Linear)
     head = qw.quantized_table("int4", q4_0_weights(64, 128, seed=15))
