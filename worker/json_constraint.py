@@ -38,7 +38,7 @@ class JsonGrammars:
                                                        stop_token_ids=stop_token_ids)
         # one thread: compiles run off the event loop and must not take the engine's cores
         self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
-        self._trial = SchemaTrial(info, MAX_WHITESPACE)  # a client's schema, under a deadline
+        self._trial = SchemaTrial(info)  # a client's schema, under a deadline
         self._cache: dict[tuple[str, str], Any] = {}  # (type, schema) -> compiled, oldest first
         self.vocab_size = vocab_size
 
@@ -49,25 +49,20 @@ class JsonGrammars:
     def compile(self, format_type: str, json_schema: str = "") -> Any:
         """A compiled grammar for the format; InvalidArgument for a schema it cannot take, or
         that takes longer than MAX_JSON_COMPILE_S to compile (worker.schema_trial)."""
-        key = (format_type, json_schema)
-        compiled = self._cache.get(key)
+        compiled = self.cached(format_type, json_schema)
         if compiled is not None:
             return compiled
-        schema = '{"type": "object"}' if format_type == JSON_OBJECT else json_schema
         if format_type == JSON_SCHEMA:
-            self._trial.check(schema, strict=True)
+            self._trial.check(json_schema)
         try:
-            # json_object: any object, so properties beyond none listed are allowed. json_schema:
-            # xgrammar's (and vLLM's) strict mode, additionalProperties false unless given.
-            grammar = self._xgr.Grammar.from_json_schema(
-                schema, strict_mode=format_type == JSON_SCHEMA, max_whitespace_cnt=MAX_WHITESPACE)
-            compiled = self._compiler.compile_grammar(_no_raw_control_characters(str(grammar)))
+            compiled = self._compiler.compile_grammar(
+                grammar_text(self._xgr, format_type, json_schema))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise InvalidArgument(f"response_format.json_schema is not a JSON Schema this "
                                   f"server can follow: {_reason(exc)}") from exc
         if len(self._cache) >= CACHED_GRAMMARS:
             self._cache.pop(next(iter(self._cache)))  # the oldest
-        self._cache[key] = compiled
+        self._cache[(format_type, json_schema)] = compiled
         return compiled
 
     def constraint(self, compiled: Any) -> JsonConstraint:
@@ -75,6 +70,16 @@ class JsonGrammars:
 
     def close(self) -> None:
         self._trial.close()
+
+
+def grammar_text(xgrammar: Any, format_type: str, json_schema: str = "") -> str:
+    """The grammar compiled for a response format, here and in worker.schema_trial's child."""
+    # json_object: any object, so properties beyond none listed are allowed. json_schema:
+    # xgrammar's (and vLLM's) strict mode, additionalProperties false unless given.
+    grammar = xgrammar.Grammar.from_json_schema(
+        '{"type": "object"}' if format_type == JSON_OBJECT else json_schema,
+        strict_mode=format_type == JSON_SCHEMA, max_whitespace_cnt=MAX_WHITESPACE)
+    return _no_raw_control_characters(str(grammar))
 
 
 def _no_raw_control_characters(ebnf: str) -> str:

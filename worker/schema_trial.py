@@ -12,8 +12,9 @@ request (~2 s: an interpreter importing xgrammar, which imports torch: ~200 MB o
 again after a kill; it exits after IDLE_S without a new schema (clients send the same few
 schemas again and again, and those are served from the worker's cache without it).
 
-Protocol, one JSON document per line: the tokenizer info first, then {"schema", "strict"} per
-request, each answered with {"error": ""} or the compiler's message. Torch-free both sides.
+Protocol, one JSON document per line: the tokenizer info first, then {"schema"} per request,
+each answered with {"error": ""} or the compiler's message. The child compiles the grammar the
+worker would (worker.json_constraint.grammar_text). Torch-free on the worker's side.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ class SchemaTrial:
     raises InvalidArgument when it did not (the child is then killed, a new one started on the
     next check). One check at a time (the worker's compile thread)."""
 
-    def __init__(self, tokenizer_info: Any, max_whitespace: int,
-                 timeout_s: float = MAX_JSON_COMPILE_S, idle_s: float = IDLE_S) -> None:
-        self._hello = json.dumps({"tokenizer_info": tokenizer_info.serialize_json(),
-                                  "max_whitespace": max_whitespace})
+    def __init__(self, tokenizer_info: Any, timeout_s: float = MAX_JSON_COMPILE_S,
+                 idle_s: float = IDLE_S) -> None:
+        self._hello = json.dumps({"tokenizer_info": tokenizer_info.serialize_json()})
         self.timeout_s, self.idle_s = timeout_s, idle_s
         self._child: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -54,7 +54,7 @@ class SchemaTrial:
         """The child's process id while one runs."""
         return self._child.pid if self._child is not None else None
 
-    def check(self, schema: str, strict: bool) -> None:
+    def check(self, schema: str) -> None:
         with self._lock:
             child = self._running_child()
             if self._idle is not None:
@@ -64,7 +64,7 @@ class SchemaTrial:
             self._idle.start()
             assert child.stdin is not None and child.stdout is not None
             try:
-                child.stdin.write(json.dumps({"schema": schema, "strict": strict}) + "\n")
+                child.stdin.write(json.dumps({"schema": schema}) + "\n")
                 child.stdin.flush()
                 reply = _read_line(child.stdout, self.timeout_s)
             except OSError:  # it died on an earlier one
@@ -125,6 +125,8 @@ def main() -> None:
     """The child: compiles each schema it is sent and answers with the error, if any."""
     import xgrammar
 
+    from worker.json_constraint import JSON_SCHEMA, grammar_text
+
     hello = json.loads(sys.stdin.readline())
     compiler = xgrammar.GrammarCompiler(
         xgrammar.TokenizerInfo.deserialize_json(hello["tokenizer_info"]), max_threads=1,
@@ -133,9 +135,7 @@ def main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            compiler.compile_grammar(xgrammar.Grammar.from_json_schema(
-                request["schema"], strict_mode=request["strict"],
-                max_whitespace_cnt=hello["max_whitespace"]))
+            compiler.compile_grammar(grammar_text(xgrammar, JSON_SCHEMA, request["schema"]))
             error = ""
         except Exception as exc:  # the worker's own compile reports it
             error = str(exc) or type(exc).__name__

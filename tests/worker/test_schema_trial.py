@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidArgument
-from worker.json_constraint import MAX_WHITESPACE, JsonGrammars
+from worker.json_constraint import JsonGrammars
 from worker.schema_trial import SchemaTrial
 
 # xgrammar spends seconds on bounded repetition in patterns (21 s for 100 of these on the
@@ -34,38 +34,38 @@ def tokenizer_info(default_model_dir: Path):
 
 def test_a_slow_schema_is_refused_at_the_deadline_and_the_next_one_compiles(
         tokenizer_info) -> None:
-    trial = SchemaTrial(tokenizer_info, MAX_WHITESPACE, timeout_s=0.5)
+    trial = SchemaTrial(tokenizer_info, timeout_s=0.5)
     try:
-        trial.check(FAST, strict=True)  # starts the child
+        trial.check(FAST)  # starts the child
         first = trial.pid
         assert first is not None
         start = time.monotonic()
         with pytest.raises(InvalidArgument, match=r"over 0.5 s to compile"):
-            trial.check(SLOW, strict=True)
+            trial.check(SLOW)
         assert time.monotonic() - start < 3.0
         assert trial.pid is None and not Path(f"/proc/{first}").exists()  # killed and reaped
-        trial.check(FAST, strict=True)  # a new child
+        trial.check(FAST)  # a new child
         assert trial.pid not in (None, first)
     finally:
         trial.close()
 
 
 def test_a_schema_that_crashes_the_compiler_is_refused(tokenizer_info) -> None:
-    trial = SchemaTrial(tokenizer_info, MAX_WHITESPACE, timeout_s=30)
+    trial = SchemaTrial(tokenizer_info, timeout_s=30)
     try:
-        trial.check(FAST, strict=True)
+        trial.check(FAST)
         os.kill(trial.pid, signal.SIGKILL)  # as a crash inside xgrammar would end it
         with pytest.raises(InvalidArgument, match="compiler failed"):
-            trial.check(FAST, strict=True)
-        trial.check(FAST, strict=True)  # and the next one gets a new child
+            trial.check(FAST)
+        trial.check(FAST)  # and the next one gets a new child
     finally:
         trial.close()
 
 
 def test_a_schema_that_does_not_compile_is_left_to_the_workers_compile(tokenizer_info) -> None:
-    trial = SchemaTrial(tokenizer_info, MAX_WHITESPACE, timeout_s=30)
+    trial = SchemaTrial(tokenizer_info, timeout_s=30)
     try:
-        trial.check('{"type": "bogus"}', strict=True)  # no refusal here: the reason comes later
+        trial.check('{"type": "bogus"}')  # no refusal here: the reason comes later
     finally:
         trial.close()
 
@@ -87,16 +87,16 @@ def test_grammars_refuse_a_slow_schema_and_keep_serving(default_model_dir: Path)
 
 
 def test_the_child_exits_when_idle_and_comes_back_on_demand(tokenizer_info) -> None:
-    trial = SchemaTrial(tokenizer_info, MAX_WHITESPACE, timeout_s=30, idle_s=0.5)
+    trial = SchemaTrial(tokenizer_info, timeout_s=30, idle_s=0.5)
     try:
-        trial.check(FAST, strict=True)
+        trial.check(FAST)
         first = trial.pid
         deadline = time.monotonic() + 10
         while trial.pid is not None:
             assert time.monotonic() < deadline, "the idle child is still running"
             time.sleep(0.1)
         assert not Path(f"/proc/{first}").exists()
-        trial.check(FAST, strict=True)
+        trial.check(FAST)
         assert trial.pid not in (None, first)
     finally:
         trial.close()
