@@ -7,6 +7,7 @@ served."""
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -213,6 +214,22 @@ def test_hostile_generation_controls(sec, alone, name: str) -> None:
     result = during_bystander(sec, alone, lambda: rpc(stub.Generate, controlled(**params), beta,
                                                       30)[:2])
     assert_refused(result, None, sec, word)
+
+
+def test_a_schema_that_compiles_for_ever_is_refused_beside_the_bystander(sec, alone) -> None:
+    """6 KiB of pattern repetitions: minutes of compiling, refused at the worker's 5 s deadline
+    (worker.schema_trial) while acme's stream runs on unchanged."""
+    stub, beta = sec.router(), sec.auth("beta")
+    small = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}})
+    code, details, _ = rpc(stub.Generate, controlled(response_format=types_pb2.ResponseFormat(
+        type="json_schema", json_schema=small)), beta, 60)  # the compile process is up
+    assert code == grpc.StatusCode.OK, details
+    slow = json.dumps({"type": "object", "properties": {
+        f"p{i}": {"type": "string", "pattern": "[a-z]{1,5000}"} for i in range(100)}})
+    result = during_bystander(sec, alone, lambda: rpc(stub.Generate, controlled(
+        response_format=types_pb2.ResponseFormat(type="json_schema", json_schema=slow)), beta,
+        30)[:2])
+    assert_refused(result, None, sec, "to compile", codes=(grpc.StatusCode.INVALID_ARGUMENT,))
 
 
 def test_extreme_accepted_controls_leave_the_bystander_alone(sec, alone) -> None:
