@@ -94,6 +94,26 @@ class MatmulTiling(Protocol):
               x: torch.Tensor) -> torch.Tensor: ...
 
 
+class LayerKernels(Protocol):
+    """One-call forms of the layers' small ops (the C++ module of worker.kernels.cpu, on CPU;
+    set by LlamaModel.use_kernels). torch dispatches each op in microseconds, tens of them a
+    layer: at batch 1 a tenth of a 1B model's decode step. Each computes what the torch ops it
+    replaces compute (tests/worker/kernels/test_layer_kernels.py)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def paged_decode_step(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                          ctx_lens: torch.Tensor, num_heads: int, scale: float,
+                          block_size: int) -> torch.Tensor: ...
+
+
 class LoraDelta(Protocol):
     """Adds each token's adapter delta to a projection's output (worker.lora.LoraBatch)."""
 
@@ -122,11 +142,16 @@ class ForwardBatch:
             y = linear(x) if self.tiling is None else self.tiling.apply(linear, x)
         return y if self.lora is None else self.lora.apply(layer, name, x, y)
 
+    def paged_rows(self, num_tokens: int) -> AttentionGroup | None:
+        """The step's one attention group when it is paged and token t is its row t (a step of
+        decode rows only; every --batch-invariant step with the paged kernel), else None."""
+        if len(self.groups) != 1 or self.groups[0].block_tables is None:
+            return None
+        return self.groups[0] if len(self.groups[0].block_tables) == num_tokens else None
+
 
 class RMSNorm(nn.Module):
-    # (x [rows, dim], weight, eps) -> the same as forward's torch ops, in one call
-    # (worker.kernels.norm_kernel; set by LlamaModel.use_norm_kernel)
-    kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+    kernels: LayerKernels | None = None  # LlamaModel.use_kernels
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -134,11 +159,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.dim() == 2 and x.dtype == self.weight.dtype:
-            return self.kernel(x.contiguous(), self.weight, self.eps)
+        if self._kernels_take(x):
+            return self.kernels.rms_norm(x.contiguous(), self.weight, self.eps)
         # Normalise in fp32 like the reference, then cast back: bf16 variance drifts.
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor,
+                                                                           torch.Tensor]:
+        """(x + residual, its norm): a layer's residual add and the next norm, in one call."""
+        if self._kernels_take(x):
+            return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        x = x + residual
+        return x, self(x)
+
+    def _kernels_take(self, x: torch.Tensor) -> bool:
+        return self.kernels is not None and x.dim() == 2 and x.dtype == self.weight.dtype
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -169,6 +205,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
 
 
 class Attention(nn.Module):
+    kernels: LayerKernels | None = None  # LlamaModel.use_kernels
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -185,6 +223,11 @@ class Attention(nn.Module):
                 k_cache: torch.Tensor, v_cache: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = fb.project(self.layer, "qkv_proj", self.qkv_proj, x)
+        if self.kernels is not None and (g := fb.paged_rows(num_tokens)) is not None:
+            out = self.kernels.paged_decode_step(qkv, cos, sin, k_cache, v_cache,
+                                                 fb.slot_mapping, g.block_tables, g.ctx_lens,
+                                                 self.num_heads, self.scale, fb.block_size)
+            return fb.project(self.layer, "o_proj", self.o_proj, out)
         q_size, kv_size = self.split_sizes[0], self.split_sizes[1]
         # q and k side by side as heads: one rotation for both
         qk = apply_rope(qkv[:, :q_size + kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
@@ -222,6 +265,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    kernels: LayerKernels | None = None  # LlamaModel.use_kernels
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -231,8 +276,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         gate_up = fb.project(self.layer, "gate_up_proj", self.gate_up_proj, x)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return fb.project(self.layer, "down_proj", self.down_proj, F.silu(gate) * up)
+        if self.kernels is not None and gate_up.dim() == 2:
+            act = self.kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            act = F.silu(gate) * up
+        return fb.project(self.layer, "down_proj", self.down_proj, act)
 
 
 class DecoderLayer(nn.Module):
@@ -243,10 +292,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, layer)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, fb)
-        return x + self.mlp(self.post_attention_layernorm(x), fb)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the previous layer's output, the residual stream before it; None in layer 0, whose
+        x is the embedding) -> the same pair for the next layer. The stream's adds happen in
+        the norms after them (RMSNorm.add_forward): one call each instead of two."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_forward(residual, x)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, fb)
+        residual, h = self.post_attention_layernorm.add_forward(residual, h)
+        return self.mlp(h, fb), residual
 
 
 class LlamaModel(nn.Module):
@@ -271,9 +329,10 @@ class LlamaModel(nn.Module):
         cos = freqs.cos().repeat(1, 2)[:, None, :].to(x.dtype)  # [T, 1, hd], broadcast over heads
         sin = freqs.sin()
         sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(x.dtype)  # signed for apply_rope
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, k_cache, v_cache, fb)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, k_cache, v_cache, fb)
+        return self.norm.add_forward(residual, x)[1] if residual is not None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden] -> logits [rows, vocab] in float32 (the sampler's precision)."""
@@ -281,12 +340,12 @@ class LlamaModel(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()  # an nn.Linear, or a quantized one
 
-    def use_norm_kernel(self, kernel: Callable[[torch.Tensor, torch.Tensor, float],
-                                               torch.Tensor] | None) -> None:
-        """Every RMSNorm of the model through `kernel` (None: torch's ops)."""
+    def use_kernels(self, kernels: LayerKernels | None) -> None:
+        """The layers' norms, activations and decode attention through `kernels` (None: torch's
+        ops)."""
         for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.kernel = kernel
+            if isinstance(module, RMSNorm | Attention | MLP):
+                module.kernels = kernels
 
     @property
     def dtype(self) -> torch.dtype:

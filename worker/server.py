@@ -24,7 +24,7 @@ from worker.decode_graphs import DecodeGraphs, captured_decode
 from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
 from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
-from worker.kernels import device_kernels, norm_kernel
+from worker.kernels import device_kernels, layer_kernels
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.lora import LoraSlots, module_shapes
@@ -152,12 +152,12 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
              config.kv_block_size, config.kv_cache_mb, max_model_len)
     eos = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos_token_ids]))
     decode_attention, lora_kernel = device_kernels(device, dtype)
-    model.use_norm_kernel(norm_kernel(device))
+    model.use_kernels(layer_kernels(device))
     language = "Triton" if device.type == "cuda" else "C++"
-    log.info("decode attention: %s; LoRA deltas: %s; norms: %s",
+    log.info("decode attention: %s; LoRA deltas: %s; norms, activation, rope: %s",
              f"paged {language} kernel" if decode_attention else "torch gather + SDPA",
              f"{language} kernel" if lora_kernel else "torch's paths",
-             "C++ kernel" if model.norm.kernel is not None else "torch's ops")
+             "C++ kernels" if model.norm.kernels is not None else "torch's ops")
     lora_slots = LoraSlots(cfg, config.device_adapter_slots, config.max_lora_rank, device, dtype,
                            lora_kernel)
     adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),

@@ -18,9 +18,11 @@ from worker.sequence import SamplingOptions, Sequence
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]
 ATOL = 1e-4
-# decode attention: torch's gather + SDPA, the paged C++ kernel (CPU workers) or the paged
-# Triton kernel (CUDA workers; here in Triton's interpreter)
-ATTENTION = ["torch", "paged", "triton"]
+# decode attention: torch's gather + SDPA, the paged C++ kernel, that kernel with the layers'
+# other C++ kernels (CPU workers: rope, cache writes and attention of decode steps in one call,
+# fused norms and activation), or the paged Triton kernel (CUDA workers; here in Triton's
+# interpreter)
+ATTENTION = ["torch", "paged", "fused", "triton"]
 
 
 class Harness:
@@ -33,8 +35,10 @@ class Harness:
         self.blocks = BlockManager(num_blocks, block_size)
         kv = KVCache(self.model.config, num_blocks, block_size, self.device, torch.float32)
         kernel = None
-        if attention == "paged":
+        if attention in ("paged", "fused"):
             kernel = built_cpu_kernels().paged_decode_attention
+        if attention == "fused":
+            self.model.use_kernels(built_cpu_kernels())
         elif attention == "triton":
             kernel = paged_attention_triton.paged_decode_attention
         self.runner = ModelRunner(self.model, kv, block_size, self.device,

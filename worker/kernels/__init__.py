@@ -1,17 +1,16 @@
 """Device code: what runs the worker's hot loops on each device, apart from the request path.
 
 - cpu (C++ sources in csrc/, compiled on the machine that runs them): paged decode attention,
-  the multi-LoRA delta, int4/int8 weight matmuls and dequantization;
+  the multi-LoRA delta, int4/int8 weight matmuls and dequantization, the layers' small ops;
 - paged_attention: the decode attention kernels' signature and torch reference;
 - paged_attention_triton, lora_triton: the CUDA kernels (Triton), each checked on its GPU;
 - self_check: the start-up comparison of a kernel with its reference;
-- device_kernels, norm_kernel (here): which of them a device gets.
+- device_kernels, layer_kernels (here): which of them a device gets.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +18,7 @@ import torch
 if TYPE_CHECKING:  # worker.lora imports this package's modules
     from worker.kernels.paged_attention import DecodeAttention
     from worker.lora import LoraKernel
+    from worker.model import LayerKernels
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,12 @@ def device_kernels(device: torch.device,
             lora_triton.checked_kernel(device, dtype))
 
 
-def norm_kernel(device: torch.device) -> Callable[[torch.Tensor, torch.Tensor, float],
-                                                   torch.Tensor] | None:
-    """RMSNorm in one op (worker.model.RMSNorm.kernel): the C++ one on CPU; None elsewhere (on
-    CUDA torch's ops run on the GPU, where their dispatch overlaps the device's work)."""
+def layer_kernels(device: torch.device) -> LayerKernels | None:
+    """The layers' norms, activation and decode attention in one call each
+    (worker.model.LayerKernels): the C++ ones on CPU; None elsewhere (on CUDA torch's ops run on
+    the GPU, where their dispatch overlaps the device's work)."""
     if device.type != "cpu":
         return None
     from worker.kernels import cpu
 
-    kernels = cpu.load()
-    return kernels.rms_norm if kernels is not None else None
+    return cpu.load()

@@ -8,8 +8,10 @@
 - dequantize_int8_ (csrc/dequantize.cpp), q4_matmul and dequantize_q4_ (csrc/q4_matmul.cpp):
   int4 weights' small-step matmul, and a block of a quantized weight's rows to bf16 in one pass
   for large steps (worker.quantized_weights).
-- rms_norm (csrc/rms_norm.cpp): worker.model.RMSNorm's casts and arithmetic in one pass per row
-  (torch's CPU rms_norm and the casts around it are ~8 dispatched ops).
+- the layers' small ops, one call each where torch dispatches several (worker.model.LayerKernels):
+  rms_norm and add_rms_norm (csrc/rms_norm.cpp: the norm's casts and arithmetic, ~8 torch ops,
+  and the residual add before it), silu_mul (csrc/activation.cpp) and paged_decode_step
+  (csrc/paged_attention.cpp: a decode step's rope, KV-cache writes and attention, ~15 ops).
 
 Built with the machine's C++ compiler on first use (~30 s; torch caches the build under
 $TORCH_EXTENSIONS_DIR, and `make setup` does it ahead of time). Without a compiler, or with
@@ -34,7 +36,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp", "dequantize.cpp",
-           "q4_matmul.cpp", "rms_norm.cpp")
+           "q4_matmul.cpp", "rms_norm.cpp", "activation.cpp")
 STALE_LOCK_S = 600  # a build takes ~30-60 s: a lock this old was left by a killed one
 NAME = "edgelora_cpu_kernels_" + hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
 

@@ -1,6 +1,7 @@
 // The CPU kernels' Python module (worker/cpu_kernels.py); each kernel lives in its own file.
 #include <torch/extension.h>
 
+#include <tuple>
 #include <vector>
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -14,7 +15,15 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 void dequantize_q4_(torch::Tensor out, torch::Tensor packed, torch::Tensor scales,
                     torch::Tensor mins, int64_t start);
+torch::Tensor paged_decode_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                                torch::Tensor k_cache, torch::Tensor v_cache,
+                                torch::Tensor slot_mapping, torch::Tensor block_tables,
+                                torch::Tensor ctx_lens, int64_t num_heads, double scale,
+                                int64_t block_size);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
+                                                      torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -24,5 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_matmul", &q4_matmul, "x @ int4 weights, small steps (q4_matmul.cpp)");
   m.def("q8_matmul", &q8_matmul, "x @ int8 weights, small steps (q4_matmul.cpp)");
   m.def("dequantize_q4_", &dequantize_q4_, "int4 weight rows to bf16 (q4_matmul.cpp)");
+  m.def("paged_decode_step", &paged_decode_step,
+        "rope, KV-cache write and paged attention of decode rows (paged_attention.cpp)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, one pass (rms_norm.cpp)");
+  m.def("add_rms_norm", &add_rms_norm, "residual add and RMSNorm, one pass (rms_norm.cpp)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up, one pass (activation.cpp)");
 }

@@ -1,4 +1,4 @@
-// RMSNorm of each row in one pass: torch's CPU rms_norm, with the model's casts around it (to
+// RMSNorm of each row in one pass (and, in add_rms_norm, the residual add before it): torch's CPU rms_norm, with the model's casts around it (to
 // float32, back, times the weight), dispatched ~8 ops (31 us a call on a 2048-wide row, 1 ms of
 // a 1B model's 25 ms decode step); this is one. Same arithmetic as worker.model.RMSNorm:
 //   h = x * rsqrt(mean(x^2) + eps) in float32, rounded to x's dtype; out = weight * h, rounded.
@@ -10,11 +10,21 @@
 
 namespace {
 
+// residual (nullptr, or [rows, dim]): x + residual is normed instead of x, and written to sum.
 template <typename T>
-void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t dim, float eps) {
+void rms_norm_rows(const T* x, const T* residual, T* sum, const T* weight, T* out, int64_t rows,
+                   int64_t dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows > 8)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * dim;
+    if (residual) {  // the sum rounded to T, as torch's add: then normed as any x
+      const T* rr = residual + r * dim;
+      T* sr = sum + r * dim;
+      for (int64_t i = 0; i < dim; ++i) {
+        sr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+      }
+      xr = sr;
+    }
     T* o = out + r * dim;
     float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
@@ -29,29 +39,49 @@ void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t di
 
 }  // namespace
 
-// x [rows, dim] and weight [dim] of one dtype (bf16 / fp32 / fp16) -> [rows, dim] in it.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+namespace {
+
+// out = RMSNorm(x (+ residual)); sum = x + residual where residual is defined.
+void norm(const torch::Tensor& x, const torch::Tensor& residual, torch::Tensor& sum,
+          const torch::Tensor& weight, torch::Tensor& out, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight of one dtype");
-  auto out = torch::empty_like(x);
+  const bool add = residual.defined();
+  TORCH_CHECK(!add || (residual.sizes() == x.sizes() && residual.is_contiguous() &&
+                       residual.scalar_type() == x.scalar_type()), "residual: x's shape, dtype");
   const int64_t rows = x.size(0), dim = x.size(1);
   const float e = static_cast<float>(eps);
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    rms_norm_rows(x.data_ptr<T>(), add ? residual.data_ptr<T>() : nullptr,
+                  add ? sum.data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(),
+                  rows, dim, e);
+  };
   switch (x.scalar_type()) {
-    case torch::kBFloat16:
-      rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
-                    out.data_ptr<c10::BFloat16>(), rows, dim, e);
-      break;
-    case torch::kHalf:
-      rms_norm_rows(x.data_ptr<c10::Half>(), weight.data_ptr<c10::Half>(),
-                    out.data_ptr<c10::Half>(), rows, dim, e);
-      break;
-    case torch::kFloat:
-      rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows,
-                    dim, e);
-      break;
-    default:
-      TORCH_CHECK(false, "rms_norm: bf16, fp16 or fp32");
+    case torch::kBFloat16: run(c10::BFloat16{}); break;
+    case torch::kHalf: run(c10::Half{}); break;
+    case torch::kFloat: run(float{}); break;
+    default: TORCH_CHECK(false, "rms_norm: bf16, fp16 or fp32");
   }
+}
+
+}  // namespace
+
+// x [rows, dim] and weight [dim] of one dtype (bf16 / fp32 / fp16) -> [rows, dim] in it.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  auto out = torch::empty_like(x);
+  torch::Tensor none;
+  norm(x, torch::Tensor(), none, weight, out, eps);
   return out;
+}
+
+// A decoder layer's residual add and the next norm in one pass: (x + residual, its RMSNorm).
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
+                                                      torch::Tensor weight, double eps) {
+  x = x.contiguous();
+  residual = residual.contiguous();
+  auto sum = torch::empty_like(x), out = torch::empty_like(x);
+  norm(x, residual, sum, weight, out, eps);
+  return {sum, out};
 }
