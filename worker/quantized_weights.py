@@ -47,6 +47,7 @@ INT8_IN_MULTIPLE = 16    # _weight_int8pack_mm reads 16 weights at a time (other
 #   int8           1.29   2.10   4.50 / 4.33 8.58 / 6.74   31.8 / 13.9    124 / 42.4
 #   int4           0.89   1.58   3.24 / 3.19 6.39 / 8.65   25.5 / 15.8    101 / 44.3
 SMALL_STEP_TOKENS = {"int8": 16, "int4": 16}
+GATHER_ROWS = 16         # tokens up to which an int4 embedding lookup is a C++ call a token
 DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in)
 COMPUTE_DTYPE = torch.bfloat16
 QUANTIZE_ROWS = 4096     # rows quantized at once
@@ -182,7 +183,14 @@ class Int4Linear(QuantizedLinear):
         return _NO_MINS if self.mins is None else self.mins
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._dequantize(self.packed.index_select(0, ids), ids)
+        kernels = cpu_kernels.load()
+        if kernels is None or len(ids) > GATHER_ROWS:
+            return self._dequantize(self.packed.index_select(0, ids), ids)
+        # a decode step's few tokens: a C++ call each, where torch's path dispatches ~12 ops
+        out = torch.empty(len(ids), self.in_features, dtype=COMPUTE_DTYPE)
+        for i, row in enumerate(ids.tolist()):
+            kernels.dequantize_q4_(out[i:i + 1], self.packed, self.scales, self._mins(), row)
+        return out
 
     def _dequantize(self, packed: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         """q * scale + min in float32, rounded once to bf16 (as the C++ kernel)."""

@@ -21,6 +21,7 @@ from worker.config import WorkerConfig
 from worker.loader import load_model
 from worker.model import ForwardBatch, LlamaModel
 from worker.quantized_weights import (
+    GATHER_ROWS,
     GROUP_SIZE,
     Int4Linear,
     Int8Linear,
@@ -67,6 +68,8 @@ def test_gather_reads_the_rows_of_the_table(cls: type[QuantizedLinear]) -> None:
     layer = cls(weight)
     ids = torch.tensor([0, 1, 31, 32, 63, 64, 127, 128, 299, 5, 5])
     assert torch.equal(layer.gather(ids), layer.rows(0, 300)[ids])
+    many = torch.arange(GATHER_ROWS + 5) * 7 % 300  # past the C++ path's row count: torch's
+    assert torch.equal(layer.gather(many), layer.rows(0, 300)[many])
     assert torch.equal(QuantizedEmbedding(layer)(ids), layer.gather(ids))
     assert torch.equal(layer.rows(70, 150), layer.rows(0, 300)[70:150])  # mid-block starts
 
