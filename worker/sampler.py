@@ -94,6 +94,19 @@ def _top_k_top_p_mask(
     return torch.empty_like(keep).scatter_(-1, sorted_idx, keep)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[batch, vocab] float32 -> each row's first-index argmax [batch] int64: the C++ kernel on
+    CPU (~10 us a 128k-token row, where torch's reduction takes ~110), else torch's."""
+    if logits.device.type == "cpu" and logits.dim() == 2:
+        from worker.kernels import cpu  # not at import: the sampler serves any device
+
+        kernels = cpu.load()
+        if kernels is not None:
+            return kernels.argmax_rows(logits)
+    # max(dim).indices: the same first-index argmax, 2-4x faster than argmax on CPU here
+    return logits.max(dim=-1).indices
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """logits [batch, vocab] float32 -> next token ids [batch] int64 (same device).
 
@@ -101,8 +114,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     before: they are of the unpenalized logits, as vLLM's default)."""
     if t.penalties is not None:
         logits = apply_penalties(logits, t.penalties)
-    # max(dim).indices: the same first-index argmax, 2-4x faster than argmax on CPU here
-    greedy_tokens = logits.max(dim=-1).indices  # [batch]
+    greedy_tokens = argmax(logits)  # [batch]
     if t.all_greedy:
         return greedy_tokens
     greedy = t.temperature <= 0.0  # [batch]

@@ -11,7 +11,9 @@
 - the layers' small ops, one call each where torch dispatches several (worker.model.LayerKernels):
   rms_norm and add_rms_norm (csrc/rms_norm.cpp: the norm's casts and arithmetic, ~8 torch ops,
   and the residual add before it), silu_mul (csrc/activation.cpp) and paged_decode_step
-  (csrc/paged_attention.cpp: a decode step's rope, KV-cache writes and attention, ~15 ops).
+  (csrc/paged_attention.cpp: a decode step's rope, KV-cache writes and attention, ~15 ops);
+- argmax_rows (csrc/argmax.cpp): greedy sampling's argmax of each row of the logits
+  (worker.sampler), 2 vectorised passes where torch's reduction walks a row element by element.
 
 Built with the machine's C++ compiler on first use (~30 s; torch caches the build under
 $TORCH_EXTENSIONS_DIR, and `make setup` does it ahead of time). Without a compiler, or with
@@ -36,7 +38,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp", "dequantize.cpp",
-           "q4_matmul.cpp", "rms_norm.cpp", "activation.cpp")
+           "q4_matmul.cpp", "rms_norm.cpp", "activation.cpp", "argmax.cpp")
 STALE_LOCK_S = 600  # a build takes ~30-60 s: a lock this old was left by a killed one
 NAME = "edgelora_cpu_kernels_" + hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]
 

@@ -24,6 +24,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual,
                                                       torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor argmax_rows(torch::Tensor logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -38,4 +39,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, one pass (rms_norm.cpp)");
   m.def("add_rms_norm", &add_rms_norm, "residual add and RMSNorm, one pass (rms_norm.cpp)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up, one pass (activation.cpp)");
+  m.def("argmax_rows", &argmax_rows, "first-index argmax of each row (argmax.cpp)");
 }
