@@ -41,19 +41,13 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   gate_up = gate_up.contiguous();
   const int64_t rows = gate_up.size(0), n = gate_up.size(1) / 2;
   auto out = torch::empty({rows, n}, gate_up.options());
-  const auto run = [&](auto element) {
+  edgelora::by_dtype(gate_up.scalar_type(), "silu_mul", [&](auto element) {
     using T = decltype(element);
     const T* in = gate_up.data_ptr<T>();
     T* o = out.data_ptr<T>();
     // a thread per row once rows are many; a decode step's few rows are not worth waking them
 #pragma omp parallel for schedule(static) if (rows > 8)
     for (int64_t r = 0; r < rows; ++r) silu_mul_row(in + r * 2 * n, in + r * 2 * n + n, o + r * n, n);
-  };
-  switch (gate_up.scalar_type()) {
-    case torch::kFloat: run(float{}); break;
-    case torch::kBFloat16: run(c10::BFloat16{}); break;
-    case torch::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK(false, "silu_mul: bf16, fp16 or fp32");
-  }
+  });
   return out;
 }

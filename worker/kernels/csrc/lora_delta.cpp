@@ -161,10 +161,7 @@ void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor a, std::vector<
                 "segment ", i, ": bad slot or rank");
     segs.push_back(s);
   }
-  switch (a.scalar_type()) {
-    case torch::kFloat: lora_delta<float>(y, x, a, bs, segs); break;
-    case torch::kBFloat16: lora_delta<c10::BFloat16>(y, x, a, bs, segs); break;
-    case torch::kHalf: lora_delta<c10::Half>(y, x, a, bs, segs); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", a.scalar_type());
-  }
+  edgelora::by_dtype(a.scalar_type(), "lora_delta_", [&](auto element) {
+    lora_delta<decltype(element)>(y, x, a, bs, segs);
+  });
 }

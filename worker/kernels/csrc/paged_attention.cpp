@@ -275,16 +275,6 @@ void check_attention_args(const torch::Tensor& q, const torch::Tensor& k_cache,
   }
 }
 
-template <typename F>
-void by_dtype(torch::ScalarType dtype, F&& run) {
-  switch (dtype) {
-    case torch::kFloat: run(float{}); break;
-    case torch::kBFloat16: run(c10::BFloat16{}); break;
-    case torch::kHalf: run(c10::Half{}); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
-  }
-}
-
 }  // namespace
 
 // q [rows, nh, hd]; k_cache, v_cache [slots, kvh, hd] (same dtype, CPU, contiguous);
@@ -297,7 +287,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   ctx_lens = ctx_lens.contiguous();
   check_attention_args(q, k_cache, v_cache, block_tables, ctx_lens, block_size);
   auto out = torch::empty_like(q);
-  by_dtype(q.scalar_type(), [&](auto element) {
+  edgelora::by_dtype(q.scalar_type(), "paged_decode_attention", [&](auto element) {
     decode_attention<decltype(element)>(q, k_cache, v_cache, block_tables, ctx_lens, scale,
                                         block_size, out);
   });
@@ -333,7 +323,7 @@ torch::Tensor paged_decode_step(torch::Tensor qkv, torch::Tensor cos, torch::Ten
   auto q = torch::empty({tokens, num_heads, hd}, qkv.options());
   check_attention_args(q, k_cache, v_cache, block_tables, ctx_lens, block_size);
   auto out = torch::empty_like(q);
-  by_dtype(q.scalar_type(), [&](auto element) {
+  edgelora::by_dtype(q.scalar_type(), "paged_decode_step", [&](auto element) {
     using T = decltype(element);
     rope_and_store<T>(qkv, cos, sin, slot_mapping, q, k_cache, v_cache);
     decode_attention<T>(q, k_cache, v_cache, block_tables, ctx_lens, scale, block_size, out);

@@ -1,12 +1,15 @@
-// RMSNorm of each row in one pass (and, in add_rms_norm, the residual add before it): torch's CPU rms_norm, with the model's casts around it (to
-// float32, back, times the weight), dispatched ~8 ops (31 us a call on a 2048-wide row, 1 ms of
-// a 1B model's 25 ms decode step); this is one. Same arithmetic as worker.model.RMSNorm:
+// RMSNorm of each row in one pass (and, in add_rms_norm, the residual add before it): torch's
+// CPU rms_norm, with the model's casts around it (to float32, back, times the weight),
+// dispatched ~8 ops (31 us a call on a 2048-wide row, 1 ms of a 1B model's 25 ms decode step);
+// this is one. Same arithmetic as worker.model.RMSNorm:
 //   h = x * rsqrt(mean(x^2) + eps) in float32, rounded to x's dtype; out = weight * h, rounded.
 #include <torch/extension.h>
 
 #include <omp.h>
 
 #include <cmath>
+
+#include "simd.h"
 
 namespace {
 
@@ -37,13 +40,9 @@ void rms_norm_rows(const T* x, const T* residual, T* sum, const T* weight, T* ou
   }
 }
 
-}  // namespace
-
-namespace {
-
 // out = RMSNorm(x (+ residual)); sum = x + residual where residual is defined.
-void norm(const torch::Tensor& x, const torch::Tensor& residual, torch::Tensor& sum,
-          const torch::Tensor& weight, torch::Tensor& out, double eps) {
+void norm(const torch::Tensor& x, const torch::Tensor& residual, const torch::Tensor& sum,
+          const torch::Tensor& weight, const torch::Tensor& out, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous());
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "x and weight of one dtype");
@@ -52,18 +51,12 @@ void norm(const torch::Tensor& x, const torch::Tensor& residual, torch::Tensor& 
                        residual.scalar_type() == x.scalar_type()), "residual: x's shape, dtype");
   const int64_t rows = x.size(0), dim = x.size(1);
   const float e = static_cast<float>(eps);
-  const auto run = [&](auto element) {
+  edgelora::by_dtype(x.scalar_type(), "rms_norm", [&](auto element) {
     using T = decltype(element);
     rms_norm_rows(x.data_ptr<T>(), add ? residual.data_ptr<T>() : nullptr,
                   add ? sum.data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(),
                   rows, dim, e);
-  };
-  switch (x.scalar_type()) {
-    case torch::kBFloat16: run(c10::BFloat16{}); break;
-    case torch::kHalf: run(c10::Half{}); break;
-    case torch::kFloat: run(float{}); break;
-    default: TORCH_CHECK(false, "rms_norm: bf16, fp16 or fp32");
-  }
+  });
 }
 
 }  // namespace
@@ -71,8 +64,7 @@ void norm(const torch::Tensor& x, const torch::Tensor& residual, torch::Tensor& 
 // x [rows, dim] and weight [dim] of one dtype (bf16 / fp32 / fp16) -> [rows, dim] in it.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   auto out = torch::empty_like(x);
-  torch::Tensor none;
-  norm(x, torch::Tensor(), none, weight, out, eps);
+  norm(x, torch::Tensor(), torch::Tensor(), weight, out, eps);
   return out;
 }
 

@@ -1,5 +1,5 @@
-// Shared by the CPU kernels: 16-lane float loads and stores of fp32 / bf16 / fp16 data, exp,
-// and a scope that flushes denormals.
+// Shared by the CPU kernels: the dispatch on a tensor's dtype, 16-lane float loads and stores
+// of fp32 / bf16 / fp16 data, exp, and a scope that flushes denormals.
 #pragma once
 
 #include <torch/extension.h>
@@ -9,6 +9,18 @@
 #endif
 
 namespace edgelora {
+
+// run(T{}) with T the element type of `dtype` (fp32, bf16 or fp16); any other dtype: an error
+// that names `what`.
+template <typename F>
+void by_dtype(torch::ScalarType dtype, const char* what, F&& run) {
+  switch (dtype) {
+    case torch::kFloat: run(float{}); break;
+    case torch::kBFloat16: run(c10::BFloat16{}); break;
+    case torch::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, what, ": fp32, bf16 or fp16, not ", dtype);
+  }
+}
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
