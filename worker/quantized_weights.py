@@ -188,8 +188,9 @@ class Int4Linear(QuantizedLinear):
             return self._dequantize(self.packed.index_select(0, ids), ids)
         # a decode step's few tokens: a C++ call each, where torch's path dispatches ~12 ops
         out = torch.empty(len(ids), self.in_features, dtype=COMPUTE_DTYPE)
+        packed, scales, mins = self.packed, self.scales, self._mins()
         for i, row in enumerate(ids.tolist()):
-            kernels.dequantize_q4_(out[i:i + 1], self.packed, self.scales, self._mins(), row)
+            kernels.dequantize_q4_(out[i:i + 1], packed, scales, mins, row)
         return out
 
     def _dequantize(self, packed: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
