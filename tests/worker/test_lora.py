@@ -450,3 +450,32 @@ def test_module_shapes_match_hf_linear_shapes(tiny_model_dir: Path) -> None:
             kind = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             weight = hf[f"model.layers.{layer}.{kind}.{module}.weight"]  # nn.Linear: [out, in]
             assert weight == (fan_out, fan_in), (module, weight, (fan_in, fan_out))
+
+
+def resident_anon_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status
+                    if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_cpu_slots_take_memory_only_as_adapters_load() -> None:
+    """An idle slot costs no resident memory on CPU; loading an adapter commits about its own
+    share of the pool, and the other slots still read as exact zeros."""
+    cfg = ModelConfig(vocab_size=32, hidden_size=2048, intermediate_size=8192, num_layers=10,
+                      num_heads=32, num_kv_heads=8, head_dim=64)
+    before = resident_anon_mib()
+    slots = LoraSlots(cfg, 8, 16, torch.device("cpu"), torch.bfloat16)
+    pool_mib = slots.nbytes / 2**20
+    assert pool_mib > 100
+    assert resident_anon_mib() - before < 16
+    slots.write(3, random_adapter(16, ALL, seed=3, cfg=cfg), 16)
+    grown = resident_anon_mib() - before
+    # slot 3's A rows and its B rows' pages (B rows of 4 neighbouring slots can share a page)
+    assert 0.5 * pool_mib / 8 < grown < 0.6 * pool_mib, (grown, pool_mib)
+    for s in (1, 2, 4, 8):
+        for module in ALL:
+            a, b = slots.read(s, 2, module)
+            assert not a.any() and not b.any(), (s, module)
+    a, b = slots.read(3, 2, "down_proj")
+    assert a.any() and b.any()
