@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from worker.model import LlamaModel, ModelConfig, rope_inv_freq
+from worker.model import LlamaModel, ModelConfig
 from worker.quantized_weights import QUANTIZED, quantize_model, require_cpu_bf16, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,6 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype,
 
         quantize_model(model, weights, take)
     model.load_state_dict({k: read().to(dtype) for k, read in sources.items()}, assign=True)
-    # inv_freq is a non-persistent buffer: rebuild it for real (meta init left it empty).
-    model.inv_freq = rope_inv_freq(cfg)
     model = model.to(device).eval().requires_grad_(False)
     log.info("loaded %s: %d layers, hidden %d, weights %s: %.0f MiB", path, cfg.num_layers,
              cfg.hidden_size, weights if weights in QUANTIZED else str(dtype).removeprefix(

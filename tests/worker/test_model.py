@@ -172,6 +172,23 @@ def test_missing_weights_are_named(tmp_path: Path, tiny_model_dir: Path) -> None
         load_model(tmp_path, torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.parametrize("weights", ["auto", "int4"])
+def test_loading_imports_no_compiler(tiny_model_dir: Path, weights: str) -> None:
+    """Building the model on the meta device must not run ops there (an nn.Embedding init, the
+    rope frequencies): those import torch._dynamo with sympy and Triton, ~140 MiB resident and
+    seconds of start-up that serving never uses. In a fresh process, as a worker starts."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch; from pathlib import Path; from worker.loader import load_model;"
+             f"load_model(Path({str(tiny_model_dir)!r}), torch.device('cpu'), torch.bfloat16,"
+             f" {weights!r}); print(sorted(m for m in ('torch._dynamo', 'sympy', 'triton')"
+             " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("damage", ["header length", "offsets past the end", "size != shape",
                                     "unknown dtype", "truncated file"])
 def test_a_malformed_checkpoint_file_is_refused_by_name(tmp_path: Path, tiny_model_dir: Path,
