@@ -17,6 +17,7 @@ import torch
 from common.internal_auth import InternalAuthInterceptor
 from common.server import create_server, mark_serving
 from edgelora.v1 import worker_pb2, worker_pb2_grpc
+from worker import host_memory
 from worker.adapter_memory import AdapterMemory
 from worker.batch_invariant import BatchInvariance
 from worker.config import WorkerConfig
@@ -124,9 +125,10 @@ def build_engine(config: WorkerConfig,
     # (measured here). Whoever steps the engine sets its own count (Engine does on its thread).
     torch.set_num_threads(1)
     device, dtype = pick_device(config)
-    path = resolve_model_path(config.model, config.cache_path)
-    model = load_model(path, device, dtype, config.weights)
-    tokenizer = Tokenizer(path)
+    with host_memory.loading():
+        path = resolve_model_path(config.model, config.cache_path)
+        model = load_model(path, device, dtype, config.weights)
+        tokenizer = Tokenizer(path)
     engine, max_model_len = assemble_engine(config, model, tokenizer.detokenizer,
                                             tokenizer.eos_token_ids, emit, num_threads)
     info = WorkerInfo(model=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
@@ -163,8 +165,9 @@ def assemble_engine(config: WorkerConfig, model: LlamaModel,
     adapters = AdapterMemory(lora_slots, config.host_adapter_cache, module_shapes(cfg),
                              cfg.num_layers, pin_memory=device.type == "cuda",
                              max_adapter_bytes=config.max_adapter_bytes)
-    log.info("adapter memory: %d device slots up to rank %d (%d MiB), host cache %d adapters",
+    log.info("adapter memory: %d device slots up to rank %d (%d MiB%s), host cache %d adapters",
              config.device_adapter_slots, config.max_lora_rank, lora_slots.nbytes >> 20,
+             ", taken as adapters load" if device.type == "cpu" else "",
              config.host_adapter_cache)
     scheduler = Scheduler(BlockManager(num_blocks, config.kv_block_size), config.max_batch_size,
                           config.max_num_batched_tokens, config.max_queue, eos, adapters)
