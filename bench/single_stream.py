@@ -14,7 +14,7 @@ Each side's KV cache is sized for the same context. Peak RSS of each process is 
 Each side's figure is its best of --repeats. pp and tg run in --rounds rounds, llama-bench then
 ours back to back: a round's ratio compares both under one memory bandwidth (a VM's drifts by
 half over minutes), and the median round's ratio is the verdict; streams run in the first.
-Targets (issue 16): ours/llama.cpp >= 1.0x at tg and at pp (PASS/MISS).
+Targets (issue 16): ours/llama.cpp >= 1.0x at tg and at pp, peak RSS <= 1.25x (PASS/MISS).
 
 Models: --model FILE.gguf, or --shape NAME for bench/make_model.py's random weights in that
 model's shape (written once under ~/.cache/edgelora/bench/models/NAME, ~2 min for 1B).
@@ -47,6 +47,7 @@ from bench.make_model import WEIGHTS  # noqa: E402
 CONTEXT_PROMPT = 8     # tokens before a tg run (llama-bench's tg starts from an empty context)
 STREAM_PROMPT = 32     # tokens of each concurrent stream's prompt
 TARGET = 1.0
+RSS_BOUND = 1.25
 
 
 def wait_peak_rss_mib(process: subprocess.Popen) -> float:
@@ -237,7 +238,9 @@ def main() -> None:
         mine, my_rss = rounds[0][1], max(r[3] for r in rounds)
         their_rss = max(r[2] for r in rounds)
         lines.append(f"  {'peak RSS MiB':18}{my_rss:10.0f}{their_rss:11.0f}"
-                     f"{my_rss / their_rss:7.2f}x  (llama-bench)")
+                     f"{my_rss / their_rss:7.2f}x  "
+                     f"{'PASS' if my_rss <= RSS_BOUND * their_rss else 'MISS'}  (llama-bench; "
+                     f"target <= {RSS_BOUND}x)")
         for b in args.batches:
             their_b, server_rss = llama_server_streams(args, gguf, b)
             us = mine["batches"][str(b)]
