@@ -40,13 +40,15 @@ GROUP_SIZE = 32          # int4 weights per (scale, min), as GGUF's 4-bit blocks
 INT4_RUN = 64            # int4 weights per packed run of a row (two groups)
 INT8_IN_MULTIPLE = 16    # _weight_int8pack_mm reads 16 weights at a time (other widths crash it)
 # Steps of at most this many rows take the weight-only kernels, larger ones dequantize blocks of
-# rows (C++) and multiply in bf16. Measured on an 8192 x 2048 weight, 1 thread, ms (kernel /
-# dequantized; the kernels were torch's then: ours, 2 threads, beat dequantizing up to 16 rows):
-#   rows           1      4      8           16            64             256
-#   bf16 weights   2.90   2.58   3.22        4.59          11.9           40.0
-#   int8           1.29   2.10   4.50 / 4.33 8.58 / 6.74   31.8 / 13.9    124 / 42.4
-#   int4           0.89   1.58   3.24 / 3.19 6.39 / 8.65   25.5 / 15.8    101 / 44.3
-SMALL_STEP_TOKENS = {"int8": 16, "int4": 16}
+# rows (C++) and multiply in bf16. Measured with the C++ kernels, 2 threads, ms (kernel /
+# dequantized), median of 7:
+#   rows                       8             16            32            48            64
+#   int4 8192 x 2048   1.48 / 5.03   3.34 / 5.42   5.19 / 6.28   7.77 / 7.41   10.4 / 8.76
+#   int4 2048 x 8192   1.20 / 3.38   2.35 / 4.02   6.24 / 6.07   8.99 / 6.94   9.58 / 7.67
+#   int8 8192 x 2048   1.01 / 4.32   2.63 / 4.74   4.67 / 6.03   6.66 / 7.11   8.50 / 8.37
+# In the engine (1B shape), a 24- / 32-token prompt's prefill at 32 rather than 16: int4 80 ->
+# 97 / 92 -> 101 tokens/s, int8 86 -> 108 / 101 -> 116 (6 alternating runs, medians).
+SMALL_STEP_TOKENS = {"int8": 32, "int4": 32}
 GATHER_ROWS = 16         # tokens up to which an int4 embedding lookup is a C++ call a token
 DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in)
 COMPUTE_DTYPE = torch.bfloat16
