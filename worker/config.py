@@ -59,7 +59,8 @@ class WorkerConfig(SharedConfig):
     max_lora_rank: int = field(default=16, metadata=_help(
         "largest LoRA rank served; device slots are sized for it"))
     device_adapter_slots: int = field(default=8, metadata=_help(
-        "adapters held on the device at once (pre-allocated at start)"))
+        "adapters held on the device at once (allocated at start; on CPU a slot becomes resident "
+        "when its first adapter loads)"))
     host_adapter_cache: int = field(default=64, metadata=_help(
         "adapters kept loaded in host memory (LRU); pinned on CUDA"))
     int8_small_steps: bool = field(default=False, metadata=_help(
