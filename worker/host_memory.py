@@ -17,11 +17,8 @@ no-op.
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-log = logging.getLogger(__name__)
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
