@@ -36,6 +36,13 @@ def built_cpu_kernels():
     return module
 
 
+def resident_anon_mib() -> float:
+    """This process's anonymous resident memory (RssAnon, Linux), MiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status
+                    if line.startswith("RssAnon:"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def adapter_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Workers' pushed adapter files go under the session's temporary folder, never to the

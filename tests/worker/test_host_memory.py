@@ -10,16 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import resident_anon_mib
 from worker import host_memory
 
 pytestmark = pytest.mark.skipif(host_memory._glibc() is None or not Path("/proc/self").exists(),
                                 reason="glibc's malloc on Linux")
-
-
-def resident_anon_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status
-                    if line.startswith("RssAnon:"))
 
 
 def load_like(steps: int) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import built_cpu_kernels
+from tests.conftest import built_cpu_kernels, resident_anon_mib
 from worker.loader import read_model_config
 from worker.lora import (
     MAX_SEGMENT_TOKENS,
@@ -450,12 +450,6 @@ def test_module_shapes_match_hf_linear_shapes(tiny_model_dir: Path) -> None:
             kind = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             weight = hf[f"model.layers.{layer}.{kind}.{module}.weight"]  # nn.Linear: [out, in]
             assert weight == (fan_out, fan_in), (module, weight, (fan_in, fan_out))
-
-
-def resident_anon_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status
-                    if line.startswith("RssAnon:"))
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
