@@ -50,17 +50,21 @@ TARGET = 1.0
 RSS_BOUND = 1.25
 
 
+def peak_rss_mib(pid: int) -> float:
+    """A live process's peak resident memory so far, MiB (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def wait_peak_rss_mib(process: subprocess.Popen) -> float:
     """Waits for `process` to exit -> its peak resident memory in MiB (VmHWM, polled: a child's
     getrusage maxrss would include this process's, inherited at fork)."""
     peak = 0.0
     while process.poll() is None:
         try:
-            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) / 1024)
-        except (FileNotFoundError, ProcessLookupError):
-            break
+            peak = max(peak, peak_rss_mib(process.pid))
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            break  # exited (a zombie's status has no VmHWM)
         time.sleep(0.05)
     process.wait()
     return peak
@@ -172,8 +176,7 @@ def llama_server_streams(args: argparse.Namespace, gguf: Path, b: int) -> tuple[
             counts = asyncio.run(all_streams())
             best = max(best, sum(counts) / (time.perf_counter() - start))
         assert server.process is not None
-        status = Path(f"/proc/{server.process.pid}/status").read_text().splitlines()
-        rss = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+        rss = peak_rss_mib(server.process.pid)
     finally:
         server.stop()
     return best, rss
