@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
+from google.protobuf.message import Message
 
 
 class EdgeLoraError(Exception):
@@ -59,10 +60,25 @@ class FailedPrecondition(EdgeLoraError):
 
 
 @asynccontextmanager
-async def refusals_abort(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def refusals_abort(context: grpc.aio.ServicerContext,
+                         requests: AsyncIterator[Message] | None = None,
+                         drain_bytes: int = 0) -> AsyncIterator[None]:
     """In a servicer method: an EdgeLoraError raised inside ends the call with its status and
-    message."""
+    message. In one that reads a client stream (`requests`), up to `drain_bytes` of what the
+    client still sends are read and dropped first: an asyncio client whose write fails as the
+    call ends reports INTERNAL in place of the server's status (grpc/grpc#36066), so, like an
+    HTTP server's lingering close, the client may finish writing and read why it was refused."""
     try:
         yield
     except EdgeLoraError as exc:
+        if requests is not None:
+            await _drain(requests, drain_bytes)
         await context.abort(exc.code, str(exc))
+
+
+async def _drain(requests: AsyncIterator[Message], limit_bytes: int) -> None:
+    seen = 0
+    async for message in requests:
+        seen += message.ByteSize()
+        if seen > limit_bytes:
+            return

@@ -103,7 +103,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             context: grpc.aio.ServicerContext
                             ) -> types_pb2.RegisterAdapterResponse:
         caller = await self._caller(context)
-        async with refusals_abort(context):
+        async with refusals_abort(context, requests, self.config.max_adapter_bytes):
             record = await self._upload(caller, requests)
         return self._registered(caller, record)
 

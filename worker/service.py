@@ -313,7 +313,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Writes the pushed files into the cache (off the event loop), keeping them only if
         they hash to the digest named first."""
         loop = asyncio.get_running_loop()
-        async with refusals_abort(context):
+        async with refusals_abort(context, requests, self.config.max_adapter_bytes):
             first = await anext(aiter(requests), None)
             if first is None or first.WhichOneof("part") != "digest":
                 raise InvalidArgument("PutAdapter starts with the digest")
