@@ -42,7 +42,7 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from common.adapter_blobs import ADAPTER_FILES, BlobStore, digest_files  # noqa: E402
-from edgelora.client import build_request, upload_messages  # noqa: E402
+from edgelora.client import build_request, list_adapters, upload_messages  # noqa: E402
 from edgelora.v1 import (  # noqa: E402
     router_pb2,
     router_pb2_grpc,
@@ -235,7 +235,7 @@ def measure_uploads(args: argparse.Namespace, address: str, adapters: dict[int, 
                 print(f"  r={rank} repeat {i + 1}/{args.repeats}: cold {r['cold_ack'][-1]:.2f} s "
                       f"+ {r['cold_first'][-1]:.2f} s, warm {r['warm_ack'][-1]:.2f} s + "
                       f"{r['warm_first'][-1]:.2f} s", flush=True)
-        left = stub.ListAdapters(types_pb2.ListAdaptersRequest(), timeout=60).adapters
+        left = list(list_adapters(stub, timeout_s=60))
         if left:
             raise RuntimeError("still registered after the uploads: "
                                f"{[a.adapter_id for a in left]}")
@@ -278,8 +278,8 @@ def restart_once(label: str, worker_address: str, state_dir: Path, expected: int
         with grpc.insecure_channel(address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             while True:
-                listed = stub.ListAdapters(types_pb2.ListAdaptersRequest(), timeout=120)
-                if len(listed.adapters) >= expected:
+                listed = list(list_adapters(stub, timeout_s=120))  # every page
+                if len(listed) >= expected:
                     break
                 router.check_alive()
                 time.sleep(0.1)
@@ -292,7 +292,7 @@ def restart_once(label: str, worker_address: str, state_dir: Path, expected: int
             again_s = time.perf_counter() - router.started - generated_s
         figures = {"label": label, "serving_s": serving, "listed_s": listed_s,
                    "generated_s": generated_s, "generate_again_s": again_s,
-                   "listed": len(listed.adapters), "list_reply_bytes": listed.ByteSize()}
+                   "listed": len(listed), "list_reply_bytes": sum(a.ByteSize() for a in listed)}
     finally:
         router.stop()
     figures.update({f"log_{k}": v for k, v in log_events(router).items()})
@@ -446,7 +446,8 @@ def report_restarts(out: dict) -> list[str]:
                      f"empty registry; registered again on the worker: {again:.0f} (expected 0)")
     per = out["worker_list_bytes"] / max(n, 1)
     lines.append(f"  ListAdapters replies at N={n}: worker {out['worker_list_bytes'] / MB:.2f} MB "
-                 f"(the router's sync reads it), router {cold['list_reply_bytes'] / MB:.2f} MB; "
+                 f"(the router's sync reads it), router {cold['list_reply_bytes'] / MB:.2f} MB "
+                 "in pages; "
                  f"the router reads up to {ROUTER_MAX_RECEIVE / MB:.0f} MB from a worker: "
                  f"N~{ROUTER_MAX_RECEIVE / per:.0f} adapters")
     return lines

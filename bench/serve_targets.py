@@ -97,12 +97,12 @@ def edgelora_adapter_ids(address: str) -> list[str]:
     """Registered adapter ids of a running router, sorted (the external-server default)."""
     import grpc
 
-    from edgelora.v1 import router_pb2_grpc, types_pb2
+    from edgelora.client import list_adapters
+    from edgelora.v1 import router_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
-        reply = router_pb2_grpc.RouterStub(channel).ListAdapters(types_pb2.ListAdaptersRequest(),
-                                                                 timeout=30.0)
-    return sorted(a.adapter_id for a in reply.adapters)
+        adapters = list(list_adapters(router_pb2_grpc.RouterStub(channel)))
+    return sorted(a.adapter_id for a in adapters)
 
 
 def llamacpp_adapter_count(url: str) -> int:

@@ -117,6 +117,12 @@ def _cmd_adapters_upload(args: argparse.Namespace) -> None:
     sys.exit(upload_to(sys.stdout, args))
 
 
+def _cmd_adapters_list(args: argparse.Namespace) -> None:
+    from edgelora.client import list_to
+
+    sys.exit(list_to(sys.stdout, args))
+
+
 def _cmd_router_profile(args: argparse.Namespace) -> None:
     from router.profiling import run_profile
 
@@ -280,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--timeout-s", type=float, default=600.0)
     _add_client_options(upload)
     upload.set_defaults(func=_cmd_adapters_upload)
+    list_ = adapters_sub.add_parser("list", help="the adapters you may use (an admin: all), "
+                                    "every page")
+    list_.add_argument("--timeout-s", type=float, default=30.0)
+    _add_client_options(list_)
+    list_.set_defaults(func=_cmd_adapters_list)
     return parser
 
 

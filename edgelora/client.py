@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -114,4 +114,42 @@ def upload_to(out: TextIO, args: argparse.Namespace) -> int:
     out.write(f"registered {adapter.adapter_id!r} (rank {adapter.rank}, digest "
               f"{adapter.digest[:12]}, {'shared' if adapter.shared else adapter.tenant or 'yours'})"
               "\n")
+    return 0
+
+
+def list_adapters(stub: router_pb2_grpc.RouterStub, metadata: Sequence[tuple[str, str]] = (),
+                  timeout_s: float = 30.0, page_size: int = 0) -> Iterator[types_pb2.AdapterInfo]:
+    """Every adapter the caller may see, following ListAdapters' pages (ordered by tenant, then
+    id; 0 = the server's page size)."""
+    token = ""
+    while True:
+        reply = stub.ListAdapters(types_pb2.ListAdaptersRequest(page_size=page_size,
+                                                                page_token=token),
+                                  timeout=timeout_s, metadata=metadata)
+        yield from reply.adapters
+        token = reply.next_page_token
+        if not token:
+            return
+
+
+TIERS = {types_pb2.ADAPTER_TIER_DEVICE: "device", types_pb2.ADAPTER_TIER_HOST: "host",
+         types_pb2.ADAPTER_TIER_DISK: "disk"}
+
+
+def list_to(out: TextIO, args: argparse.Namespace) -> int:
+    """`edgelora adapters list`: one line an adapter (every page); -> the exit code."""
+    with open_channel(args.address, args.tls_ca) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        try:
+            adapters = list(list_adapters(stub, auth_metadata(args.api_key), args.timeout_s))
+        except grpc.RpcError as exc:
+            out.write(f"error: {exc.code().name}: {exc.details()}\n")
+            return 1
+    out.write(f"{'ADAPTER':24} {'TENANT':16} {'RANK':>4} {'TIER':6} {'VER':>3} DESCRIPTION\n")
+    for a in adapters:
+        owner = "(shared)" if a.shared else a.tenant or "-"
+        description = " ".join(a.description.split())
+        out.write(f"{a.adapter_id:24} {owner:16} {a.rank:4d} {TIERS.get(a.tier, '?'):6} "
+                  f"{a.version:3d} {description[:60]}\n")
+    out.write(f"{len(adapters)} adapters\n")
     return 0

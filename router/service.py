@@ -19,6 +19,7 @@ from common.internal_auth import bearer_token
 from common.limits import check_adapter_id, check_card, check_generate
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from router.adapter_cards import CARD_FILE, parse_card
+from router.adapter_pages import encode_token, in_page_order, page_slice, within_bytes
 from router.adapter_paths import confine
 from router.config import RouterConfig
 from router.dispatch import Dispatcher, merge_chunks
@@ -81,9 +82,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
         caller = await self._caller(context)
-        records = listed(caller, self.registry)
+        async with refusals_abort(context):
+            records, more = page_slice(in_page_order(listed(caller, self.registry)),
+                                       request.page_size, request.page_token)
+        infos = await self.registry.list(records, with_paths=caller.is_admin)
+        kept = within_bytes(infos)
+        more = more or kept < len(infos)
         return types_pb2.ListAdaptersResponse(
-            adapters=await self.registry.list(records, with_paths=caller.is_admin))
+            adapters=infos[:kept],
+            next_page_token=encode_token(records[kept - 1]) if more else "")
 
     async def RegisterAdapter(self, request: types_pb2.RegisterAdapterRequest,
                               context: grpc.aio.ServicerContext

@@ -340,7 +340,8 @@ def _without_env_assignments(argv: list[str]) -> list[str]:
     return argv
 
 
-CLIENT_COMMANDS = (["edgelora", "generate"], ["edgelora", "adapters", "upload"])
+CLIENT_COMMANDS = (["edgelora", "generate"], ["edgelora", "adapters", "upload"],
+                   ["edgelora", "adapters", "list"])
 
 
 def check_client_command(argv: list[str]) -> bool:

@@ -1,0 +1,98 @@
+"""ListAdapters a page at a time through the public API: each tenant's pages hold exactly what it
+may see, once each, in (tenant, id) order; a page token a reply did not give is refused; and
+`edgelora adapters list` follows every page."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from edgelora.client import list_adapters
+from edgelora.v1 import router_pb2_grpc, types_pb2
+from tests.conftest import ServeThread, write_random_adapter
+from worker.config import WorkerConfig
+
+OWNED = {"acme": 7, "beta": 4, "": 2}  # "" = shared
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("list-adapters")
+    keys = {name: f"k-{name}-{secrets.token_urlsafe(12)}" for name in ("ops", "acme", "beta")}
+    (base / "keys.json").write_text(json.dumps({"keys": [
+        {"key": keys["ops"], "tenant": "ops", "role": "admin"},
+        {"key": keys["acme"], "tenant": "acme"}, {"key": keys["beta"], "tenant": "beta"}]}))
+    folder = write_random_adapter(base / "root" / "a", tiny_model_dir, rank=4, seed=3)
+    server = ServeThread(WorkerConfig(model=str(tiny_model_dir), port=0, num_threads=1,
+                                      max_model_len=256, kv_cache_mb=16, max_batch_size=4),
+                         api_keys=str(base / "keys.json"), adapter_root=str(base / "root"))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for owner, count in OWNED.items():
+            for i in range(count):
+                stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
+                    adapter_id=f"{owner or 'common'}-{i}", path=str(folder), tenant=owner,
+                    shared=not owner, description=f"adapter {i} of {owner or 'everyone'}"),
+                    metadata=bearer(keys["ops"]), timeout=60)
+    server.keys = keys
+    yield server
+    server.stop()
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def test_each_tenant_pages_through_what_it_may_see(cluster) -> None:
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for tenant, expected in (("acme", 7 + 2), ("beta", 4 + 2), ("ops", 7 + 4 + 2)):
+            pages, token = [], ""
+            while True:
+                reply = stub.ListAdapters(types_pb2.ListAdaptersRequest(page_size=3,
+                                                                        page_token=token),
+                                          metadata=bearer(cluster.keys[tenant]), timeout=30)
+                pages.append(len(reply.adapters))
+                token = reply.next_page_token
+                if not token:
+                    break
+            assert pages == [3] * (expected // 3) + ([expected % 3] if expected % 3 else [])
+            seen = [(a.tenant, a.adapter_id) for a in list_adapters(
+                stub, bearer(cluster.keys[tenant]), page_size=4)]
+            assert len(seen) == expected and seen == sorted(seen), "once each, in order"
+            if tenant != "ops":
+                assert {owner for owner, _ in seen} == {tenant, ""}, "its own and shared only"
+            everything = stub.ListAdapters(types_pb2.ListAdaptersRequest(),
+                                           metadata=bearer(cluster.keys[tenant]), timeout=30)
+            assert len(everything.adapters) == expected and not everything.next_page_token
+
+
+def test_a_page_token_no_reply_gave_is_refused(cluster) -> None:
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListAdapters(types_pb2.ListAdaptersRequest(page_token="!" * 40),
+                              metadata=bearer(cluster.keys["acme"]), timeout=30)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in refused.value.details()
+
+
+def test_the_cli_lists_every_page(cluster) -> None:
+    out = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapters", "list",
+                          "--address", cluster.address, "--api-key", cluster.keys["beta"]],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.splitlines()[1:-1]
+    assert sorted(row.split()[0] for row in rows) == sorted(
+        [f"beta-{i}" for i in range(4)] + [f"common-{i}" for i in range(2)])
+    assert out.stdout.splitlines()[-1] == "6 adapters"
+    denied = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapters", "list",
+                             "--address", cluster.address, "--api-key", "k-nobody-12345678"],
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stdout
