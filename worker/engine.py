@@ -10,15 +10,28 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from common.errors import EdgeLoraError
+from worker.adapter_memory import AdapterMemory
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler, StepResult
 from worker.sequence import Abort, AddRequest, Detokenizer, Sequence, SequenceStatus, TokenEvent
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds now, for Info and health (read off the engine thread: a snapshot
+    that may be a step old)."""
+
+    num_running: int
+    num_waiting: int
+    num_free_kv_blocks: int
+    num_kv_blocks: int
 
 
 class Engine:
@@ -33,6 +46,20 @@ class Engine:
         self.emit = emit
         self._inbox: queue.SimpleQueue[AddRequest | Abort | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+
+    @property
+    def adapters(self) -> AdapterMemory | None:
+        """The adapters it serves: registrations, tiers and stats (None: no LoRA slots)."""
+        return self.scheduler.adapters
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.scheduler.eos_token_ids
+
+    def load(self) -> EngineLoad:
+        scheduler = self.scheduler
+        return EngineLoad(len(scheduler.running), len(scheduler.waiting),
+                          scheduler.blocks.num_free_blocks, scheduler.blocks.num_blocks)
 
     def submit(self, message: AddRequest | Abort) -> None:
         """Thread-safe: the engine thread picks it up before its next step."""

@@ -57,7 +57,7 @@ class WorkerMetrics:
 
     def attach(self, engine: Engine) -> None:
         """Reads the engine's state at scrape time and times its adapter loads."""
-        self.adapters = engine.scheduler.adapters
+        self.adapters = engine.adapters
         self.registry.register(EngineCollector(engine.scheduler))
         if self.adapters is not None:
             self.adapters.on_load = self.adapter_loaded

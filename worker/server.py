@@ -112,8 +112,8 @@ class WorkerRuntime:
         await self.server.stop(grace_s)
         self.service.close()
         self.engine.stop()
-        if self.engine.scheduler.adapters is not None:
-            self.engine.scheduler.adapters.close()
+        if self.engine.adapters is not None:
+            self.engine.adapters.close()
 
 
 def build_engine(config: WorkerConfig,

@@ -183,7 +183,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 engine = self.engine
                 self._grammars = JsonGrammars(self.tokenizer.hf,
                                               engine.runner.model.config.vocab_size,
-                                              sorted(engine.scheduler.eos_token_ids))
+                                              sorted(engine.eos_token_ids))
             return self._grammars.constraint(self._grammars.compile(fmt.type, fmt.json_schema))
 
         return await loop.run_in_executor(self._compiler, compile_grammar)
@@ -211,7 +211,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                   f"({len(reference_ids)} tokens) exceed this worker's context "
                                   f"of {limit} tokens: shorten them")
         adapter_ids = list(request.adapter_ids) or [""]
-        memory = self.engine.scheduler.adapters
+        memory = self.engine.adapters
         for adapter_id in filter(None, adapter_ids):  # fail the whole call before queueing any
             error = (NotFound(f"adapter {adapter_id!r}: this worker serves no adapters")
                      if memory is None else memory.error(adapter_id))
@@ -253,13 +253,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Info(self, request: worker_pb2.InfoRequest,
                    context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
-        scheduler = self.engine.scheduler
-        memory = scheduler.adapters
+        memory, load = self.engine.adapters, self.engine.load()
         return worker_pb2.InfoResponse(
             model=self.info.model, max_model_len=self.info.max_model_len, device=self.info.device,
-            dtype=self.info.dtype, num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting), num_free_kv_blocks=scheduler.blocks.num_free_blocks,
-            num_kv_blocks=scheduler.blocks.num_blocks,
+            dtype=self.info.dtype, num_running=load.num_running, num_waiting=load.num_waiting,
+            num_free_kv_blocks=load.num_free_kv_blocks, num_kv_blocks=load.num_kv_blocks,
             adapters=[a for a in adapters_to_pb(memory) if a.tier != types_pb2.ADAPTER_TIER_DISK],
             adapter_stats=stats_to_pb(memory))
 
@@ -278,7 +276,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _check_adapter(self, request: types_pb2.RegisterAdapterRequest):
         """Reads and validates the adapter's files (config, every tensor) and registers it:
         from its path, or from this worker's cache when the router names a digest."""
-        memory = self.engine.scheduler.adapters
+        memory = self.engine.adapters
 
         def check_and_register():
             path = request.path
@@ -334,7 +332,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def UnregisterAdapter(self, request: types_pb2.UnregisterAdapterRequest,
                                 context: grpc.aio.ServicerContext
                                 ) -> types_pb2.UnregisterAdapterResponse:
-        memory = self.engine.scheduler.adapters
+        memory = self.engine.adapters
         spec = memory.registry.get(request.adapter_id)
         if spec is None or not memory.unregister(request.adapter_id):
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -347,7 +345,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> types_pb2.ListAdaptersResponse:
-        adapters = adapters_to_pb(self.engine.scheduler.adapters)
+        adapters = adapters_to_pb(self.engine.adapters)
         return types_pb2.ListAdaptersResponse(adapters=adapters)
 
 
