@@ -11,13 +11,15 @@ the speed, and on an edge box the same bytes are most of the process's memory. F
     A weight that is already 4-bit symmetric, every group exactly scale * (q - 8) (what a GGUF
     Q4_0 file holds), is kept in that form instead, head included: 4.5 bits a weight rather
     than 5 (8 for the head), and the file's own weights, not a rounding of them.
-Small steps (<= SMALL_STEP_TOKENS rows, decode) are a stream of weights: our C++ kernels
-(kernels/csrc/q4_matmul.cpp: activations quantized per group of 32 to int8, integer dot products
-with AVX-512 VNNI where present, a portable loop otherwise) read 1 or ~0.6 byte per weight; int8
-weights whose in-features are not runs of 64 take torch's _weight_int8pack_mm. Larger steps
-(prefill chunks, wide decode batches), where weight-only kernels fall behind bf16 GEMMs,
-dequantize DEQUANT_ROWS output rows at a time into a small buffer (C++, one pass) and multiply in
-bfloat16, so no layer is ever held in full precision.
+Small steps (<= SMALL_STEP_TOKENS rows: decode, batched decode, short prompts) take our C++
+kernels (kernels/csrc/q4_matmul.cpp: activations quantized per group of 32 to int8, integer dot
+products with AVX-512 VNNI where present, a portable loop otherwise), reading 1 or ~0.6 byte
+per weight; int4 weights are laid out in tiles of 16 rows so that one instruction multiplies 16
+rows at once (up to 256 rows of activations it beats dequantizing); int8 weights whose
+in-features are not runs of 64 take torch's _weight_int8pack_mm. Larger steps (long prefill
+chunks), where weight-only kernels fall behind bf16 GEMMs, dequantize DEQUANT_ROWS output rows
+at a time into a small buffer (C++, one pass) and multiply in bfloat16, so no layer is ever held
+in full precision.
 
 LoRA deltas are added to these projections' outputs in the activation dtype, as on full weights
 (worker.model.ForwardBatch.project): exact on top of the quantized base.
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from worker.kernels import cpu as cpu_kernels
@@ -37,18 +40,19 @@ from worker.model import LlamaModel
 
 log = logging.getLogger(__name__)
 GROUP_SIZE = 32          # int4 weights per (scale, min), as GGUF's 4-bit blocks
-INT4_RUN = 64            # int4 weights per packed run of a row (two groups)
+INT4_RUN = 64            # int4 in-features must be runs of this (the kernel's two groups)
+TILE = 16                # int4 output rows held together: the C++ kernel's 16 lanes
 INT8_IN_MULTIPLE = 16    # _weight_int8pack_mm reads 16 weights at a time (other widths crash it)
 # Steps of at most this many rows take the weight-only kernels, larger ones dequantize blocks of
 # rows (C++) and multiply in bf16. Measured with the C++ kernels, 2 threads, ms (kernel /
 # dequantized), median of 7:
-#   rows                       8             16            32            48            64
-#   int4 8192 x 2048   1.48 / 5.03   3.34 / 5.42   5.19 / 6.28   7.77 / 7.41   10.4 / 8.76
-#   int4 2048 x 8192   1.20 / 3.38   2.35 / 4.02   6.24 / 6.07   8.99 / 6.94   9.58 / 7.67
-#   int8 8192 x 2048   1.01 / 4.32   2.63 / 4.74   4.67 / 6.03   6.66 / 7.11   8.50 / 8.37
-# In the engine (1B shape), a 24- / 32-token prompt's prefill at 32 rather than 16: int4 80 ->
-# 97 / 92 -> 101 tokens/s, int8 86 -> 108 / 101 -> 116 (6 alternating runs, medians).
-SMALL_STEP_TOKENS = {"int8": 32, "int4": 32}
+#   rows                   8            16            32            64           128           256
+#   int4 8192x2048  0.59 / 3.44  1.15 / 4.12  2.30 / 5.28  4.60 / 7.74  9.20 / 12.6  18.5 / 22.0
+#   int4 2048x8192  0.77 / 2.84  1.37 / 3.54  2.38 / 4.73  6.21 / 7.09  9.58 / 12.1  20.1 / 21.6
+#   int8 8192x2048  1.01 / 4.32  2.63 / 4.74  4.67 / 6.03  8.50 / 8.37
+# In the engine (1B shape), a 24- / 32-token prompt's prefill at 32 rather than 16 rows, int8:
+# 86 -> 108 / 101 -> 116 tokens/s (6 alternating runs).
+SMALL_STEP_TOKENS = {"int8": 32, "int4": 256}
 GATHER_ROWS = 16         # tokens up to which an int4 embedding lookup is a C++ call a token
 DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in)
 COMPUTE_DTYPE = torch.bfloat16
@@ -143,10 +147,12 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """Our int4 layout (csrc/q4_matmul.cpp): packed [out, in / 2] uint8, each run of 64 weights
-    of a row in 32 bytes, weight i in byte i's low nibble and weight i + 32 in its high one;
-    scales and mins [out, in / GROUP_SIZE] fp16; w = q * scale + min. `mins` is None in the
-    symmetric form (min = -8 * scale), kept for a weight that is exactly in it (pack_q4_0).
+    """Our int4 layout (csrc/q4_matmul.cpp): the output rows in tiles of TILE (the last padded
+    with zero rows), each tile's weights by group of GROUP_SIZE inputs in 256 bytes: packed
+    [tiles, in / GROUP_SIZE, 256] uint8, byte 64 k + 4 l + i holding weight 4 k + i of the
+    group in row l of the tile in its low nibble and weight 16 + 4 k + i in its high one;
+    scales and mins [tiles, in / GROUP_SIZE, TILE] fp16; w = q * scale + min. `mins` is None in
+    the symmetric form (min = -8 * scale), kept for a weight that is exactly in it (pack_q4_0).
 
     weight: a tensor, or a StoredTensor (a vocabulary table, read and quantized by row blocks)."""
 
@@ -170,12 +176,13 @@ class Int4Linear(QuantizedLinear):
         kernels = cpu_kernels.load()
         if kernels is None:  # torch's ops: correct, slow
             return x @ self.rows(0, self.out_features).T
-        return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self._mins())
+        return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self._mins(),
+                                 self.out_features)
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         kernels = cpu_kernels.load()
         if kernels is None:
-            return self._dequantize(self.packed[start:end], slice(start, end))
+            return self._dequantize(torch.arange(start, end))
         out = torch.empty(end - start, self.in_features, dtype=COMPUTE_DTYPE)
         kernels.dequantize_q4_(out, self.packed, self.scales, self._mins(), start)
         return out
@@ -187,7 +194,7 @@ class Int4Linear(QuantizedLinear):
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         kernels = cpu_kernels.load()
         if kernels is None or len(ids) > GATHER_ROWS:
-            return self._dequantize(self.packed.index_select(0, ids), ids)
+            return self._dequantize(ids)
         # a decode step's few tokens: a C++ call each, where torch's path dispatches ~12 ops
         out = torch.empty(len(ids), self.in_features, dtype=COMPUTE_DTYPE)
         packed, scales, mins = self.packed, self.scales, self._mins()
@@ -195,14 +202,15 @@ class Int4Linear(QuantizedLinear):
             kernels.dequantize_q4_(out[i:i + 1], packed, scales, mins, row)
         return out
 
-    def _dequantize(self, packed: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-        """q * scale + min in float32, rounded once to bf16 (as the C++ kernel)."""
-        runs = packed.view(len(packed), -1, INT4_RUN // 2)
-        q = torch.stack([runs & 0xF, runs >> 4], dim=2).view(len(packed), -1, GROUP_SIZE)
-        scales = self.scales[rows].float()
-        mins = -Q4_0_ZERO * scales if self.mins is None else self.mins[rows].float()
-        w = torch.addcmul(mins[:, :, None], q.float(), scales[:, :, None])
-        return w.view(len(packed), self.in_features).to(COMPUTE_DTYPE)
+    def _dequantize(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids`: q * scale + min in float32, rounded once to bf16 (as the C++ kernel)."""
+        tiles, lanes, n = ids // TILE, ids % TILE, len(ids)
+        q = _unpack(self.packed.index_select(0, tiles))[torch.arange(n), lanes]  # [n, in]
+        scales = self.scales.index_select(0, tiles)[torch.arange(n), :, lanes].float()
+        mins = (-Q4_0_ZERO * scales if self.mins is None
+                else self.mins.index_select(0, tiles)[torch.arange(n), :, lanes].float())
+        w = torch.addcmul(mins[:, :, None], q.view(n, -1, GROUP_SIZE).float(), scales[:, :, None])
+        return w.view(n, self.in_features).to(COMPUTE_DTYPE)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -271,10 +279,30 @@ def _exact_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (q, scales) if torch.equal(rebuilt.view_as(w), w.float()) else None
 
 
+def _tiles(rows: int) -> int:
+    return -(-rows // TILE)
+
+
 def _pack(q: torch.Tensor) -> torch.Tensor:
-    """q [n, in] in 0..15 -> our layout [n, in / 2] uint8 (Int4Linear)."""
-    runs = q.view(len(q), -1, 2, INT4_RUN // 2).to(torch.uint8)
-    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).view(len(q), -1)
+    """q [n, in] in 0..15 -> our tiled layout [tiles, in / GROUP_SIZE, 256] uint8 (Int4Linear)."""
+    n, in_features = q.shape
+    q = F.pad(q.to(torch.uint8), (0, 0, 0, _tiles(n) * TILE - n))
+    # [tile, lane, group, half, k, i] -> [tile, group, half, k, lane, i]
+    t = q.view(-1, TILE, in_features // GROUP_SIZE, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
+    return (t[:, :, 0] | (t[:, :, 1] << 4)).reshape(len(t), -1, TILE * GROUP_SIZE // 2)
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """_pack's inverse: [tiles, groups, 256] -> q [tiles, TILE, groups * GROUP_SIZE] uint8."""
+    blocks = packed.view(len(packed), -1, 4, TILE, 4)  # [tile, group, k, lane, i]
+    q = torch.stack([blocks & 0xF, blocks >> 4], dim=2)  # [tile, group, half, k, lane, i]
+    return q.permute(0, 4, 1, 2, 3, 5).reshape(len(packed), TILE, -1)
+
+
+def _tile_rows(values: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group values [n, groups] -> [tiles, groups, TILE] (padded with zeros)."""
+    values = F.pad(values, (0, 0, 0, _tiles(len(values)) * TILE - len(values)))
+    return values.view(-1, TILE, values.shape[1]).transpose(1, 2).contiguous()
 
 
 @torch.no_grad()
@@ -284,14 +312,13 @@ def pack_q4_0(weight: torch.Tensor | StoredRows) -> tuple[torch.Tensor, torch.Te
     out_features, in_features = weight.shape
     if in_features % INT4_RUN:
         return None
-    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
-    scales = torch.empty(out_features, in_features // GROUP_SIZE, dtype=torch.float16)
+    packed, scales = _empty_tiled(out_features, in_features)
     for start in range(0, out_features, QUANTIZE_ROWS):
         exact = _exact_q4_0(weight[start:start + QUANTIZE_ROWS])
         if exact is None:
             return None
-        packed[start:start + QUANTIZE_ROWS] = _pack(exact[0])
-        scales[start:start + QUANTIZE_ROWS] = exact[1]
+        tiles = slice(start // TILE, _tiles(start + len(exact[0])))
+        packed[tiles], scales[tiles] = _pack(exact[0]), _tile_rows(exact[1])
     return packed, scales
 
 
@@ -301,14 +328,21 @@ def pack_q4_1(weight: torch.Tensor | StoredRows) -> tuple[torch.Tensor, torch.Te
     """(packed, fp16 scales, fp16 mins) of `weight` in the Q4_1 form (quantize_int4), by row
     blocks."""
     out_features, in_features = weight.shape
-    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
-    scales = torch.empty(out_features, in_features // GROUP_SIZE, dtype=torch.float16)
+    packed, scales = _empty_tiled(out_features, in_features)
     mins = torch.empty_like(scales)
     for start in range(0, out_features, QUANTIZE_ROWS):
-        q, scales[start:start + QUANTIZE_ROWS], mins[start:start + QUANTIZE_ROWS] = \
-            quantize_int4(weight[start:start + QUANTIZE_ROWS])
-        packed[start:start + QUANTIZE_ROWS] = _pack(q)
+        q, block_scales, block_mins = quantize_int4(weight[start:start + QUANTIZE_ROWS])
+        tiles = slice(start // TILE, _tiles(start + len(q)))
+        packed[tiles] = _pack(q)
+        scales[tiles], mins[tiles] = _tile_rows(block_scales), _tile_rows(block_mins)
     return packed, scales, mins
+
+
+def _empty_tiled(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, fp16 scales) of an int4 weight, uninitialized, in Int4Linear's layout."""
+    groups = in_features // GROUP_SIZE
+    return (torch.empty(_tiles(out_features), groups, TILE * GROUP_SIZE // 2, dtype=torch.uint8),
+            torch.empty(_tiles(out_features), groups, TILE, dtype=torch.float16))
 
 
 def quantized_linear(fmt: str, weight: torch.Tensor,

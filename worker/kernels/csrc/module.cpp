@@ -11,7 +11,7 @@ void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor a, std::vector<
                  torch::Tensor segments);
 void dequantize_int8_(torch::Tensor out, torch::Tensor q, torch::Tensor scales, int64_t start);
 torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
-                        torch::Tensor mins);
+                        torch::Tensor mins, int64_t n);
 torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 void dequantize_q4_(torch::Tensor out, torch::Tensor packed, torch::Tensor scales,
                     torch::Tensor mins, int64_t start);
