@@ -103,6 +103,24 @@ def test_int8_maps_each_rows_largest_weight_to_127() -> None:
     assert (q.abs().amax(dim=1)[[0, 1, 39]] == 127).all() and not q[3].any()
 
 
+def test_the_int4_tile_layout_puts_each_weight_where_the_kernel_reads_it() -> None:
+    """Byte 64 k + 4 l + i of block (tile, group) holds weight 4 k + i of row l in its low
+    nibble and 16 + 4 k + i in its high one (csrc/q4_matmul.cpp); rows past the last pad with
+    zeros; unpacking inverts it."""
+    q = torch.randint(0, 16, (37, 3 * GROUP_SIZE), generator=torch.Generator().manual_seed(5))
+    packed = qw._pack(q)
+    assert packed.shape == (3, 3, 256) and packed.dtype == torch.uint8
+    row, group, k, i = 16 + 5, 2, 3, 1  # tile 1, lane 5
+    byte = int(packed[1, group, 64 * k + 4 * 5 + i])
+    assert byte & 0xF == q[row, 32 * group + 4 * k + i]
+    assert byte >> 4 == q[row, 32 * group + 16 + 4 * k + i]
+    unpacked = qw._unpack(packed).reshape(48, -1)
+    assert torch.equal(unpacked[:37], q.to(torch.uint8)) and not unpacked[37:].any()
+    scales = torch.arange(37 * 3, dtype=torch.float16).view(37, 3)
+    tiled = qw._tile_rows(scales)
+    assert tiled.shape == (3, 3, 16) and tiled[1, 2, 5] == scales[21, 2] and tiled[2, 0, 5] == 0
+
+
 def test_int4_groups_span_their_range_and_requantize_to_themselves() -> None:
     """Each group's least weight is q = 0 and its largest q = 15; the weights a GGUF Q4_1 file
     dequantizes to (the same form) quantize back to the same values."""
