@@ -36,6 +36,18 @@ def built_cpu_kernels():
     return module
 
 
+def write_api_keys(path: Path) -> dict[str, str]:
+    """A keys file at `path`: tenant "ops" an admin, "acme" and "beta" tenants; -> their keys."""
+    import json
+    import secrets
+
+    keys = {name: f"k-{name}-{secrets.token_urlsafe(12)}" for name in ("ops", "acme", "beta")}
+    path.write_text(json.dumps({"keys": [
+        {"key": keys["ops"], "tenant": "ops", "role": "admin"},
+        {"key": keys["acme"], "tenant": "acme"}, {"key": keys["beta"], "tenant": "beta"}]}))
+    return keys
+
+
 def resident_anon_mib() -> float:
     """This process's anonymous resident memory (RssAnon, Linux), MiB."""
     with open("/proc/self/status") as status:

@@ -4,8 +4,6 @@ may see, once each, in (tenant, id) order; a page token a reply did not give is 
 
 from __future__ import annotations
 
-import json
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from edgelora.client import list_adapters
 from edgelora.v1 import router_pb2_grpc, types_pb2
-from tests.conftest import ServeThread, write_random_adapter
+from tests.conftest import ServeThread, write_api_keys, write_random_adapter
 from worker.config import WorkerConfig
 
 OWNED = {"acme": 7, "beta": 4, "": 2}  # "" = shared
@@ -24,10 +22,7 @@ OWNED = {"acme": 7, "beta": 4, "": 2}  # "" = shared
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("list-adapters")
-    keys = {name: f"k-{name}-{secrets.token_urlsafe(12)}" for name in ("ops", "acme", "beta")}
-    (base / "keys.json").write_text(json.dumps({"keys": [
-        {"key": keys["ops"], "tenant": "ops", "role": "admin"},
-        {"key": keys["acme"], "tenant": "acme"}, {"key": keys["beta"], "tenant": "beta"}]}))
+    keys = write_api_keys(base / "keys.json")
     folder = write_random_adapter(base / "root" / "a", tiny_model_dir, rank=4, seed=3)
     server = ServeThread(WorkerConfig(model=str(tiny_model_dir), port=0, num_threads=1,
                                       max_model_len=256, kv_cache_mb=16, max_batch_size=4),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import openai
 import pytest
 
 from edgelora.v1 import router_pb2_grpc, types_pb2, worker_pb2, worker_pb2_grpc
-from tests.conftest import ServeThread, write_random_adapter
+from tests.conftest import ServeThread, write_api_keys, write_random_adapter
 from worker.config import WorkerConfig
 from worker.tokenizer import Tokenizer
 
@@ -64,10 +63,7 @@ class Tiny:
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("openai-tiny")
-    keys = {name: f"k-{name}-{secrets.token_urlsafe(12)}" for name in ("ops", "acme", "beta")}
-    (base / "keys.json").write_text(json.dumps({"keys": [
-        {"key": keys["ops"], "tenant": "ops", "role": "admin"},
-        {"key": keys["acme"], "tenant": "acme"}, {"key": keys["beta"], "tenant": "beta"}]}))
+    keys = write_api_keys(base / "keys.json")
     root = base / "root"
     owners = {"acme-style": "acme", "common": "", "beta-only": "beta"}
     for seed, name in enumerate(owners):
