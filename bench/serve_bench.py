@@ -59,6 +59,7 @@ SCENARIOS = ("mixed", "single")
 PROTOCOLS = ("grpc", "http")  # ours; llama.cpp is HTTP only
 HTTP_LABEL = "edgelora-http"  # ours over HTTP in the tables ("edgelora" is ours over gRPC)
 INVARIANT_LABEL = "edgelora-invariant"  # ours with --batch-invariant, over gRPC
+SHAPE_SINGLE_TARGET = 2.0  # issue 16: at a real model's shape, one adapter >= 2x llama-server
 
 
 def scenario_requests(requests: list[Request], scenario: str) -> list[Request]:
@@ -273,6 +274,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout-s", type=float, default=3600.0)
     p.add_argument("--slo-ttft-s", type=float, default=SLO_TTFT_S)
     p.add_argument("--target-ratio", type=float, default=4.0, help="mixed: ours / llama.cpp")
+    p.add_argument("--single-target-ratio", type=float, default=None,
+                   help="single: ours / llama.cpp throughput to print PASS/MISS for (default: "
+                   f"{SHAPE_SINGLE_TARGET:g} with --shape, else not gated)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out"
                    / "serve_bench", help="results.json, serve_bench.png, server logs")
     args = p.parse_args(argv)
@@ -331,7 +335,9 @@ def main(argv: list[str] | None = None) -> Results:
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     print(format_table(results, args.slo_ttft_s))
-    for line in ratio_lines(results, target_ratio=args.target_ratio):
+    single_ratio = (args.single_target_ratio if args.single_target_ratio is not None
+                    else SHAPE_SINGLE_TARGET if args.shape else None)
+    for line in ratio_lines(results, target_ratio=args.target_ratio, single_ratio=single_ratio):
         print(line)
     for line in http_cost_lines(results, http=HTTP_LABEL, grpc="edgelora"):
         print(line)

@@ -37,6 +37,9 @@ def test_ratios_and_pass_miss() -> None:
     assert mixed.startswith("PASS") and f"{23 / 5:.2f}x req/s" in mixed and "100% vs 0%" in mixed
     assert not single.startswith(("PASS", "MISS")) and f"{6 / 5:.2f}x" in single
     assert ratio_lines(results, target_ratio=5.0)[0].startswith("MISS")
+    gated = ratio_lines(results, target_ratio=4.0, single_ratio=1.2)[1]
+    assert gated.startswith("PASS") and "target >= 1.2x" in gated  # 6 / 5 = 1.2
+    assert ratio_lines(results, target_ratio=4.0, single_ratio=1.3)[1].startswith("MISS")
     table = format_table(results, 6.0)
     assert table.count("edgelora") == 2 and "100%" in table and "0%" in table
 
