@@ -117,6 +117,12 @@ def _cmd_adapters_upload(args: argparse.Namespace) -> None:
     sys.exit(upload_to(sys.stdout, args))
 
 
+def _cmd_adapters_remove(args: argparse.Namespace) -> None:
+    from edgelora.client import remove_to
+
+    sys.exit(remove_to(sys.stdout, args))
+
+
 def _cmd_adapters_list(args: argparse.Namespace) -> None:
     from edgelora.client import list_to
 
@@ -291,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument("--timeout-s", type=float, default=30.0)
     _add_client_options(list_)
     list_.set_defaults(func=_cmd_adapters_list)
+    remove = adapters_sub.add_parser("remove", help="unregister one of your adapters (an "
+                                     "admin: any tenant's, or a shared one)")
+    remove.add_argument("id", help="the adapter id")
+    remove.add_argument("--tenant", default="", help="admin: the tenant whose adapter it is")
+    remove.add_argument("--shared", action="store_true", help="admin: the shared adapter of "
+                        "this id")
+    remove.add_argument("--timeout-s", type=float, default=60.0)
+    _add_client_options(remove)
+    remove.set_defaults(func=_cmd_adapters_remove)
     return parser
 
 

@@ -132,6 +132,22 @@ def list_adapters(stub: router_pb2_grpc.RouterStub, metadata: Sequence[tuple[str
             return
 
 
+def remove_to(out: TextIO, args: argparse.Namespace) -> int:
+    """`edgelora adapters remove ID`: unregisters it (its files go once nothing uses them);
+    -> the exit code."""
+    request = types_pb2.UnregisterAdapterRequest(adapter_id=args.id, tenant=args.tenant or "",
+                                                 shared=args.shared)
+    with open_channel(args.address, args.tls_ca) as channel:
+        try:
+            router_pb2_grpc.RouterStub(channel).UnregisterAdapter(
+                request, timeout=args.timeout_s, metadata=auth_metadata(args.api_key))
+        except grpc.RpcError as exc:
+            out.write(f"error: {exc.code().name}: {exc.details()}\n")
+            return 1
+    out.write(f"removed {args.id!r}\n")
+    return 0
+
+
 TIERS = {types_pb2.ADAPTER_TIER_DEVICE: "device", types_pb2.ADAPTER_TIER_HOST: "host",
          types_pb2.ADAPTER_TIER_DISK: "disk"}
 

@@ -341,7 +341,7 @@ def _without_env_assignments(argv: list[str]) -> list[str]:
 
 
 CLIENT_COMMANDS = (["edgelora", "generate"], ["edgelora", "adapters", "upload"],
-                   ["edgelora", "adapters", "list"])
+                   ["edgelora", "adapters", "list"], ["edgelora", "adapters", "remove"])
 
 
 def check_client_command(argv: list[str]) -> bool:

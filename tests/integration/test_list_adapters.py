@@ -1,6 +1,6 @@
 """ListAdapters a page at a time through the public API: each tenant's pages hold exactly what it
 may see, once each, in (tenant, id) order; a page token a reply did not give is refused; and
-`edgelora adapters list` follows every page."""
+`edgelora adapters list` follows every page; `edgelora adapters remove` removes what the key may."""
 
 from __future__ import annotations
 
@@ -91,3 +91,29 @@ def test_the_cli_lists_every_page(cluster) -> None:
                              "--address", cluster.address, "--api-key", "k-nobody-12345678"],
                             capture_output=True, text=True, timeout=120)
     assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stdout
+
+
+def test_the_cli_removes_only_what_the_key_may(cluster) -> None:
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgelora.cli", "adapters", *argv,
+                               "--address", cluster.address], capture_output=True, text=True,
+                              timeout=120)
+
+    beta, ops = cluster.keys["beta"], cluster.keys["ops"]
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        existing = next(list_adapters(stub, bearer(ops)))
+        for owner in ("acme", "beta"):  # this test's own, so the others' state stays
+            stub.RegisterAdapter(types_pb2.RegisterAdapterRequest(
+                adapter_id="temp", path=existing.path, tenant=owner), metadata=bearer(ops),
+                timeout=60)
+        refused = cli("remove", "common-0", "--api-key", beta)  # shared: not beta's to remove
+        assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stdout
+        done = cli("remove", "temp", "--api-key", beta)  # its own, not acme's of the same id
+        assert done.returncode == 0 and "removed 'temp'" in done.stdout
+        again = cli("remove", "temp", "--api-key", beta)
+        assert again.returncode == 1 and "NOT_FOUND" in again.stdout
+        by_admin = cli("remove", "temp", "--tenant", "acme", "--api-key", ops)
+        assert by_admin.returncode == 0, by_admin.stdout
+        left = {(a.tenant, a.adapter_id) for a in list_adapters(stub, bearer(ops))}
+    assert not {("beta", "temp"), ("acme", "temp")} & left and ("", "common-0") in left
