@@ -204,13 +204,17 @@ class Int4Linear(QuantizedLinear):
 
     def _dequantize(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids`: q * scale + min in float32, rounded once to bf16 (as the C++ kernel)."""
-        tiles, lanes, n = ids // TILE, ids % TILE, len(ids)
-        q = _unpack(self.packed.index_select(0, tiles))[torch.arange(n), lanes]  # [n, in]
-        scales = self.scales.index_select(0, tiles)[torch.arange(n), :, lanes].float()
-        mins = (-Q4_0_ZERO * scales if self.mins is None
-                else self.mins.index_select(0, tiles)[torch.arange(n), :, lanes].float())
-        w = torch.addcmul(mins[:, :, None], q.view(n, -1, GROUP_SIZE).float(), scales[:, :, None])
-        return w.view(n, self.in_features).to(COMPUTE_DTYPE)
+        tiles, lanes, rows = ids // TILE, ids % TILE, torch.arange(len(ids))
+
+        def of_rows(tiled: torch.Tensor) -> torch.Tensor:  # [tiles, groups, TILE] -> [n, groups]
+            return tiled.index_select(0, tiles)[rows, :, lanes].float()
+
+        q = _unpack(self.packed.index_select(0, tiles))[rows, lanes]  # [n, in]
+        scales = of_rows(self.scales)
+        mins = -Q4_0_ZERO * scales if self.mins is None else of_rows(self.mins)
+        w = torch.addcmul(mins[:, :, None], q.view(len(ids), -1, GROUP_SIZE).float(),
+                          scales[:, :, None])
+        return w.view(len(ids), self.in_features).to(COMPUTE_DTYPE)
 
 
 class QuantizedEmbedding(nn.Module):

@@ -177,9 +177,8 @@ void tile_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
           }
         }
         const float s = half_to_float(scales[g * kTile + l]);
-        const float m = mins ? half_to_float(mins[g * kTile + l]) : kSymmetricMin * s;
         total = std::fma(s * x[c].scale[g], static_cast<float>(dot), total);
-        total = std::fma(m, x[c].sum[g], total);
+        total = std::fma(min_of(scales, mins, g * kTile + l), x[c].sum[g], total);
       }
       out[c * kTile + l] = total;
     }
@@ -313,8 +312,7 @@ void dequantize_q4_(torch::Tensor out, torch::Tensor packed, torch::Tensor scale
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* block = w + (t * groups + g) * kBlock + 4 * l;
       const int64_t at = (t * groups + g) * kTile + l;
-      const float sg = half_to_float(s[at]);
-      const float mg = mn ? half_to_float(mn[at]) : kSymmetricMin * sg;
+      const float sg = half_to_float(s[at]), mg = min_of(s, mn, at);
       c10::BFloat16* dst = o + row * k + g * kGroup;
 #if defined(__AVX512F__)
       // the row's 4 bytes of each of the block's 4 vectors: its weights 0-15 in the low
