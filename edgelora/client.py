@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import grpc
 
 from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
+
+T = TypeVar("T")
 
 
 def build_request(prompt: str, chat: bool = False, adapter_id: str = "",
@@ -61,17 +63,26 @@ def generate_to(out: TextIO, args: argparse.Namespace) -> int:
     return 0
 
 
-def report_outcome_to(out: TextIO, args: argparse.Namespace) -> int:
-    """`edgelora outcome REQUEST_ID REWARD`: tells the router how good a generation was."""
+def call_router(out: TextIO, args: argparse.Namespace,
+                call: Callable[[router_pb2_grpc.RouterStub, tuple[tuple[str, str], ...]], T]
+                ) -> T | None:
+    """call(stub, metadata) on the router `args` names (--address, --tls-ca, --api-key); None
+    after writing its gRPC error to `out` (the client commands then exit 1)."""
     with open_channel(args.address, args.tls_ca) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
         try:
-            reply = stub.ReportOutcome(router_pb2.ReportOutcomeRequest(
-                request_id=args.request_id, reward=args.reward), timeout=args.timeout_s,
-                metadata=auth_metadata(args.api_key))
+            return call(router_pb2_grpc.RouterStub(channel), auth_metadata(args.api_key))
         except grpc.RpcError as exc:
             out.write(f"error: {exc.code().name}: {exc.details()}\n")
-            return 1
+            return None
+
+
+def report_outcome_to(out: TextIO, args: argparse.Namespace) -> int:
+    """`edgelora outcome REQUEST_ID REWARD`: tells the router how good a generation was."""
+    reply = call_router(out, args, lambda stub, metadata: stub.ReportOutcome(
+        router_pb2.ReportOutcomeRequest(request_id=args.request_id, reward=args.reward),
+        timeout=args.timeout_s, metadata=metadata))
+    if reply is None:
+        return 1
     out.write(f"reported {args.reward:g} for adapter {reply.adapter_id or 'base'} "
               f"({reply.reports_kept} reports kept for 'auto')\n")
     return 0
@@ -102,14 +113,10 @@ def upload_to(out: TextIO, args: argparse.Namespace) -> int:
         adapter_id=args.id, description=args.description or "",
         example_prompts=args.example_prompt, replace=args.replace, tenant=args.tenant or "",
         shared=args.shared, kind=getattr(args, "kind", "") or "")
-    with open_channel(args.address, args.tls_ca) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        try:
-            reply = stub.UploadAdapter(upload_messages(args.dir, header), timeout=args.timeout_s,
-                                       metadata=auth_metadata(args.api_key))
-        except grpc.RpcError as exc:
-            out.write(f"error: {exc.code().name}: {exc.details()}\n")
-            return 1
+    reply = call_router(out, args, lambda stub, metadata: stub.UploadAdapter(
+        upload_messages(args.dir, header), timeout=args.timeout_s, metadata=metadata))
+    if reply is None:
+        return 1
     adapter = reply.adapter
     out.write(f"registered {adapter.adapter_id!r} (rank {adapter.rank}, digest "
               f"{adapter.digest[:12]}, {'shared' if adapter.shared else adapter.tenant or 'yours'})"
@@ -137,13 +144,9 @@ def remove_to(out: TextIO, args: argparse.Namespace) -> int:
     -> the exit code."""
     request = types_pb2.UnregisterAdapterRequest(adapter_id=args.id, tenant=args.tenant or "",
                                                  shared=args.shared)
-    with open_channel(args.address, args.tls_ca) as channel:
-        try:
-            router_pb2_grpc.RouterStub(channel).UnregisterAdapter(
-                request, timeout=args.timeout_s, metadata=auth_metadata(args.api_key))
-        except grpc.RpcError as exc:
-            out.write(f"error: {exc.code().name}: {exc.details()}\n")
-            return 1
+    if call_router(out, args, lambda stub, metadata: stub.UnregisterAdapter(
+            request, timeout=args.timeout_s, metadata=metadata)) is None:
+        return 1
     out.write(f"removed {args.id!r}\n")
     return 0
 
@@ -154,13 +157,10 @@ TIERS = {types_pb2.ADAPTER_TIER_DEVICE: "device", types_pb2.ADAPTER_TIER_HOST: "
 
 def list_to(out: TextIO, args: argparse.Namespace) -> int:
     """`edgelora adapters list`: one line an adapter (every page); -> the exit code."""
-    with open_channel(args.address, args.tls_ca) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
-        try:
-            adapters = list(list_adapters(stub, auth_metadata(args.api_key), args.timeout_s))
-        except grpc.RpcError as exc:
-            out.write(f"error: {exc.code().name}: {exc.details()}\n")
-            return 1
+    adapters = call_router(out, args, lambda stub, metadata: list(
+        list_adapters(stub, metadata, args.timeout_s)))
+    if adapters is None:
+        return 1
     out.write(f"{'ADAPTER':24} {'TENANT':16} {'RANK':>4} {'TIER':6} {'VER':>3} DESCRIPTION\n")
     for a in adapters:
         owner = "(shared)" if a.shared else a.tenant or "-"
