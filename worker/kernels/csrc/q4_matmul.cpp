@@ -16,7 +16,9 @@
 // llama.cpp's Q8 activations), then for each row and group the integer dot product
 // sum_j q_j xq_j, so
 //   y = sum_g scale_g * dx_g * (sum_j q_j xq_j) + min_g * dx_g * (sum_j xq_j).
-// A tile's groups are unpacked once for up to 8 activation rows. With the former row-major
+// A tile's groups are unpacked once for up to 16 activation rows, laid out group by group
+// (RowChunk). In the symmetric form the min term is an integer, -8 * sum_j xq_j, which starts
+// the dot product's sum (one fma a row and group fewer). With the former row-major
 // layout (a row's 64 weights per vpdpbusd, the scale applied per 8 lanes), a step of 8 rows
 // took 5.5x one row's time on a 1B model's 8192 x 2048 weight, every row past the first paid in
 // instructions, not bytes. Without VNNI a portable loop computes the same sums.
@@ -26,9 +28,11 @@
 
 #include "simd.h"
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 
@@ -68,6 +72,7 @@ struct QuantizedRow {  // one activation row, quantized per group
   std::vector<int8_t> q;       // [K]
   std::vector<float> scale;    // [K / 32]
   std::vector<float> sum;      // [K / 32]: scale * sum of q, the min term's factor
+  std::vector<int32_t> total;  // [K / 32]: sum of q
 };
 
 void quantize_row(const c10::BFloat16* x, int64_t k, QuantizedRow& out) {
@@ -75,6 +80,7 @@ void quantize_row(const c10::BFloat16* x, int64_t k, QuantizedRow& out) {
   out.q.resize(k);
   out.scale.assign(groups + 16, 0.f);  // padded: the kernel reads groups 16 at a time
   out.sum.assign(groups + 16, 0.f);
+  out.total.assign(groups, 0);
   for (int64_t g = 0; g < groups; ++g) {
     const c10::BFloat16* xg = x + g * kGroup;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -103,6 +109,7 @@ void quantize_row(const c10::BFloat16* x, int64_t k, QuantizedRow& out) {
 #endif
     out.scale[g] = amax / 127.f;
     out.sum[g] = out.scale[g] * static_cast<float>(total);
+    out.total[g] = total;
   }
 }
 
@@ -122,12 +129,52 @@ struct RunIndex {
 
 constexpr int64_t kTile = 16;          // weight rows per tile: one per 32-bit lane
 constexpr int64_t kBlock = kTile * kGroup / 2;  // bytes of one tile's group
-constexpr int kMaxRows = 8;             // activation rows per pass over a tile
+constexpr int kMaxRows = 16;            // activation rows per pass over a tile
 
-// One tile: out[c][l] = sum over groups of row l's weights . activation row x[c] (C rows).
-template <int C>
+// Up to kMaxRows quantized activation rows laid out for tile_dot: by group, then row, so one
+// pointer reaches every row's values of a group at fixed offsets (a pointer per row, and the
+// scalar loads and shifts that fed vpdpbusd's broadcasts from them, were most of the kernel's
+// instructions at 8 rows).
+struct RowChunk {
+  std::vector<int8_t> q;        // [groups][rows][32]
+  std::vector<float> scale;     // [groups][rows]
+  std::vector<float> sum;       // [groups][rows]: scale * sum of q, the min term's factor
+  std::vector<int32_t> offset;  // [groups][rows]: the symmetric form's min term, in integers
+  int rows = 0;
+};
+
+RowChunk chunk_of(const QuantizedRow* x, int rows, int64_t groups) {
+  RowChunk c;
+  c.rows = rows;
+  c.q.resize(groups * rows * kGroup);
+  c.scale.resize(groups * rows);
+  c.sum.resize(groups * rows);
+  c.offset.resize(groups * rows);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t at = g * rows + r;
+      std::memcpy(c.q.data() + at * kGroup, x[r].q.data() + g * kGroup, kGroup);
+      c.scale[at] = x[r].scale[g];
+      c.sum[at] = x[r].sum[g];
+      c.offset[at] = static_cast<int32_t>(kSymmetricMin) * x[r].total[g];
+    }
+  }
+  return c;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// 4 activations broadcast to every 32-bit lane, read from memory (an embedded broadcast)
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+#endif
+
+// One tile: out[c][l] = sum over groups of row l's weights . activation row c of x (C rows).
+template <int C, bool Symmetric>
 void tile_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
-              const QuantizedRow* x, int64_t groups, float* out) {
+              const RowChunk& x, int64_t groups, float* out) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[C];
@@ -143,21 +190,23 @@ void tile_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
     }
     const __m512 s = _mm512_cvtph_ps(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * kTile)));
-    const __m512 m = mins ? _mm512_cvtph_ps(_mm256_loadu_si256(
-                                reinterpret_cast<const __m256i*>(mins + g * kTile)))
-                          : _mm512_mul_ps(s, _mm512_set1_ps(kSymmetricMin));
+    const int8_t* xq = x.q.data() + g * C * kGroup;
+    const int64_t at = g * C;
     for (int c = 0; c < C; ++c) {
-      const int8_t* xq = x[c].q.data() + g * kGroup;
-      int32_t four[8];
-      std::memcpy(four, xq, sizeof(four));  // activations 4 k + i (lo) and 16 + 4 k + i (hi)
-      __m512i dot_lo = _mm512_setzero_si512(), dot_hi = _mm512_setzero_si512();
+      const int8_t* xc = xq + c * kGroup;  // activations 4 k + i (lo) and 16 + 4 k + i (hi)
+      __m512i dot_lo = Symmetric ? _mm512_set1_epi32(x.offset[at + c]) : _mm512_setzero_si512();
+      __m512i dot_hi = _mm512_setzero_si512();
       for (int k = 0; k < 4; ++k) {
-        dot_lo = _mm512_dpbusd_epi32(dot_lo, lo[k], _mm512_set1_epi32(four[k]));
-        dot_hi = _mm512_dpbusd_epi32(dot_hi, hi[k], _mm512_set1_epi32(four[4 + k]));
+        dot_lo = _mm512_dpbusd_epi32(dot_lo, lo[k], broadcast4(xc + 4 * k));
+        dot_hi = _mm512_dpbusd_epi32(dot_hi, hi[k], broadcast4(xc + 16 + 4 * k));
       }
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(dot_lo, dot_hi));
-      acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x[c].scale[g])), dot, acc[c]);
-      acc[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[c].sum[g]), acc[c]);
+      acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x.scale[at + c])), dot, acc[c]);
+      if constexpr (!Symmetric) {
+        const __m512 m = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + g * kTile)));
+        acc[c] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.sum[at + c]), acc[c]);
+      }
     }
   }
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * kTile, acc[c]);
@@ -167,8 +216,9 @@ void tile_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
       float total = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* block = w + g * kBlock;
-        const int8_t* xq = x[c].q.data() + g * kGroup;
-        int32_t dot = 0;
+        const int64_t at = g * C + c;
+        const int8_t* xq = x.q.data() + at * kGroup;
+        int32_t dot = Symmetric ? x.offset[at] : 0;
         for (int64_t k = 0; k < 4; ++k) {
           for (int64_t i = 0; i < 4; ++i) {
             const uint8_t b = block[64 * k + 4 * l + i];
@@ -177,13 +227,23 @@ void tile_dot(const uint8_t* w, const c10::Half* scales, const c10::Half* mins,
           }
         }
         const float s = half_to_float(scales[g * kTile + l]);
-        total = std::fma(s * x[c].scale[g], static_cast<float>(dot), total);
-        total = std::fma(min_of(scales, mins, g * kTile + l), x[c].sum[g], total);
+        total = std::fma(s * x.scale[at], static_cast<float>(dot), total);
+        if constexpr (!Symmetric) {
+          total = std::fma(half_to_float(mins[g * kTile + l]), x.sum[at], total);
+        }
       }
       out[c * kTile + l] = total;
     }
   }
 #endif
+}
+
+using TileDot = void (*)(const uint8_t*, const c10::Half*, const c10::Half*, const RowChunk&,
+                         int64_t, float*);
+
+template <bool Symmetric, int... C>
+std::array<TileDot, sizeof...(C)> tile_dots(std::integer_sequence<int, C...>) {
+  return {&tile_dot<C + 1, Symmetric>...};
 }
 
 // int8 weights (one scale per row, applied by the caller): sum_g dx_g * sum_j q_j xq_j, one row
@@ -265,6 +325,13 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const c10::Half* mn = mins_or_null(mins);
   c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
   const int64_t tiles = (n + kTile - 1) / kTile;
+  std::vector<RowChunk> chunks;
+  for (int64_t i = 0; i < m; i += kMaxRows) {
+    chunks.push_back(chunk_of(rows.data() + i, std::min<int64_t>(kMaxRows, m - i), groups));
+  }
+  static const auto symmetric = tile_dots<true>(std::make_integer_sequence<int, kMaxRows>{});
+  static const auto asymmetric = tile_dots<false>(std::make_integer_sequence<int, kMaxRows>{});
+  const auto& dots_of = mn ? asymmetric : symmetric;
   // Tiles split across threads: each thread streams its share of the weights once, for every
   // activation row (a tile's group, 256 bytes, stays in L1 across them).
 #pragma omp parallel for schedule(static)
@@ -273,21 +340,11 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
     const c10::Half *st = s + t * groups * kTile, *mt = mn ? mn + t * groups * kTile : nullptr;
     const int64_t valid = std::min(kTile, n - t * kTile);
     float dots[kMaxRows * kTile];
-    for (int64_t i = 0; i < m; i += kMaxRows) {
-      const int64_t count = std::min<int64_t>(kMaxRows, m - i);
-      const QuantizedRow* xi = rows.data() + i;
-      switch (count) {
-        case 8: tile_dot<8>(wt, st, mt, xi, groups, dots); break;
-        case 7: tile_dot<7>(wt, st, mt, xi, groups, dots); break;
-        case 6: tile_dot<6>(wt, st, mt, xi, groups, dots); break;
-        case 5: tile_dot<5>(wt, st, mt, xi, groups, dots); break;
-        case 4: tile_dot<4>(wt, st, mt, xi, groups, dots); break;
-        case 3: tile_dot<3>(wt, st, mt, xi, groups, dots); break;
-        case 2: tile_dot<2>(wt, st, mt, xi, groups, dots); break;
-        default: tile_dot<1>(wt, st, mt, xi, groups, dots);
-      }
-      for (int64_t j = 0; j < count; ++j) {
-        c10::BFloat16* row = out + (i + j) * n + t * kTile;
+    for (size_t ci = 0; ci < chunks.size(); ++ci) {
+      const RowChunk& chunk = chunks[ci];
+      dots_of[chunk.rows - 1](wt, st, mt, chunk, groups, dots);
+      for (int j = 0; j < chunk.rows; ++j) {
+        c10::BFloat16* row = out + (ci * kMaxRows + j) * n + t * kTile;
         for (int64_t l = 0; l < valid; ++l) row[l] = c10::BFloat16(dots[j * kTile + l]);
       }
     }
