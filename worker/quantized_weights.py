@@ -11,15 +11,15 @@ the speed, and on an edge box the same bytes are most of the process's memory. F
     A weight that is already 4-bit symmetric, every group exactly scale * (q - 8) (what a GGUF
     Q4_0 file holds), is kept in that form instead, head included: 4.5 bits a weight rather
     than 5 (8 for the head), and the file's own weights, not a rounding of them.
-Small steps (<= SMALL_STEP_TOKENS rows: decode, batched decode, short prompts) take our C++
-kernels (kernels/csrc/q4_matmul.cpp: activations quantized per group of 32 to int8, integer dot
-products with AVX-512 VNNI where present, a portable loop otherwise), reading 1 or ~0.6 byte
-per weight; int4 weights are laid out in tiles of 16 rows so that one instruction multiplies 16
-rows at once (up to 256 rows of activations it beats dequantizing); int8 weights whose
-in-features are not runs of 64 take torch's _weight_int8pack_mm. Larger steps (long prefill
-chunks), where weight-only kernels fall behind bf16 GEMMs, dequantize DEQUANT_ROWS output rows
-at a time into a small buffer (C++, one pass) and multiply in bfloat16, so no layer is ever held
-in full precision.
+Small steps (<= SMALL_STEP_TOKENS rows: decode, batched decode, short prompts; every step for
+int4) take our C++ kernels (kernels/csrc/q4_matmul.cpp: activations quantized per group of 32 to
+int8, as llama.cpp's, integer dot products with AVX-512 VNNI where present, a portable loop
+otherwise), reading 1 or ~0.6 byte per weight; int4 weights are laid out in tiles of 16 rows so
+that one instruction multiplies 16 rows at once (at 2048 rows of activations it still beats
+dequantizing); int8 weights whose in-features are not runs of 64 take torch's
+_weight_int8pack_mm. Larger int8 steps (long prefill chunks), where that kernel falls behind
+bf16 GEMMs, and int4 without the C++ kernels, dequantize DEQUANT_ROWS output rows at a time into
+a small buffer and multiply in bfloat16, so no layer is ever held in full precision.
 
 LoRA deltas are added to these projections' outputs in the activation dtype, as on full weights
 (worker.model.ForwardBatch.project): exact on top of the quantized base.
@@ -28,6 +28,7 @@ LoRA deltas are added to these projections' outputs in the activation dtype, as 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -44,15 +45,18 @@ INT4_RUN = 64            # int4 in-features must be runs of this (the kernel's t
 TILE = 16                # int4 output rows held together: the C++ kernel's 16 lanes
 INT8_IN_MULTIPLE = 16    # _weight_int8pack_mm reads 16 weights at a time (other widths crash it)
 # Steps of at most this many rows take the weight-only kernels, larger ones dequantize blocks of
-# rows (C++) and multiply in bf16. Measured with the C++ kernels, 2 threads, ms (kernel /
+# rows (C++) and multiply in bf16. int8, measured with the C++ kernels, 2 threads, ms (kernel /
 # dequantized), median of 7:
-#   rows                   8            16            32            64           128           256
-#   int4 8192x2048  0.59 / 3.44  1.15 / 4.12  2.30 / 5.28  4.60 / 7.74  9.20 / 12.6  18.5 / 22.0
-#   int4 2048x8192  0.77 / 2.84  1.37 / 3.54  2.38 / 4.73  6.21 / 7.09  9.58 / 12.1  20.1 / 21.6
+#   rows                   8            16            32            64
 #   int8 8192x2048  1.01 / 4.32  2.63 / 4.74  4.67 / 6.03  8.50 / 8.37
 # In the engine (1B shape), a 24- / 32-token prompt's prefill at 32 rather than 16 rows, int8:
-# 86 -> 108 / 101 -> 116 tokens/s (6 alternating runs).
-SMALL_STEP_TOKENS = {"int8": 32, "int4": 256}
+# 86 -> 108 / 101 -> 116 tokens/s (6 alternating runs). int4: every step, its kernel beats
+# dequantizing at every size measured (ms, best of 3, 2 threads, Q4_0-form weights):
+#   rows              128           256           512          1024          2048
+#   8192x2048  6.47 / 13.0  13.0 / 22.9  26.7 / 43.3  58.3 / 87.7   120 / 188
+#   2048x8192  7.63 / 12.2  14.0 / 23.1  28.0 / 44.9  57.7 / 91.3   144 / 176
+#   2048x2048  3.22 / 5.91  3.41 / 5.65  7.27 / 10.9  15.0 / 21.3  31.2 / 43.6
+SMALL_STEP_TOKENS = {"int8": 32, "int4": sys.maxsize}
 GATHER_ROWS = 16         # tokens up to which an int4 embedding lookup is a C++ call a token
 DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in)
 COMPUTE_DTYPE = torch.bfloat16
@@ -174,8 +178,8 @@ class Int4Linear(QuantizedLinear):
 
     def small_step(self, x: torch.Tensor) -> torch.Tensor:
         kernels = cpu_kernels.load()
-        if kernels is None:  # torch's ops: correct, slow
-            return x @ self.rows(0, self.out_features).T
+        if kernels is None:  # torch's ops, a block of rows at a time: correct, slow
+            return self.large_step(x)
         return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self._mins(),
                                  self.out_features)
 

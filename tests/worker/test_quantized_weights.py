@@ -36,7 +36,7 @@ from worker.sequence import SamplingOptions, Sequence
 from worker.server import assemble_engine, pick_device
 
 BF16 = torch.bfloat16
-STEP_SIZES = (1, 3, 8, 9, 16, 17, 32, 33, 256, 257)  # both sides of SMALL_STEP_TOKENS
+STEP_SIZES = (1, 3, 8, 9, 16, 17, 32, 33, 256, 257)  # both sides of int8's SMALL_STEP_TOKENS
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -47,8 +47,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", [(200, 64), (576, 576), (96, 1536)])
 def test_every_step_size_is_the_dequantized_matmul(cls: type[QuantizedLinear],
                                                    shape: tuple[int, int]) -> None:
-    """Small steps run torch's weight-only kernel, large ones dequantize row blocks: both must be
-    x @ dequantized(W)ᵀ + bias, to bf16's rounding of the output (out 200: int4's padded rows)."""
+    """Small steps run the weight-only kernels, large ones dequantize row blocks (int4: only
+    without the C++ kernels; large_step directly here): both must be x @ dequantized(W)ᵀ + bias,
+    to bf16's rounding of the output (out 200: int4's padded rows)."""
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g)
     layer = cls(weight, bias)
@@ -57,9 +58,9 @@ def test_every_step_size_is_the_dequantized_matmul(cls: type[QuantizedLinear],
     for rows in STEP_SIZES:
         x = torch.randn(rows, shape[1], generator=g).to(BF16)
         want = x.float() @ dense.T + bias.to(BF16).float()
-        got = layer(x)
-        assert got.shape == (rows, shape[0]) and got.dtype == BF16
-        assert relative_error(got, want) < 0.01, rows
+        for got in (layer(x), layer.large_step(x) + bias.to(BF16)):
+            assert got.shape == (rows, shape[0]) and got.dtype == BF16
+            assert relative_error(got, want) < 0.01, rows
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
