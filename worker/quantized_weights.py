@@ -11,15 +11,13 @@ the speed, and on an edge box the same bytes are most of the process's memory. F
     A weight that is already 4-bit symmetric, every group exactly scale * (q - 8) (what a GGUF
     Q4_0 file holds), is kept in that form instead, head included: 4.5 bits a weight rather
     than 5 (8 for the head), and the file's own weights, not a rounding of them.
-Small steps (<= SMALL_STEP_TOKENS rows: decode, batched decode, short prompts; every step for
-int4) take our C++ kernels (kernels/csrc/q4_matmul.cpp: activations quantized per group of 32 to
-int8, as llama.cpp's, integer dot products with AVX-512 VNNI where present, a portable loop
-otherwise), reading 1 or ~0.6 byte per weight; int4 weights are laid out in tiles of 16 rows so
-that one instruction multiplies 16 rows at once (at 2048 rows of activations it still beats
-dequantizing); int8 weights whose in-features are not runs of 64 take torch's
-_weight_int8pack_mm. Larger int8 steps (long prefill chunks), where that kernel falls behind
-bf16 GEMMs, and int4 without the C++ kernels, dequantize DEQUANT_ROWS output rows at a time into
-a small buffer and multiply in bfloat16, so no layer is ever held in full precision.
+Every step takes our C++ kernels (kernels/csrc/q4_matmul.cpp: activations quantized per group
+of 32 to int8, as llama.cpp's, integer dot products with AVX-512 VNNI where present, a portable
+loop otherwise), reading 1 or ~0.6 byte per weight. Both formats are laid out in tiles of 16
+rows so that one instruction multiplies 16 rows at once; with that, the kernels beat
+dequantizing + bf16 GEMM at every step size measured, 1 to 2048 rows (KERNEL_VS_DEQUANTIZED).
+Without the C++ kernels (no compiler), a step dequantizes DEQUANT_ROWS output rows at a time
+into a small buffer and multiplies in bfloat16, so no layer is ever held in full precision.
 
 LoRA deltas are added to these projections' outputs in the activation dtype, as on full weights
 (worker.model.ForwardBatch.project): exact on top of the quantized base.
@@ -28,8 +26,8 @@ LoRA deltas are added to these projections' outputs in the activation dtype, as 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -42,23 +40,19 @@ from worker.model import LlamaModel
 log = logging.getLogger(__name__)
 GROUP_SIZE = 32          # int4 weights per (scale, min), as GGUF's 4-bit blocks
 INT4_RUN = 64            # int4 in-features must be runs of this (the kernel's two groups)
-TILE = 16                # int4 output rows held together: the C++ kernel's 16 lanes
-INT8_IN_MULTIPLE = 16    # _weight_int8pack_mm reads 16 weights at a time (other widths crash it)
-# Steps of at most this many rows take the weight-only kernels, larger ones dequantize blocks of
-# rows (C++) and multiply in bf16. int8, measured with the C++ kernels, 2 threads, ms (kernel /
-# dequantized), median of 7:
-#   rows                   8            16            32            64
-#   int8 8192x2048  1.01 / 4.32  2.63 / 4.74  4.67 / 6.03  8.50 / 8.37
-# In the engine (1B shape), a 24- / 32-token prompt's prefill at 32 rather than 16 rows, int8:
-# 86 -> 108 / 101 -> 116 tokens/s (6 alternating runs). int4: every step, its kernel beats
-# dequantizing at every size measured (ms, best of 3, 2 threads, Q4_0-form weights):
-#   rows              128           256           512          1024          2048
-#   8192x2048  6.47 / 13.0  13.0 / 22.9  26.7 / 43.3  58.3 / 87.7   120 / 188
-#   2048x8192  7.63 / 12.2  14.0 / 23.1  28.0 / 44.9  57.7 / 91.3   144 / 176
-#   2048x2048  3.22 / 5.91  3.41 / 5.65  7.27 / 10.9  15.0 / 21.3  31.2 / 43.6
-SMALL_STEP_TOKENS = {"int8": 32, "int4": sys.maxsize}
-GATHER_ROWS = 16         # tokens up to which an int4 embedding lookup is a C++ call a token
-DEQUANT_ROWS = 256       # output rows dequantized at once for large steps (~1 MiB at 2048 in)
+TILE = 16                # output rows held together (int4 and int8): the C++ kernels' 16 lanes
+# KERNEL_VS_DEQUANTIZED: a step's time in the C++ kernel / dequantizing row blocks (C++) +
+# bf16 GEMM, ms, best of 3, 2 threads (int4 in the Q4_0 form):
+#   rows                    16           128           512          2048
+#   int4 8192x2048           -    6.47 / 13.0  26.7 / 43.3   120 / 188
+#   int4 2048x8192           -    7.63 / 12.2  28.0 / 44.9   144 / 176
+#   int8 8192x2048   1.34 / 6.27  8.96 / 16.9  35.5 / 59.6   161 / 205
+#   int8 2048x8192   1.23 / 5.25  7.72 / 13.8  38.6 / 55.3   215 / 192
+# (int8 at 2048 rows of an 8192-wide input: the one loss, past --max-num-batched-tokens' default
+# 512. Before the tiles int8's row-by-row kernel lost from 64 rows, and steps past 32 rows
+# dequantized.)
+GATHER_ROWS = 16         # tokens up to which an embedding lookup is a C++ call a token
+DEQUANT_ROWS = 256       # output rows dequantized at once without the kernels (~1 MiB at 2048 in)
 COMPUTE_DTYPE = torch.bfloat16
 QUANTIZE_ROWS = 4096     # rows quantized at once
 QUANTIZED = ("int8", "int4")
@@ -81,8 +75,6 @@ class StoredRows(Protocol):
 class QuantizedLinear(nn.Module):
     """A projection y = x Wᵀ (+ bias) whose W is held quantized. Subclasses: the formats."""
 
-    small_step_rows = 0
-
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
@@ -91,10 +83,12 @@ class QuantizedLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.small_step(x) if x.shape[0] <= self.small_step_rows else self.large_step(x)
+        kernels = cpu_kernels.load()
+        y = self.dequantized_step(x) if kernels is None else self.kernel_step(kernels, x)
         return y if self.bias is None else y + self.bias
 
-    def small_step(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_step(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] bf16 @ Wᵀ in the C++ kernel."""
         raise NotImplementedError
 
     def rows(self, start: int, end: int) -> torch.Tensor:
@@ -102,10 +96,11 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def columns(self, start: int, end: int) -> torch.Tensor:
-        """(W[start:end])ᵀ dequantized, [in, end - start]: what a large step multiplies by."""
+        """(W[start:end])ᵀ dequantized, [in, end - start]: what dequantized_step multiplies by."""
         return self.rows(start, end).T
 
-    def large_step(self, x: torch.Tensor) -> torch.Tensor:
+    def dequantized_step(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ in torch's bf16 GEMM, W dequantized DEQUANT_ROWS rows at a time."""
         out = x.new_empty(x.shape[0], self.out_features)
         for start in range(0, self.out_features, DEQUANT_ROWS):
             end = min(start + DEQUANT_ROWS, self.out_features)
@@ -122,31 +117,54 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    small_step_rows = SMALL_STEP_TOKENS["int8"]
+    """int8 weights, symmetric, one scale per output row (quantize_int8), in Int4Linear's tiles
+    with whole bytes (csrc/q4_matmul.cpp): packed [tiles, in' / GROUP_SIZE, 512] int8, byte
+    64 k + 4 l + i of block (tile, group) holding weight 4 k + i of the group in the tile's row l;
+    in' = in rounded up to GROUP_SIZE, zero weights past in; scales [out] bf16.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    weight: a tensor, or a StoredRows (a vocabulary table, read and quantized by row blocks)."""
+
+    def __init__(self, weight: torch.Tensor | StoredRows, bias: torch.Tensor | None = None) -> None:
         out_features, in_features = weight.shape
         super().__init__(out_features, in_features, bias)
-        q, scales = quantize_int8(weight)
-        self.register_buffer("q", q, persistent=False)            # [out, in] int8
-        self.register_buffer("scales", scales, persistent=False)  # [out] bf16
+        self.padded_in = -(-in_features // GROUP_SIZE) * GROUP_SIZE
+        packed = torch.empty(_tiles(out_features), self.padded_in // GROUP_SIZE,
+                             TILE * GROUP_SIZE, dtype=torch.int8)
+        scales = torch.empty(out_features, dtype=COMPUTE_DTYPE)
+        for start in range(0, out_features, QUANTIZE_ROWS):  # QUANTIZE_ROWS: whole tiles
+            q, scales[start:start + QUANTIZE_ROWS] = quantize_int8(
+                weight[start:start + QUANTIZE_ROWS])
+            packed[start // TILE:_tiles(start + len(q))] = _pack8(
+                F.pad(q, (0, self.padded_in - in_features)))
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
 
-    def small_step(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = cpu_kernels.load()
-        if kernels is None or self.in_features % INT4_RUN:
-            return torch._weight_int8pack_mm(x, self.q, self.scales)
-        return kernels.q8_matmul(x.contiguous(), self.q, self.scales)
+    def kernel_step(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, self.padded_in - self.in_features))
+        return kernels.q8_matmul(x.contiguous(), self.packed, self.scales)
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         kernels = cpu_kernels.load()
         if kernels is None:
-            return self.q[start:end].to(COMPUTE_DTYPE).mul_(self.scales[start:end, None])
-        out = torch.empty(end - start, self.in_features, dtype=COMPUTE_DTYPE)
-        kernels.dequantize_int8_(out, self.q, self.scales, start)
-        return out
+            return self._dequantize(torch.arange(start, end))
+        out = torch.empty(end - start, self.padded_in, dtype=COMPUTE_DTYPE)
+        kernels.dequantize_int8_(out, self.packed, self.scales, start)
+        return out[:, :self.in_features]
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.q.index_select(0, ids).to(COMPUTE_DTYPE).mul_(
+        kernels = cpu_kernels.load()
+        if kernels is None or len(ids) > GATHER_ROWS:
+            return self._dequantize(ids)
+        out = torch.empty(len(ids), self.padded_in, dtype=COMPUTE_DTYPE)
+        for i, row in enumerate(ids.tolist()):  # a C++ call a token, as Int4Linear's
+            kernels.dequantize_int8_(out[i:i + 1], self.packed, self.scales, row)
+        return out[:, :self.in_features].contiguous()
+
+    def _dequantize(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` in torch's ops: q * scale rounded once to bf16 (as the C++ kernel)."""
+        tiles, lanes = ids // TILE, ids % TILE
+        q = _unpack8(self.packed.index_select(0, tiles))[torch.arange(len(ids)), lanes]
+        return q[:, :self.in_features].to(COMPUTE_DTYPE).mul_(
             self.scales.index_select(0, ids)[:, None])
 
 
@@ -159,8 +177,6 @@ class Int4Linear(QuantizedLinear):
     the symmetric form (min = -8 * scale), kept for a weight that is exactly in it (pack_q4_0).
 
     weight: a tensor, or a StoredTensor (a vocabulary table, read and quantized by row blocks)."""
-
-    small_step_rows = SMALL_STEP_TOKENS["int4"]
 
     def __init__(self, weight: torch.Tensor | StoredRows, bias: torch.Tensor | None = None,
                  symmetric: bool | None = None) -> None:
@@ -176,10 +192,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("mins", mins, persistent=False)
 
-    def small_step(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = cpu_kernels.load()
-        if kernels is None:  # torch's ops, a block of rows at a time: correct, slow
-            return self.large_step(x)
+    def kernel_step(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
         return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self._mins(),
                                  self.out_features)
 
@@ -300,6 +313,22 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
     return (t[:, :, 0] | (t[:, :, 1] << 4)).reshape(len(t), -1, TILE * GROUP_SIZE // 2)
 
 
+def _pack8(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [n, in] (in: runs of GROUP_SIZE) -> Int8Linear's tiles [tiles, in / 32, 512]."""
+    n, in_features = q.shape
+    q = F.pad(q, (0, 0, 0, _tiles(n) * TILE - n))
+    # [tile, lane, group, k, i] -> [tile, group, k, lane, i]
+    t = q.view(-1, TILE, in_features // GROUP_SIZE, GROUP_SIZE // 4, 4).permute(0, 2, 3, 1, 4)
+    return t.reshape(len(t), -1, TILE * GROUP_SIZE)
+
+
+def _unpack8(packed: torch.Tensor) -> torch.Tensor:
+    """_pack8's inverse: [tiles, groups, 512] -> q [tiles, TILE, groups * GROUP_SIZE] int8."""
+    tiles, groups, _ = packed.shape
+    t = packed.view(tiles, groups, GROUP_SIZE // 4, TILE, 4).permute(0, 3, 1, 2, 4)
+    return t.reshape(tiles, TILE, groups * GROUP_SIZE)
+
+
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
     """_pack's inverse: [tiles, groups, 256] -> q [tiles, TILE, groups * GROUP_SIZE] uint8."""
     blocks = packed.view(len(packed), -1, 4, TILE, 4)  # [tile, group, k, lane, i]
@@ -356,14 +385,10 @@ def _empty_tiled(out_features: int, in_features: int) -> tuple[torch.Tensor, tor
 def quantized_linear(fmt: str, weight: torch.Tensor,
                      bias: torch.Tensor | None = None) -> QuantizedLinear:
     """`weight` [out, in] held in `fmt`; int4 falls back to int8 where its runs of 64 do not fit
-    the in-features (which int8 needs divisible by 16)."""
-    in_features = weight.shape[1]
-    if fmt == "int4" and in_features % INT4_RUN == 0:
+    the in-features (int8 pads any width to its groups)."""
+    if fmt == "int4" and weight.shape[1] % INT4_RUN == 0:
         return Int4Linear(weight, bias)
-    if in_features % INT8_IN_MULTIPLE == 0:
-        return Int8Linear(weight, bias)
-    raise ValueError(f"--weights {fmt}: a weight of {in_features} in-features fits no kernel "
-                     f"(they need multiples of {INT8_IN_MULTIPLE}); use --weights bf16")
+    return Int8Linear(weight, bias)
 
 
 def quantized_table(fmt: str, weight: torch.Tensor | StoredRows) -> QuantizedLinear:

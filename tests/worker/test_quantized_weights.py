@@ -36,7 +36,7 @@ from worker.sequence import SamplingOptions, Sequence
 from worker.server import assemble_engine, pick_device
 
 BF16 = torch.bfloat16
-STEP_SIZES = (1, 3, 8, 9, 16, 17, 32, 33, 256, 257)  # both sides of int8's SMALL_STEP_TOKENS
+STEP_SIZES = (1, 3, 8, 9, 16, 17, 32, 33, 256, 257)  # the kernels' 16-row passes, tiles
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -47,9 +47,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("shape", [(200, 64), (576, 576), (96, 1536)])
 def test_every_step_size_is_the_dequantized_matmul(cls: type[QuantizedLinear],
                                                    shape: tuple[int, int]) -> None:
-    """Small steps run the weight-only kernels, large ones dequantize row blocks (int4: only
-    without the C++ kernels; large_step directly here): both must be x @ dequantized(W)ᵀ + bias,
-    to bf16's rounding of the output (out 200: int4's padded rows)."""
+    """A step runs the C++ kernel, or without it dequantizes row blocks (dequantized_step,
+    called directly here): both must be x @ dequantized(W)ᵀ + bias, to bf16's rounding of the
+    output (out 200: the last tile's padded rows)."""
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g)
     layer = cls(weight, bias)
@@ -58,7 +58,7 @@ def test_every_step_size_is_the_dequantized_matmul(cls: type[QuantizedLinear],
     for rows in STEP_SIZES:
         x = torch.randn(rows, shape[1], generator=g).to(BF16)
         want = x.float() @ dense.T + bias.to(BF16).float()
-        for got in (layer(x), layer.large_step(x) + bias.to(BF16)):
+        for got in (layer(x), layer.dequantized_step(x) + bias.to(BF16)):
             assert got.shape == (rows, shape[0]) and got.dtype == BF16
             assert relative_error(got, want) < 0.01, rows
 
@@ -85,15 +85,17 @@ def test_the_cpp_dequantization_is_torchs_bit_for_bit(cls: type[QuantizedLinear]
         assert torch.equal(got, layer.columns(start, min(start + 128, 333))), start
 
 
-def test_the_int4_small_step_kernel_on_and_off_vnni_paths(cpu_kernels, monkeypatch) -> None:
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_the_kernel_against_torchs_ops(cls: type[QuantizedLinear], cpu_kernels,
+                                       monkeypatch) -> None:
     """The C++ kernel (activations quantized per group of 32 to int8) against torch's ops on the
     same weights (activations in bf16): within the activations' int8 rounding."""
     g = torch.Generator().manual_seed(2)
-    layer = Int4Linear(torch.randn(128, 192, generator=g))
+    layer = cls(torch.randn(128, 192, generator=g))
     x = torch.randn(5, 192, generator=g).to(BF16)
-    kernel = layer.small_step(x)
+    kernel = layer(x)
     monkeypatch.setattr("worker.kernels.cpu.load", lambda: None)
-    assert relative_error(kernel, layer.small_step(x)) < 0.02
+    assert relative_error(kernel, layer(x)) < 0.02
 
 
 def test_int8_maps_each_rows_largest_weight_to_127() -> None:
@@ -120,6 +122,19 @@ def test_the_int4_tile_layout_puts_each_weight_where_the_kernel_reads_it() -> No
     scales = torch.arange(37 * 3, dtype=torch.float16).view(37, 3)
     tiled = qw._tile_rows(scales)
     assert tiled.shape == (3, 3, 16) and tiled[1, 2, 5] == scales[21, 2] and tiled[2, 0, 5] == 0
+
+
+def test_the_int8_tile_layout_puts_each_weight_where_the_kernel_reads_it() -> None:
+    """Byte 64 k + 4 l + i of block (tile, group) holds weight 4 k + i of the group in row l
+    (csrc/q4_matmul.cpp, tile_dot8); rows past the last pad with zeros; unpacking inverts it."""
+    q = torch.randint(-127, 128, (37, 3 * GROUP_SIZE), dtype=torch.int8,
+                      generator=torch.Generator().manual_seed(6))
+    packed = qw._pack8(q)
+    assert packed.shape == (3, 3, 512) and packed.dtype == torch.int8
+    row, group, k, i = 16 + 5, 2, 7, 3  # tile 1, lane 5
+    assert packed[1, group, 64 * k + 4 * 5 + i] == q[row, 32 * group + 4 * k + i]
+    unpacked = qw._unpack8(packed).reshape(48, -1)
+    assert torch.equal(unpacked[:37], q) and not unpacked[37:].any()
 
 
 def test_int4_groups_span_their_range_and_requantize_to_themselves() -> None:
@@ -196,10 +211,17 @@ def test_quantized_weights_refuse_a_float32_model(tiny_model_dir: Path) -> None:
         quantize_model(load_model(tiny_model_dir, cpu, torch.float32), "int4")
 
 
-def test_a_weight_no_kernel_takes_is_a_clear_error() -> None:
+def test_int8_takes_any_width_int4_falls_back_to_it() -> None:
     assert isinstance(qw.quantized_linear("int4", torch.randn(64, 96)), Int8Linear)  # 96 % 64
-    with pytest.raises(ValueError, match="multiples of 16"):
-        qw.quantized_linear("int8", torch.randn(64, 40))
+    g = torch.Generator().manual_seed(9)
+    layer = qw.quantized_linear("int8", torch.randn(40, 40, generator=g))  # 40 = 32 + 8 padded
+    dense = layer.rows(0, 40)
+    assert dense.shape == (40, 40)
+    assert torch.equal(layer.gather(torch.tensor([3, 39])), dense[[3, 39]])
+    for rows in (1, 17, 40):
+        x = torch.randn(rows, 40, generator=g).to(BF16)
+        for got in (layer(x), layer.dequantized_step(x)):
+            assert relative_error(got, x.float() @ dense.float().T) < 0.01
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -231,8 +253,8 @@ def test_quantize_model_on_a_loaded_model_matches_the_loader(tiny_model_dir: Pat
     loaded = load_model(tiny_model_dir, torch.device("cpu"), BF16, weights="int8")
     # the loader quantizes the checkpoint's float32 weights, this the bf16 model's: one step apart
     for a, b in zip(model.layers, loaded.layers, strict=True):
-        assert (a.mlp.down_proj.q.int() - b.mlp.down_proj.q.int()).abs().max() <= 1
-    assert (model.lm_head.q.int() - loaded.lm_head.q.int()).abs().max() <= 1
+        assert (a.mlp.down_proj.packed.int() - b.mlp.down_proj.packed.int()).abs().max() <= 1
+    assert (model.lm_head.packed.int() - loaded.lm_head.packed.int()).abs().max() <= 1
 
 
 class ExactLora:

@@ -9,10 +9,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                      int64_t block_size);
 void lora_delta_(torch::Tensor y, torch::Tensor x, torch::Tensor a, std::vector<torch::Tensor> bs,
                  torch::Tensor segments);
-void dequantize_int8_(torch::Tensor out, torch::Tensor q, torch::Tensor scales, int64_t start);
+void dequantize_int8_(torch::Tensor out, torch::Tensor packed, torch::Tensor scales, int64_t start);
 torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                         torch::Tensor mins, int64_t n);
-torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
+torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales);
 void dequantize_q4_(torch::Tensor out, torch::Tensor packed, torch::Tensor scales,
                     torch::Tensor mins, int64_t start);
 torch::Tensor paged_decode_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
