@@ -7,7 +7,7 @@ teacher-forced in one prefill):
   * perplexity of the text;
   * top-1 agreement: positions whose most likely next token is the bf16 model's;
   * mean KL(bf16 || format) of the next-token distributions, in nats;
-  * greedy = bf16: of 4 chat prompts' 32 greedy tokens (decode steps: the small-step kernels),
+  * greedy = bf16: of 4 chat prompts' 32 greedy tokens (decode steps, through the C++ kernels),
     those before the first that differs from bf16's;
   * weight MiB as held;
   * with --speed: batch-1 decode steps/s (the per-token time of a single user) and a 256-token
@@ -116,7 +116,7 @@ def main() -> None:
                        for _ in range(args.repeats)]
             row["prefill_tps"] = prefill / min(t.prefill_s for t in timings)
             row["decode_tps"] = max(t.tps for t in timings)
-        # decode steps (one token each: the small-step kernels, int8 activations): greedy tokens
+        # decode steps (one token each: the C++ kernels, int8 activations): greedy tokens
         # before the first that differs from bf16's, over GREEDY_PROMPTS
         prompts = [tokenizer.encode_chat([("user", text)]) for text in GREEDY_TEXTS]
         outputs = run_ours(engine, tokenizer, prompts, GREEDY_TOKENS).outputs

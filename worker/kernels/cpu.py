@@ -5,9 +5,9 @@
   SDPA; on CPU that copy costs about as much as the attention.
 - lora_delta_ (csrc/lora_delta.cpp): every segment's LoRA delta of one projection in one call,
   reading each used slot once (worker.lora, DeltaPath.KERNEL).
-- dequantize_int8_ (csrc/dequantize.cpp), q4_matmul and dequantize_q4_ (csrc/q4_matmul.cpp):
-  int4 weights' small-step matmul, and a block of a quantized weight's rows to bf16 in one pass
-  for large steps (worker.quantized_weights).
+- q8_matmul and dequantize_int8_ (csrc/q8_matmul.cpp), q4_matmul and dequantize_q4_
+  (csrc/q4_matmul.cpp), their activations in csrc/quantized_rows.h: quantized weights' matmul,
+  and a block of their rows to bf16 in one pass (worker.quantized_weights).
 - the layers' small ops, one call each where torch dispatches several (worker.model.LayerKernels):
   rms_norm and add_rms_norm (csrc/rms_norm.cpp: the norm's casts and arithmetic, ~8 torch ops,
   and the residual add before it), silu_mul (csrc/activation.cpp) and paged_decode_step
@@ -37,7 +37,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp", "dequantize.cpp",
+SOURCES = ("module.cpp", "paged_attention.cpp", "lora_delta.cpp", "q8_matmul.cpp",
            "q4_matmul.cpp", "rms_norm.cpp", "activation.cpp", "argmax.cpp")
 STALE_LOCK_S = 600  # a build takes ~30-60 s: a lock this old was left by a killed one
 NAME = "edgelora_cpu_kernels_" + hashlib.sha256(str(CSRC.resolve()).encode()).hexdigest()[:8]

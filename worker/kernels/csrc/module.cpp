@@ -30,9 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over the paged KV cache (paged_attention.cpp)");
   m.def("lora_delta_", &lora_delta_, "segmented multi-LoRA delta, in place (lora_delta.cpp)");
-  m.def("dequantize_int8_", &dequantize_int8_, "int8 weight rows to bf16 (dequantize.cpp)");
-  m.def("q4_matmul", &q4_matmul, "x @ int4 weights, small steps (q4_matmul.cpp)");
-  m.def("q8_matmul", &q8_matmul, "x @ int8 weights, small steps (q4_matmul.cpp)");
+  m.def("dequantize_int8_", &dequantize_int8_, "int8 weight rows to bf16 (q8_matmul.cpp)");
+  m.def("q4_matmul", &q4_matmul, "x @ int4 weights (q4_matmul.cpp)");
+  m.def("q8_matmul", &q8_matmul, "x @ int8 weights (q8_matmul.cpp)");
   m.def("dequantize_q4_", &dequantize_q4_, "int4 weight rows to bf16 (q4_matmul.cpp)");
   m.def("paged_decode_step", &paged_decode_step,
         "rope, KV-cache write and paged attention of decode rows (paged_attention.cpp)");

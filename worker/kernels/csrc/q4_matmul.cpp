@@ -1,5 +1,5 @@
-// int4 weights for worker/quantized_weights.py (Int4Linear): the small-step matmul and the
-// dequantization of row blocks for large steps.
+// int4 weights for worker/quantized_weights.py (Int4Linear): the matmul of every step and the
+// dequantization of row blocks (an embedding lookup, steps without these kernels' build).
 //
 // Layout (ours): the rows in tiles of 16 (the last tile padded with zero rows), and each tile's
 // weights by group of 32 along the input: packed [N / 16, K / 32, 256] uint8, where byte
@@ -12,8 +12,8 @@
 // weight = q * scale + min; mins empty: the symmetric form (GGUF's Q4_0), min = -8 * scale,
 // 4.5 bits a weight instead of 5.
 //
-// Small steps (a few rows x): x is quantized per group of 32 to int8 with one fp32 scale (as
-// llama.cpp's Q8 activations), then for each row and group the integer dot product
+// A step (rows x): x is quantized per group of 32 to int8 with one fp32 scale (as llama.cpp's
+// Q8 activations; quantized_rows.h), then for each row and group the integer dot product
 // sum_j q_j xq_j, so
 //   y = sum_g scale_g * dx_g * (sum_j q_j xq_j) + min_g * dx_g * (sum_j xq_j).
 // A tile's groups are unpacked once for up to 16 activation rows, laid out group by group
@@ -26,7 +26,7 @@
 
 #include <omp.h>
 
-#include "simd.h"
+#include "quantized_rows.h"
 
 #include <array>
 #include <cmath>
@@ -38,26 +38,9 @@
 
 namespace {
 
-constexpr int64_t kGroup = 32;
+using namespace edgelora;
+
 constexpr int64_t kRun = 64;  // weights per packed run: two groups
-// Bytes ahead of the read at which each thread asks for its weights: the hardware prefetcher
-// alone left a decode step's stream at 27 GB/s of this VM's ~33 (two threads, a 1B model's
-// shapes); 4096 ahead read at 32 GB/s (1024: 28, 8192: 30). Not for int8 weights, whose
-// stream (a line a run) the hardware prefetcher keeps at ~37 GB/s (prefetching: 34).
-// Non-temporal: each weight is read once a step, and a decode step streams ~700 MB through
-// the caches between its small ops, which then run cold; asking for the weights as
-// non-temporal keeps some of the caches for them (1B at batch 1: 1-3% shorter steps, in each
-// of three A/B runs of 5-10 rounds; 8192 ahead or a T1 hint: no better than T0 at 4096).
-constexpr int64_t kPrefetchBytes = 4096;
-
-inline void prefetch(const void* p) {
-#if defined(__x86_64__)
-  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
-#else
-  (void)p;
-#endif
-}
-
 inline float half_to_float(c10::Half h) { return static_cast<float>(h); }
 
 // min / scale in the symmetric form (worker/quantized_weights.py, Q4_0_ZERO)
@@ -68,96 +51,7 @@ inline float min_of(const c10::Half* scales, const c10::Half* mins, int64_t g) {
   return mins ? half_to_float(mins[g]) : kSymmetricMin * half_to_float(scales[g]);
 }
 
-struct QuantizedRow {  // one activation row, quantized per group
-  std::vector<int8_t> q;       // [K]
-  std::vector<float> scale;    // [K / 32]
-  std::vector<float> sum;      // [K / 32]: scale * sum of q, the min term's factor
-  std::vector<int32_t> total;  // [K / 32]: sum of q
-};
-
-void quantize_row(const c10::BFloat16* x, int64_t k, QuantizedRow& out) {
-  const int64_t groups = k / kGroup;
-  out.q.resize(k);
-  out.scale.assign(groups + 16, 0.f);  // padded: the kernel reads groups 16 at a time
-  out.sum.assign(groups + 16, 0.f);
-  out.total.assign(groups, 0);
-  for (int64_t g = 0; g < groups; ++g) {
-    const c10::BFloat16* xg = x + g * kGroup;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-    const __m512 a = edgelora::load16(xg), b = edgelora::load16(xg + 16);
-    const float amax = _mm512_reduce_max_ps(
-        _mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    // round to nearest even (the default rounding mode), as std::nearbyint below
-    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
-    const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + g * kGroup),
-                     _mm512_cvtsepi32_epi8(qa));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q.data() + g * kGroup + 16),
-                     _mm512_cvtsepi32_epi8(qb));
-    const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-#else
-    float amax = 0.f;
-    for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(float(xg[j])));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t total = 0;
-    for (int64_t j = 0; j < kGroup; ++j) {
-      const int32_t v = static_cast<int32_t>(std::nearbyint(float(xg[j]) * inv));
-      out.q[g * kGroup + j] = static_cast<int8_t>(v);
-      total += v;
-    }
-#endif
-    out.scale[g] = amax / 127.f;
-    out.sum[g] = out.scale[g] * static_cast<float>(total);
-    out.total[g] = total;
-  }
-}
-
-constexpr int64_t kTile = 16;          // weight rows per tile: one per 32-bit lane
 constexpr int64_t kBlock = kTile * kGroup / 2;  // bytes of one tile's group
-constexpr int kMaxRows = 16;            // activation rows per pass over a tile
-
-// Up to kMaxRows quantized activation rows laid out for tile_dot: by group, then row, so one
-// pointer reaches every row's values of a group at fixed offsets (a pointer per row, and the
-// scalar loads and shifts that fed vpdpbusd's broadcasts from them, were most of the kernel's
-// instructions at 8 rows).
-struct RowChunk {
-  std::vector<int8_t> q;        // [groups][rows][32]
-  std::vector<float> scale;     // [groups][rows]
-  std::vector<float> sum;       // [groups][rows]: scale * sum of q, the min term's factor
-  std::vector<int32_t> offset;  // [groups][rows]: -zero * sum of q (chunk_of)
-  int rows = 0;
-};
-
-// zero: the weights' offset as the kernel reads them (q - zero is the weight), whose
-// -zero * sum of q starts each row and group's integer dot product
-RowChunk chunk_of(const QuantizedRow* x, int rows, int64_t groups, int32_t zero) {
-  RowChunk c;
-  c.rows = rows;
-  c.q.resize(groups * rows * kGroup);
-  c.scale.resize(groups * rows);
-  c.sum.resize(groups * rows);
-  c.offset.resize(groups * rows);
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int r = 0; r < rows; ++r) {
-      const int64_t at = g * rows + r;
-      std::memcpy(c.q.data() + at * kGroup, x[r].q.data() + g * kGroup, kGroup);
-      c.scale[at] = x[r].scale[g];
-      c.sum[at] = x[r].sum[g];
-      c.offset[at] = -zero * x[r].total[g];
-    }
-  }
-  return c;
-}
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// 4 activations broadcast to every 32-bit lane, read from memory (an embedded broadcast)
-inline __m512i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return _mm512_set1_epi32(v);
-}
-#endif
 
 // One tile: out[c][l] = sum over groups of row l's weights . activation row c of x (C rows).
 template <int C, bool Symmetric>
@@ -232,78 +126,6 @@ using TileDot = void (*)(const uint8_t*, const c10::Half*, const c10::Half*, con
 template <bool Symmetric, int... C>
 std::array<TileDot, sizeof...(C)> tile_dots(std::integer_sequence<int, C...>) {
   return {&tile_dot<C + 1, Symmetric>...};
-}
-
-constexpr int64_t kBlock8 = kTile * kGroup;  // bytes of one tile's group of int8 weights
-constexpr int32_t kInt8Zero = 128;  // vpdpbusd reads unsigned weights: q ^ 0x80 = q + 128
-
-// int8 weights in tiles (the int4 layout with whole bytes): one tile's group is 8 vectors of
-// 64 bytes, byte 64 k + 4 l + i holding weight 32 g + 4 k + i of row l.
-// out[c][l] = sum over groups of dx_g * (row l's weights . activation row c), the rows' scales
-// applied by the caller.
-template <int C>
-void tile_dot8(const int8_t* w, const RowChunk& x, int64_t groups, float* out) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int8_t* block = w + g * kBlock8;
-    __m512i v[8];
-    for (int k = 0; k < 8; ++k) {
-      // one row streams faster on the hardware prefetcher alone (0.8x the time on 8192 x 2048),
-      // several fall behind it (16 rows: 0.7x the time with it)
-      if constexpr (C > 1) prefetch(block + 64 * k);
-      v[k] = _mm512_xor_si512(_mm512_loadu_si512(block + 64 * k), flip);
-    }
-    const int8_t* xq = x.q.data() + g * C * kGroup;
-    const int64_t at = g * C;
-    for (int c = 0; c < C; ++c) {
-      const int8_t* xc = xq + c * kGroup;
-      __m512i dot = _mm512_set1_epi32(x.offset[at + c]);  // -128 * sum of xq: q . xq, exact
-      for (int k = 0; k < 8; ++k) dot = _mm512_dpbusd_epi32(dot, v[k], broadcast4(xc + 4 * k));
-      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(x.scale[at + c]), acc[c]);
-    }
-  }
-  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + c * kTile, acc[c]);
-#else
-  for (int c = 0; c < C; ++c) {
-    for (int64_t l = 0; l < kTile; ++l) {
-      float total = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        const int8_t* block = w + g * kBlock8;
-        const int64_t at = g * C + c;
-        const int8_t* xq = x.q.data() + at * kGroup;
-        int32_t dot = 0;
-        for (int64_t k = 0; k < 8; ++k) {
-          for (int64_t i = 0; i < 4; ++i) dot += int32_t(block[64 * k + 4 * l + i]) * xq[4 * k + i];
-        }
-        total = std::fma(static_cast<float>(dot), x.scale[at], total);
-      }
-      out[c * kTile + l] = total;
-    }
-  }
-#endif
-}
-
-using TileDot8 = void (*)(const int8_t*, const RowChunk&, int64_t, float*);
-
-template <int... C>
-std::array<TileDot8, sizeof...(C)> tile_dots8(std::integer_sequence<int, C...>) {
-  return {&tile_dot8<C + 1>...};
-}
-
-// The activation rows x [M, K] bf16 quantized per group and laid out for the tile kernels.
-std::vector<RowChunk> chunks_of(const torch::Tensor& x, int32_t zero) {
-  const int64_t m = x.size(0), k = x.size(1);
-  std::vector<QuantizedRow> rows(m);
-  for (int64_t i = 0; i < m; ++i) quantize_row(x.data_ptr<c10::BFloat16>() + i * k, k, rows[i]);
-  std::vector<RowChunk> chunks;
-  for (int64_t i = 0; i < m; i += kMaxRows) {
-    chunks.push_back(
-        chunk_of(rows.data() + i, std::min<int64_t>(kMaxRows, m - i), k / kGroup, zero));
-  }
-  return chunks;
 }
 
 void check(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& mins,
@@ -404,39 +226,4 @@ void dequantize_q4_(torch::Tensor out, torch::Tensor packed, torch::Tensor scale
 #endif
     }
   }
-}
-
-// y [M, n] bf16 = x [M, K] bf16 @ (W * scales [n])^T, W's n rows int8 in tiles (tile_dot8:
-// packed [N / 16, K / 32, 512]), x quantized per group of 32.
-torch::Tensor q8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16);
-  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == torch::kInt8 &&
-              packed.dim() == 3 && scales.is_contiguous() &&
-              scales.scalar_type() == torch::kBFloat16, "tiled int8 weights, bf16 scales");
-  const int64_t m = x.size(0), k = x.size(1), n = scales.size(0), groups = k / kGroup;
-  TORCH_CHECK(k % kGroup == 0 && packed.size(1) * kGroup == k && packed.size(2) == kBlock8 &&
-              n <= packed.size(0) * kTile, "int8 tiles that do not match x or the scales");
-  const std::vector<RowChunk> chunks = chunks_of(x, kInt8Zero);
-  static const auto dots_of = tile_dots8(std::make_integer_sequence<int, kMaxRows>{});
-  auto y = torch::empty({m, n}, x.options());
-  const int8_t* w = packed.data_ptr<int8_t>();
-  const c10::BFloat16* s = scales.data_ptr<c10::BFloat16>();
-  c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
-  const int64_t tiles = (n + kTile - 1) / kTile;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t valid = std::min(kTile, n - t * kTile);
-    float dots[kMaxRows * kTile];
-    for (size_t ci = 0; ci < chunks.size(); ++ci) {
-      const RowChunk& chunk = chunks[ci];
-      dots_of[chunk.rows - 1](w + t * groups * kBlock8, chunk, groups, dots);
-      for (int j = 0; j < chunk.rows; ++j) {
-        c10::BFloat16* row = out + (ci * kMaxRows + j) * n + t * kTile;
-        for (int64_t l = 0; l < valid; ++l) {
-          row[l] = c10::BFloat16(dots[j * kTile + l] * static_cast<float>(s[t * kTile + l]));
-        }
-      }
-    }
-  }
-  return y;
 }
