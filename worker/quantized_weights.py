@@ -11,13 +11,14 @@ the speed, and on an edge box the same bytes are most of the process's memory. F
     A weight that is already 4-bit symmetric, every group exactly scale * (q - 8) (what a GGUF
     Q4_0 file holds), is kept in that form instead, head included: 4.5 bits a weight rather
     than 5 (8 for the head), and the file's own weights, not a rounding of them.
-Every step takes our C++ kernels (kernels/csrc/q4_matmul.cpp: activations quantized per group
-of 32 to int8, as llama.cpp's, integer dot products with AVX-512 VNNI where present, a portable
-loop otherwise), reading 1 or ~0.6 byte per weight. Both formats are laid out in tiles of 16
-rows so that one instruction multiplies 16 rows at once; with that, the kernels beat
-dequantizing + bf16 GEMM at every step size measured, 1 to 2048 rows (KERNEL_VS_DEQUANTIZED).
-Without the C++ kernels (no compiler), a step dequantizes DEQUANT_ROWS output rows at a time
-into a small buffer and multiplies in bfloat16, so no layer is ever held in full precision.
+Every step takes our C++ kernels (kernels/csrc/q4_matmul.cpp, q8_matmul.cpp: activations
+quantized per group of 32 to int8, as llama.cpp's, integer dot products with AVX-512 VNNI where
+present, a portable loop otherwise), reading 1 or ~0.6 byte per weight. Both formats are laid
+out in tiles of 16 rows so that one instruction multiplies 16 rows at once; with that, the
+kernels beat dequantizing + bf16 GEMM at every step size measured, 1 to 2048 rows, but one
+(KERNEL_VS_DEQUANTIZED). Without the C++ kernels (no compiler), a step dequantizes DEQUANT_ROWS
+output rows at a time into a small buffer and multiplies in bfloat16, so no layer is ever held
+in full precision.
 
 LoRA deltas are added to these projections' outputs in the activation dtype, as on full weights
 (worker.model.ForwardBatch.project): exact on top of the quantized base.
@@ -118,7 +119,7 @@ class QuantizedLinear(nn.Module):
 
 class Int8Linear(QuantizedLinear):
     """int8 weights, symmetric, one scale per output row (quantize_int8), in Int4Linear's tiles
-    with whole bytes (csrc/q4_matmul.cpp): packed [tiles, in' / GROUP_SIZE, 512] int8, byte
+    with whole bytes (csrc/q8_matmul.cpp): packed [tiles, in' / GROUP_SIZE, 512] int8, byte
     64 k + 4 l + i of block (tile, group) holding weight 4 k + i of the group in the tile's row l;
     in' = in rounded up to GROUP_SIZE, zero weights past in; scales [out] bf16.
 
@@ -140,13 +141,17 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", scales, persistent=False)
 
     def kernel_step(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, self.padded_in - self.in_features))
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
         return kernels.q8_matmul(x.contiguous(), self.packed, self.scales)
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         kernels = cpu_kernels.load()
-        if kernels is None:
-            return self._dequantize(torch.arange(start, end))
+        if kernels is None:  # torch's ops on the tiles that hold the rows
+            first = start // TILE
+            q = _unpack8(self.packed[first:_tiles(end)]).reshape(-1, self.padded_in)
+            q = q[start - first * TILE:end - first * TILE, :self.in_features]
+            return q.to(COMPUTE_DTYPE).mul_(self.scales[start:end, None])
         out = torch.empty(end - start, self.padded_in, dtype=COMPUTE_DTYPE)
         kernels.dequantize_int8_(out, self.packed, self.scales, start)
         return out[:, :self.in_features]
