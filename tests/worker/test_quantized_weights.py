@@ -17,23 +17,22 @@ from edgelora.v1 import router_pb2_grpc
 from tests.conftest import ServeThread
 from tests.worker.test_model import write_qwen2
 from worker import quantized_weights as qw
+from worker import weight_packing as wp
 from worker.config import WorkerConfig
 from worker.loader import load_model
 from worker.model import ForwardBatch, LlamaModel
 from worker.quantized_weights import (
     GATHER_ROWS,
-    GROUP_SIZE,
     Int4Linear,
     Int8Linear,
     QuantizedEmbedding,
     QuantizedLinear,
-    quantize_int4,
-    quantize_int8,
     quantize_model,
     weight_bytes,
 )
 from worker.sequence import SamplingOptions, Sequence
 from worker.server import assemble_engine, pick_device
+from worker.weight_packing import GROUP_SIZE
 
 BF16 = torch.bfloat16
 STEP_SIZES = (1, 3, 8, 9, 16, 17, 32, 33, 256, 257)  # the kernels' 16-row passes, tiles
@@ -101,7 +100,7 @@ def test_the_kernel_against_torchs_ops(cls: type[QuantizedLinear], cpu_kernels,
 def test_int8_maps_each_rows_largest_weight_to_127() -> None:
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
     w[3] = 0.0
-    q, scales = quantize_int8(w)
+    q, scales = wp.quantize_int8(w)
     assert q.dtype == torch.int8 and scales.dtype == BF16
     assert (q.abs().amax(dim=1)[[0, 1, 39]] == 127).all() and not q[3].any()
 
@@ -111,16 +110,16 @@ def test_the_int4_tile_layout_puts_each_weight_where_the_kernel_reads_it() -> No
     nibble and 16 + 4 k + i in its high one (csrc/q4_matmul.cpp); rows past the last pad with
     zeros; unpacking inverts it."""
     q = torch.randint(0, 16, (37, 3 * GROUP_SIZE), generator=torch.Generator().manual_seed(5))
-    packed = qw._pack(q)
+    packed = wp.pack_int4(q)
     assert packed.shape == (3, 3, 256) and packed.dtype == torch.uint8
     row, group, k, i = 16 + 5, 2, 3, 1  # tile 1, lane 5
     byte = int(packed[1, group, 64 * k + 4 * 5 + i])
     assert byte & 0xF == q[row, 32 * group + 4 * k + i]
     assert byte >> 4 == q[row, 32 * group + 16 + 4 * k + i]
-    unpacked = qw._unpack(packed).reshape(48, -1)
+    unpacked = wp.unpack_int4(packed).reshape(48, -1)
     assert torch.equal(unpacked[:37], q.to(torch.uint8)) and not unpacked[37:].any()
     scales = torch.arange(37 * 3, dtype=torch.float16).view(37, 3)
-    tiled = qw._tile_rows(scales)
+    tiled = wp.tile_rows(scales)
     assert tiled.shape == (3, 3, 16) and tiled[1, 2, 5] == scales[21, 2] and tiled[2, 0, 5] == 0
 
 
@@ -129,11 +128,11 @@ def test_the_int8_tile_layout_puts_each_weight_where_the_kernel_reads_it() -> No
     (csrc/q4_matmul.cpp, tile_dot8); rows past the last pad with zeros; unpacking inverts it."""
     q = torch.randint(-127, 128, (37, 3 * GROUP_SIZE), dtype=torch.int8,
                       generator=torch.Generator().manual_seed(6))
-    packed = qw._pack8(q)
+    packed = wp.pack_int8(q)
     assert packed.shape == (3, 3, 512) and packed.dtype == torch.int8
     row, group, k, i = 16 + 5, 2, 7, 3  # tile 1, lane 5
     assert packed[1, group, 64 * k + 4 * 5 + i] == q[row, 32 * group + 4 * k + i]
-    unpacked = qw._unpack8(packed).reshape(48, -1)
+    unpacked = wp.unpack_int8(packed).reshape(48, -1)
     assert torch.equal(unpacked[:37], q) and not unpacked[37:].any()
 
 
@@ -141,18 +140,18 @@ def test_int4_groups_span_their_range_and_requantize_to_themselves() -> None:
     """Each group's least weight is q = 0 and its largest q = 15; the weights a GGUF Q4_1 file
     dequantizes to (the same form) quantize back to the same values."""
     w = torch.randn(16, 4 * GROUP_SIZE, generator=torch.Generator().manual_seed(4))
-    q, scales, mins = quantize_int4(w)
+    q, scales, mins = wp.quantize_int4(w)
     groups = q.view(16, -1, GROUP_SIZE)
     assert (groups.amin(dim=2) == 0).all() and (groups.amax(dim=2) == 15).all()
     dense = (q.float().view(16, -1, GROUP_SIZE) * scales[:, :, None] + mins[:, :, None]).view_as(w)
-    q2, scales2, mins2 = quantize_int4(dense)
+    q2, scales2, mins2 = wp.quantize_int4(dense)
     assert torch.equal(q2, q)
     assert torch.allclose(scales2, scales) and torch.allclose(mins2, mins)
 
 
 def q4_0_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
     """Weights as a GGUF Q4_0 file dequantizes them: fp16 scale * (q - 8) in each group."""
-    q, scales = qw.quantize_q4_0(torch.randn(rows, cols, generator=torch.Generator().manual_seed(
+    q, scales = wp.quantize_q4_0(torch.randn(rows, cols, generator=torch.Generator().manual_seed(
         seed)))
     return ((q.view(rows, -1, GROUP_SIZE) - 8) * scales.half().float()[:, :, None]).view(rows, cols)
 
@@ -162,7 +161,7 @@ def test_weights_already_in_q4_0_form_are_kept_as_they_are(cpu_kernels) -> None:
     torch paths, and every step size the matmul of exactly those weights."""
     weight = q4_0_weights(192, 256, seed=8)
     weight[5, :GROUP_SIZE] = 0.0  # an all-zero group: scale 0
-    assert qw.pack_q4_0(weight) is not None
+    assert wp.pack_q4_0(weight) is not None
     layer = Int4Linear(weight)
     assert layer.mins is None
     assert layer.nbytes == 192 * 256 * 4.5 / 8
@@ -187,14 +186,14 @@ def test_other_weights_are_not_taken_for_q4_0() -> None:
     """Any float weights, Q4_1-form ones, and Q4_0 weights one ulp off stay asymmetric (5 bits,
     more accurate for them); a head in 4 bits only where the file had it so."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(12))
-    assert qw.pack_q4_0(w) is None and Int4Linear(w).mins is not None
-    q, scales, mins = quantize_int4(w)
+    assert wp.pack_q4_0(w) is None and Int4Linear(w).mins is not None
+    q, scales, mins = wp.quantize_int4(w)
     q4_1 = (q.float().view(64, -1, GROUP_SIZE) * scales[:, :, None] + mins[:, :, None])
-    assert qw.pack_q4_0(q4_1.view(64, 128)) is None
+    assert wp.pack_q4_0(q4_1.view(64, 128)) is None
     near = q4_0_weights(64, 128, seed=13)
     near[7, 3] = torch.nextafter(near[7, 3], torch.tensor(1.0))
-    assert qw.pack_q4_0(near) is None
-    assert qw.pack_q4_0(q4_0_weights(64, 96, seed=14)) is None  # in-features not runs of 64
+    assert wp.pack_q4_0(near) is None
+    assert wp.pack_q4_0(q4_0_weights(64, 96, seed=14)) is None  # in-features not runs of 64
     assert isinstance(qw.quantized_table("int4", w), Int8Linear)
     assert isinstance(qw.quantized_table("int8", q4_0_weights(64, 128, seed=15)), Int8Linear)
     head = qw.quantized_table("int4", q4_0_weights(64, 128, seed=15))
