@@ -129,6 +129,20 @@ class BlobStore:
     def remove(self, digest: str) -> None:
         shutil.rmtree(self.path(digest), ignore_errors=True)
 
+    def remove_if_idle(self, digest: str) -> bool:
+        """Removes the blob unless it was written or read in the last TRIM_GRACE_S, trim()'s
+        rule: a push is followed by its registration, and that may be another adapter's of the
+        same files than the one whose removal asks (ids are locked apart). A blob kept goes at
+        a later trim(). -> whether it was removed."""
+        try:
+            used = self.path(digest).stat().st_mtime
+        except OSError:  # gone already
+            return False
+        if time.time() - used < TRIM_GRACE_S:
+            return False
+        self.remove(digest)
+        return True
+
     def digests(self) -> set[str]:
         return {p.name for p in self._blobs.iterdir() if DIGEST.fullmatch(p.name)}
 

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 SYNC_CONCURRENCY = 16  # RegisterAdapter calls at once when a worker (re)joins
 SYNC_ROUNDS = 3  # a sync runs again while registrations change under it, this often at most
 PUSH_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB message limit
-PUSH_ATTEMPTS = 3  # pushes of one registration's files to a worker that lacks them (_register_on)
 SHARED = ""  # the owner of shared adapters
 
 
@@ -142,20 +141,16 @@ class AdapterRegistry:
                            forwarded: types_pb2.RegisterAdapterRequest
                            ) -> types_pb2.RegisterAdapterResponse:
         """RegisterAdapter on one worker; the adapter's files are pushed there first when the
-        worker lacks them (or its copy is corrupt), then registered again. Pushed up to
-        PUSH_ATTEMPTS times: between a push and the registration, unregistering another adapter
-        of the same files (locked by its own id, not this one's) deletes them on the worker."""
-        for attempt in range(PUSH_ATTEMPTS + 1):
-            try:
-                return await worker.stub.RegisterAdapter(forwarded,
-                                                         timeout=self.register_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if not (forwarded.digest and self.store is not None and attempt < PUSH_ATTEMPTS
-                        and exc.code() is grpc.StatusCode.FAILED_PRECONDITION):
-                    raise
-            await worker.stub.PutAdapter(self._chunks(forwarded.digest),
-                                         timeout=self.register_timeout_s)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        worker lacks them (or its copy is corrupt), then registered again."""
+        try:
+            return await worker.stub.RegisterAdapter(forwarded, timeout=self.register_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if not (forwarded.digest and self.store is not None
+                    and exc.code() is grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+        await worker.stub.PutAdapter(self._chunks(forwarded.digest),
+                                     timeout=self.register_timeout_s)
+        return await worker.stub.RegisterAdapter(forwarded, timeout=self.register_timeout_s)
 
     async def _chunks(self, digest: str) -> AsyncIterator[worker_pb2.PutAdapterRequest]:
         yield worker_pb2.PutAdapterRequest(digest=digest)

@@ -340,7 +340,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         blob = Path(spec.path)
         if DIGEST.fullmatch(blob.name) and blob == self.blobs.path(blob.name) and not any(
                 s.path == spec.path for s in list(memory.registry.values())):
-            self.blobs.remove(blob.name)  # the last adapter of those pushed files is gone
+            # the last adapter of those pushed files is gone, unless they were just pushed or
+            # read for another registration under way
+            self.blobs.remove_if_idle(blob.name)
         return types_pb2.UnregisterAdapterResponse()
 
     async def ListAdapters(self, request: types_pb2.ListAdaptersRequest,

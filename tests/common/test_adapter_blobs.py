@@ -143,6 +143,21 @@ def test_trim_removes_least_recently_used_beyond_the_bound(tmp_path: Path) -> No
     assert young not in store.trim() and store.has(young)  # just pushed: its registration follows
 
 
+def test_a_removal_spares_what_was_just_written_or_read(tmp_path: Path) -> None:
+    """A worker unregistering the last adapter of some pushed files removes them, but not in
+    the moment between their push (or check) and another adapter's registration of them."""
+    store = BlobStore(tmp_path / "store")
+    pushed = upload(store, adapter(tmp_path / "pushed"))
+    assert not store.remove_if_idle(pushed) and store.verify(pushed)
+    long_ago = time.time() - TRIM_GRACE_S - 1
+    os.utime(store.path(pushed), (long_ago, long_ago))
+    assert store.verify(pushed)  # a registration's check: used again just now
+    assert not store.remove_if_idle(pushed) and store.has(pushed)
+    os.utime(store.path(pushed), (long_ago, long_ago))
+    assert store.remove_if_idle(pushed) and not store.has(pushed)
+    assert not store.remove_if_idle(pushed)  # gone already
+
+
 def test_the_same_content_committed_at_once_by_two_threads(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "store")
     folder = adapter(tmp_path / "a", weights=b"w" * 200_000)
