@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 RowFn = Callable[[torch.Tensor], torch.Tensor]
 # Smallest GEMM heights tried, cheapest first: padding a decode row to 2 costs nothing in bf16.
 MIN_ROWS_CANDIDATES = (1, 2, 4, 8)
+# ... but in 16-bit dtypes never 1: a BLAS runs M = 1 as a GEMV that sums in another order, and
+# once rounded to 16 bits that shows only where a sum lies near a rounding tie. On a 64-wide
+# matmul (Intel Xeon, AMX) 59 of 2M outputs differed: the probes' few hundred rows passed M = 1,
+# and a greedy token's logits then differed inside a batch (tests/integration/
+# test_batch_invariance.py). fp32 keeps every bit of the sum, so there a probe sees the order.
+FULL_PRECISION = (torch.float32, torch.float64)
 # Where no minimum height makes rows independent of M: fixed tiles of this many rows.
 STRICT_TILE_ROWS = 16
 # Probed heights reach at least these (projections, output head) whatever the limits of this
@@ -114,6 +120,8 @@ def calibrate(probes: Sequence[Probe], device: torch.device, dtype: torch.dtype)
 
     Run it on the thread that steps the engine: a BLAS may split work by its thread count."""
     for min_rows in MIN_ROWS_CANDIDATES:
+        if min_rows == 1 and dtype not in FULL_PRECISION:
+            continue
         tiling = RowTiling(min_rows)
         if all(agrees(tiling, p, device, dtype) for p in probes):
             return tiling

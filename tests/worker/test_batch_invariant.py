@@ -57,6 +57,17 @@ def test_calibrate_takes_the_smallest_height_above_which_rows_agree() -> None:
     assert calibrate([Probe(gemv_differs, 4, 64)], CPU, torch.float32) == RowTiling(2)
 
 
+def test_calibrate_never_trusts_one_row_in_16_bit_dtypes() -> None:
+    """A GEMV's other summation order shows in bf16 only at rounding ties, which probes can
+    miss: a row-wise fn that agrees at every height still gets at least 2 rows in bf16."""
+    def row_wise(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    for dtype, want in ((torch.float32, RowTiling(1)), (torch.bfloat16, RowTiling(2)),
+                        (torch.float16, RowTiling(2))):
+        assert calibrate([Probe(row_wise, 4, 64)], CPU, dtype) == want, dtype
+
+
 def test_calibrate_pads_to_a_multiple_of_the_tile_where_those_heights_agree() -> None:
     calls = []
 
