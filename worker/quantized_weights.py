@@ -11,14 +11,14 @@ the speed, and on an edge box the same bytes are most of the process's memory. F
     A weight that is already 4-bit symmetric, every group exactly scale * (q - 8) (what a GGUF
     Q4_0 file holds), is kept in that form instead, head included: 4.5 bits a weight rather
     than 5 (8 for the head), and the file's own weights, not a rounding of them.
-Every step takes our C++ kernels (kernels/csrc/q4_matmul.cpp, q8_matmul.cpp: activations
-quantized per group of 32 to int8, as llama.cpp's, integer dot products with AVX-512 VNNI where
-present, a portable loop otherwise), reading 1 or ~0.6 byte per weight. Both formats are laid
-out in tiles of 16 rows so that one instruction multiplies 16 rows at once; with that, the
-kernels beat dequantizing + bf16 GEMM at every step size measured, 1 to 2048 rows, but one
-(KERNEL_VS_DEQUANTIZED). Without the C++ kernels (no compiler), a step dequantizes DEQUANT_ROWS
-output rows at a time into a small buffer and multiplies in bfloat16, so no layer is ever held
-in full precision.
+Steps take our C++ kernels (kernels/csrc/q4_matmul.cpp, q8_matmul.cpp: activations quantized
+per group of 32 to int8, as llama.cpp's, integer dot products with AVX-512 VNNI where present, a
+portable loop otherwise), reading 1 or ~0.6 byte per weight. Both formats are laid out in tiles
+of 16 rows so that one instruction multiplies 16 rows at once; with that, the kernels beat
+dequantizing + bf16 GEMM at every step size measured on a CPU without AMX. With AMX, torch's bf16
+GEMM runs on its tiles and wins from AMX_DEQUANTIZED_FROM rows (KERNEL_VS_DEQUANTIZED): such
+steps, and every step without the C++ kernels (no compiler), dequantize DEQUANT_BYTES of W at a
+time into a small buffer and multiply in bfloat16, so no layer is ever held in full precision.
 
 LoRA deltas are added to these projections' outputs in the activation dtype, as on full weights
 (worker.model.ForwardBatch.project): exact on top of the quantized base.
@@ -26,6 +26,7 @@ LoRA deltas are added to these projections' outputs in the activation dtype, as 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from types import ModuleType
@@ -56,17 +57,28 @@ from worker.weight_packing import (
 
 log = logging.getLogger(__name__)
 # KERNEL_VS_DEQUANTIZED: a step's time in the C++ kernel / dequantizing row blocks (C++) +
-# bf16 GEMM, ms, best of 3, 2 threads (int4 in the Q4_0 form):
+# bf16 GEMM, ms, best of 3, 2 threads (int4 in the Q4_0 form). AMD EPYC (Zen 4: AVX-512 VNNI
+# and BF16, no AMX; dequantized in blocks of 256 rows):
 #   rows                    16           128           512          2048
 #   int4 8192x2048           -    6.47 / 13.0  26.7 / 43.3   120 / 188
 #   int4 2048x8192           -    7.63 / 12.2  28.0 / 44.9   144 / 176
 #   int8 8192x2048   1.34 / 6.27  8.96 / 16.9  35.5 / 59.6   161 / 205
 #   int8 2048x8192   1.23 / 5.25  7.72 / 13.8  38.6 / 55.3   215 / 192
-# (int8 at 2048 rows of an 8192-wide input: the one loss, past --max-num-batched-tokens' default
-# 512. Before the tiles int8's row-by-row kernel lost from 64 rows, and steps past 32 rows
-# dequantized.)
+# Intel Xeon with AMX (torch's bf16 GEMM runs on its tiles; blocks of DEQUANT_BYTES):
+#   rows                    32            64            96           128           512
+#   int4 8192x2048   2.46 / 3.05   4.59 / 4.73   6.52 / 5.77   8.42 / 6.34   34.1 / 11.6
+#   int4 2048x8192   2.53 / 3.35   4.65 / 4.71   6.94 / 5.01   9.80 / 5.45   43.5 / 11.8
+#   int8 8192x2048   3.74 / 4.44   7.45 / 6.21   11.4 / 6.79   14.8 / 7.62   68.2 / 12.7
+#   int8 2048x8192   3.70 / 5.25   7.47 / 6.47   10.9 / 6.58   15.3 / 7.47   74.6 / 12.9
+# So without AMX every step takes the kernels (int8 at 2048 rows of an 8192-wide input, the one
+# loss, is past --max-num-batched-tokens' default 512), and with AMX steps of AMX_DEQUANTIZED_FROM
+# rows or more dequantize (prompt chunks, large batches: 3-6x faster at 512 rows).
+AMX_DEQUANTIZED_FROM = 64
 GATHER_ROWS = 16         # tokens up to which an embedding lookup is a C++ call a token
-DEQUANT_ROWS = 256       # output rows dequantized at once without the kernels (~1 MiB at 2048 in)
+# bf16 bytes of W dequantized at once by dequantized_step: blocks of 256 rows of a 2048-wide input
+# (1 MiB) ran a 512-row step of an 8192x2048 weight 6.5x slower than blocks of 1024 (oneDNN on a
+# 256-column output slice), 4 MiB blocks within 3% of one whole GEMM at every shape measured.
+DEQUANT_BYTES = 4 << 20
 QUANTIZED = ("int8", "int4")
 # The output head (and a tied embedding) of an int4 model in int8, as llama.cpp keeps its 4-bit
 # models' output in 6-8 bits: the logits are where rounding reaches the sampled token directly
@@ -75,27 +87,38 @@ HEAD_FORMAT = {"int8": "int8", "int4": "int8"}
 _NO_MINS = torch.empty(0, dtype=torch.float16)
 
 
+@functools.cache
+def dequantized_from_rows() -> int | None:
+    """Rows from which a step dequantizes W and runs torch's bf16 GEMM rather than our kernels:
+    AMX_DEQUANTIZED_FROM on a CPU with AMX tiles, else None (never; KERNEL_VS_DEQUANTIZED).
+    Each row's result then depends on the step's size: --batch-invariant's calibration sees
+    that and feeds these projections fixed tiles of fewer rows (worker.batch_invariant)."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some torch
+    return AMX_DEQUANTIZED_FROM if has_amx is not None and has_amx() else None
+
+
 class QuantizedLinear(nn.Module):
     """A projection y = x Wᵀ (+ bias) whose W is held quantized. Subclasses: the formats."""
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
+        self.padded_in = in_features  # columns as stored (int8 pads to whole groups)
         # not persistent: a quantized model is made from a checkpoint, never saved
         self.register_buffer("bias", None if bias is None else bias.to(COMPUTE_DTYPE),
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = cpu_kernels.load()
-        y = self.dequantized_step(x) if kernels is None else self.kernel_step(kernels, x)
+        from_rows = dequantized_from_rows()
+        if kernels is None or (from_rows is not None and x.shape[0] >= from_rows):
+            y = self.dequantized_step(x)
+        else:
+            y = self.kernel_step(kernels, x)
         return y if self.bias is None else y + self.bias
 
     def kernel_step(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] bf16 @ Wᵀ in the C++ kernel."""
-        raise NotImplementedError
-
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        """Output rows [start, end) of W, dequantized: [end - start, in] in COMPUTE_DTYPE."""
         raise NotImplementedError
 
     def columns(self, start: int, end: int) -> torch.Tensor:
@@ -103,16 +126,41 @@ class QuantizedLinear(nn.Module):
         return self.rows(start, end).T
 
     def dequantized_step(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ Wᵀ in torch's bf16 GEMM, W dequantized DEQUANT_ROWS rows at a time."""
+        """x @ Wᵀ in torch's bf16 GEMM, W dequantized DEQUANT_BYTES at a time."""
         out = x.new_empty(x.shape[0], self.out_features)
-        for start in range(0, self.out_features, DEQUANT_ROWS):
-            end = min(start + DEQUANT_ROWS, self.out_features)
+        block = max(TILE, DEQUANT_BYTES // (2 * self.padded_in) // TILE * TILE)
+        for start in range(0, self.out_features, block):
+            end = min(start + block, self.out_features)
             torch.mm(x, self.columns(start, end), out=out[:, start:end])
         return out
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of W dequantized (an embedding lookup in a tied head): [n, in]."""
+        """Rows `ids` of W dequantized (an embedding lookup in a tied head): [n, in]. A decode
+        step's few tokens: a C++ call each, where torch's path dispatches ~12 ops."""
+        kernels = cpu_kernels.load()
+        if kernels is None or len(ids) > GATHER_ROWS:
+            return self._dequantize(ids)
+        out = torch.empty(len(ids), self.padded_in, dtype=COMPUTE_DTYPE)
+        for i, row in enumerate(ids.tolist()):
+            self.dequantize_rows(kernels, out[i:i + 1], row)
+        return out[:, :self.in_features].contiguous()
+
+    # the formats' row reads: in C++ (into `out`, of padded_in columns) and in torch's ops
+    def dequantize_rows(self, kernels: ModuleType, out: torch.Tensor, start: int) -> None:
         raise NotImplementedError
+
+    def _dequantize(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` in torch's ops, as the C++ kernel rounds them: [n, in]."""
+        raise NotImplementedError
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Output rows [start, end) of W, dequantized: [end - start, in] in COMPUTE_DTYPE."""
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            return self._dequantize(torch.arange(start, end))
+        out = torch.empty(end - start, self.padded_in, dtype=COMPUTE_DTYPE)
+        self.dequantize_rows(kernels, out, start)
+        return out[:, :self.in_features]
 
     @property
     def nbytes(self) -> int:
@@ -147,30 +195,14 @@ class Int8Linear(QuantizedLinear):
             x = F.pad(x, (0, self.padded_in - self.in_features))
         return kernels.q8_matmul(x.contiguous(), self.packed, self.scales)
 
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        kernels = cpu_kernels.load()
-        if kernels is None:  # torch's ops on the tiles that hold the rows
-            first = start // TILE
-            q = unpack_int8(self.packed[first:tiles_of(end)]).reshape(-1, self.padded_in)
-            q = q[start - first * TILE:end - first * TILE, :self.in_features]
-            return q.to(COMPUTE_DTYPE).mul_(self.scales[start:end, None])
-        out = torch.empty(end - start, self.padded_in, dtype=COMPUTE_DTYPE)
+    def dequantize_rows(self, kernels: ModuleType, out: torch.Tensor, start: int) -> None:
         kernels.dequantize_int8_(out, self.packed, self.scales, start)
-        return out[:, :self.in_features]
-
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        kernels = cpu_kernels.load()
-        if kernels is None or len(ids) > GATHER_ROWS:
-            return self._dequantize(ids)
-        out = torch.empty(len(ids), self.padded_in, dtype=COMPUTE_DTYPE)
-        for i, row in enumerate(ids.tolist()):  # a C++ call a token, as Int4Linear's
-            kernels.dequantize_int8_(out[i:i + 1], self.packed, self.scales, row)
-        return out[:, :self.in_features].contiguous()
 
     def _dequantize(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` in torch's ops: q * scale rounded once to bf16 (as the C++ kernel)."""
-        tiles, lanes = ids // TILE, ids % TILE
-        q = unpack_int8(self.packed.index_select(0, tiles))[torch.arange(len(ids)), lanes]
+        # each tile unpacked once, not once a row (a block of rows shares 16 a tile)
+        tiles, tile_of_row = torch.unique(ids // TILE, return_inverse=True)
+        q = unpack_int8(self.packed.index_select(0, tiles))[tile_of_row, ids % TILE]
         return q[:, :self.in_features].to(COMPUTE_DTYPE).mul_(
             self.scales.index_select(0, ids)[:, None])
 
@@ -203,28 +235,12 @@ class Int4Linear(QuantizedLinear):
         return kernels.q4_matmul(x.contiguous(), self.packed, self.scales, self._mins(),
                                  self.out_features)
 
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        kernels = cpu_kernels.load()
-        if kernels is None:
-            return self._dequantize(torch.arange(start, end))
-        out = torch.empty(end - start, self.in_features, dtype=COMPUTE_DTYPE)
+    def dequantize_rows(self, kernels: ModuleType, out: torch.Tensor, start: int) -> None:
         kernels.dequantize_q4_(out, self.packed, self.scales, self._mins(), start)
-        return out
 
     def _mins(self) -> torch.Tensor:
         """The kernels' mins argument: empty for the symmetric form."""
         return _NO_MINS if self.mins is None else self.mins
-
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        kernels = cpu_kernels.load()
-        if kernels is None or len(ids) > GATHER_ROWS:
-            return self._dequantize(ids)
-        # a decode step's few tokens: a C++ call each, where torch's path dispatches ~12 ops
-        out = torch.empty(len(ids), self.in_features, dtype=COMPUTE_DTYPE)
-        packed, scales, mins = self.packed, self.scales, self._mins()
-        for i, row in enumerate(ids.tolist()):
-            kernels.dequantize_q4_(out[i:i + 1], packed, scales, mins, row)
-        return out
 
     def _dequantize(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids`: q * scale + min in float32, rounded once to bf16 (as the C++ kernel)."""

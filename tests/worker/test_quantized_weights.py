@@ -63,6 +63,29 @@ def test_every_step_size_is_the_dequantized_matmul(cls: type[QuantizedLinear],
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_steps_from_the_devices_row_count_dequantize(cls: type[QuantizedLinear], cpu_kernels,
+                                                     monkeypatch) -> None:
+    """With AMX (torch's bf16 GEMM on its tiles) steps of AMX_DEQUANTIZED_FROM rows or more
+    dequantize; without, every step takes the kernel."""
+    g = torch.Generator().manual_seed(4)
+    layer = cls(torch.randn(200, 128, generator=g))
+    x = torch.randn(40, 128, generator=g).to(BF16)
+    monkeypatch.setattr(qw, "dequantized_from_rows", lambda: 9)
+    assert torch.equal(layer(x[:8]), layer.kernel_step(cpu_kernels, x[:8]))
+    for rows in (9, 40):
+        assert torch.equal(layer(x[:rows]), layer.dequantized_step(x[:rows]))
+    monkeypatch.setattr(qw, "dequantized_from_rows", lambda: None)
+    assert torch.equal(layer(x), layer.kernel_step(cpu_kernels, x))
+    monkeypatch.undo()
+    for amx, want in ((True, qw.AMX_DEQUANTIZED_FROM), (False, None)):
+        qw.dequantized_from_rows.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx,
+                            raising=False)
+        assert qw.dequantized_from_rows() == want
+    qw.dequantized_from_rows.cache_clear()
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_gather_reads_the_rows_of_the_table(cls: type[QuantizedLinear]) -> None:
     weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(1))
     layer = cls(weight)
