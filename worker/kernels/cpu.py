@@ -66,12 +66,30 @@ def load() -> ModuleType | None:
 
     try:
         _drop_stale_lock()
-        return build(NAME, [str(CSRC / s) for s in SOURCES],
-                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                     extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)])
+        module = build(NAME, [str(CSRC / s) for s in SOURCES],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)])
     except Exception as exc:  # no compiler, no headers: serve on torch's paths
         log.warning("CPU kernels unavailable, using torch's paths: %s", exc)
         return None
+    module.set_weight_prefetch(prefetch_weights())
+    return module
+
+
+def prefetch_weights() -> bool:
+    """Whether the quantized matmuls ask for their weights ahead of the hardware prefetcher
+    (EDGELORA_WEIGHT_PREFETCH=1/0 says so; else by CPU). On an AMD EPYC (Zen 4) asking lifted a
+    1B decode step's stream from 27 to 32 GB/s; on an Intel Xeon with AMX the hardware prefetcher
+    alone was faster at every step size (1B shapes, cold weights, ms: int4 1 row 0.66 -> 0.54,
+    32 rows 2.38 -> 1.83; int8 2 rows 1.57 -> 0.85, 32 rows 3.94 -> 2.28). So not on Intel."""
+    told = os.environ.get("EDGELORA_WEIGHT_PREFETCH")
+    if told in ("0", "1"):
+        return told == "1"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: as measured on AMD
+        return True
+    return "GenuineIntel" not in info
 
 
 if __name__ == "__main__":  # `make setup` builds them ahead of the first worker start

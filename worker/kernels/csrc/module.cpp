@@ -1,6 +1,8 @@
 // The CPU kernels' Python module (worker/cpu_kernels.py); each kernel lives in its own file.
 #include <torch/extension.h>
 
+#include "quantized_rows.h"
+
 #include <tuple>
 #include <vector>
 
@@ -33,6 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int8_", &dequantize_int8_, "int8 weight rows to bf16 (q8_matmul.cpp)");
   m.def("q4_matmul", &q4_matmul, "x @ int4 weights (q4_matmul.cpp)");
   m.def("q8_matmul", &q8_matmul, "x @ int8 weights (q8_matmul.cpp)");
+  m.def("set_weight_prefetch", [](bool on) { edgelora::weight_prefetch = on; },
+        "whether the quantized matmuls prefetch their weights (quantized_rows.h)");
   m.def("dequantize_q4_", &dequantize_q4_, "int4 weight rows to bf16 (q4_matmul.cpp)");
   m.def("paged_decode_step", &paged_decode_step,
         "rope, KV-cache write and paged attention of decode rows (paged_attention.cpp)");

@@ -27,11 +27,14 @@ constexpr int kMaxRows = 16;    // activation rows per pass over a tile
 // the caches between its small ops, which then run cold; asking for the weights as
 // non-temporal keeps some of the caches for them (1B at batch 1: 1-3% shorter steps, in each
 // of three A/B runs of 5-10 rounds; 8192 ahead or a T1 hint: no better than T0 at 4096).
+// That is AMD EPYC (Zen 4). On an Intel Xeon (AMX) the hardware prefetcher alone streamed faster
+// at every step size, so whether to ask is set once at load, by CPU (worker/kernels/cpu.py).
 constexpr int64_t kPrefetchBytes = 4096;
+inline bool weight_prefetch = true;  // set_weight_prefetch
 
 inline void prefetch(const void* p) {
 #if defined(__x86_64__)
-  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
+  if (weight_prefetch) _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);
 #else
   (void)p;
 #endif
