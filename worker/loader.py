@@ -5,6 +5,7 @@ Maps HF tensor names to ours (q/k/v and gate/up fused at load time). Never runs 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -45,7 +46,7 @@ def read_model_config(path: Path) -> ModelConfig:
         eos = json.loads(gen_file.read_text()).get("eos_token_id")
         extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
-        cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": ids})
+        cfg = dataclasses.replace(cfg, eos_token_ids=ids)
     return cfg
 
 

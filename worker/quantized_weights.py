@@ -128,7 +128,7 @@ class QuantizedLinear(nn.Module):
     def dequantized_step(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Wᵀ in torch's bf16 GEMM, W dequantized DEQUANT_BYTES at a time."""
         out = x.new_empty(x.shape[0], self.out_features)
-        block = max(TILE, DEQUANT_BYTES // (2 * self.padded_in) // TILE * TILE)
+        block = max(TILE, DEQUANT_BYTES // (COMPUTE_DTYPE.itemsize * self.padded_in) // TILE * TILE)
         for start in range(0, self.out_features, block):
             end = min(start + block, self.out_features)
             torch.mm(x, self.columns(start, end), out=out[:, start:end])

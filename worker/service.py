@@ -121,8 +121,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                   f"holds {limit} (prompt + max_tokens): shorten the prompt")
         room = limit - len(prompt_ids)
         if not request.params.HasField("max_tokens"):
-            options = SamplingOptions(**{**options.__dict__, "max_tokens": min(options.max_tokens,
-                                                                               room)})
+            options = replace(options, max_tokens=min(options.max_tokens, room))
         elif options.max_tokens > room:
             raise InvalidArgument(f"max_tokens {options.max_tokens} + prompt {len(prompt_ids)} "
                                   f"tokens exceed the context of {limit} tokens: ask for at most "
