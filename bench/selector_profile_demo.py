@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgelora.v1 import router_pb2_grpc, types_pb2  # noqa: E402
+from router.adapter_record import AdapterRecord  # noqa: E402
 from router.config import RouterConfig  # noqa: E402
 from router.embedder import EmbeddingBatcher  # noqa: E402
 from router.profiling import run_profile, train  # noqa: E402
-from router.registry import AdapterRecord  # noqa: E402
 from router.selector import AdapterSelector  # noqa: E402
 from router.server import start_router  # noqa: E402
 from scripts.train_demo_adapters import QUESTIONS, TRANSFORMS  # noqa: E402

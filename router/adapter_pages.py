@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from common.errors import InvalidArgument
 from edgelora.v1 import types_pb2
-from router.registry import AdapterRecord
+from router.adapter_record import AdapterRecord
 
 DEFAULT_PAGE_SIZE = 1000  # adapters a page when the request says 0, and the most it may ask
 MAX_PAGE_BYTES = 2 << 20  # half of a client's default receive limit

@@ -20,12 +20,13 @@ import grpc
 from common.errors import EdgeLoraError, FailedPrecondition, InvalidArgument
 from common.limits import AUTO, check_adapter_id, check_generate, check_prompt, shown
 from edgelora.v1 import router_pb2, types_pb2
+from router.adapter_record import AdapterRecord, record_name
 from router.config import RouterConfig
 from router.embedder import prompt_text
 from router.metrics import NO_SELECTOR, SELECTOR_FAILED, RouterMetrics
 from router.ownership import not_found
 from router.pending_outcomes import Pending, PendingOutcomes, clip
-from router.registry import AdapterRecord, AdapterRegistry, RpcError, record_name
+from router.registry import AdapterRegistry, RpcError
 from router.selector import AdapterSelector, Selection
 from router.tenants import Caller, KeyRing
 from router.workers import WorkerHandle, WorkerPool

@@ -31,6 +31,7 @@ from common.errors import EdgeLoraError, InvalidArgument, NotFound, Unavailable
 from common.internal_auth import AUTHORIZATION, bearer_token
 from common.limits import ADAPTER_ID, AUTO, shown
 from edgelora.v1 import types_pb2
+from router.adapter_record import record_name
 from router.dispatch import Dispatcher, merge_chunks, new_request_id
 from router.metrics import metrics_asgi_app
 from router.openai_convert import (
@@ -54,7 +55,6 @@ from router.openai_schema import (
     TokenizeBody,
 )
 from router.openai_stream import SseWriter, close_all, first_items, merged, sse
-from router.registry import record_name
 from router.tenants import Caller
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from common.errors import (
 )
 from common.limits import shown
 from edgelora.v1 import types_pb2
-from router.registry import SHARED, AdapterRecord, AdapterRegistry, worker_key
+from router.adapter_record import SHARED, AdapterRecord, worker_key
+from router.registry import AdapterRegistry
 from router.tenants import TENANT_NAME, Caller
 
 

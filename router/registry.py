@@ -1,10 +1,7 @@
 """The router's adapter registry: owner, id, card and content digest of every adapter, kept in
 sync with every worker (which validate and hold the weights). Reads no adapter weights itself:
-it copies files into its content-addressed store and streams them to workers.
-
-Every adapter has an owner: a tenant, or SHARED (registered by an admin for every tenant). A
-worker knows an adapter by its `worker_key` ("tenant:id", or the plain id for a shared one), so
-the same id in two tenants is two adapters that can never collide in a worker's caches.
+it copies files into its content-addressed store (router/content_holds.py says when a content
+goes) and streams them to workers. Adapters are known by owner and id (router/adapter_record.py).
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +22,8 @@ from common.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from common.errors import AlreadyExists, EdgeLoraError, NotFound, Unavailable
 from edgelora.v1 import types_pb2, worker_pb2
 from router.adapter_cards import read_card
+from router.adapter_record import SHARED, AdapterRecord, record_name, worker_key
+from router.content_holds import ContentHolds
 from router.registry_db import RegistryDB, StoredAdapter
 from router.workers import WorkerHandle, WorkerPool
 
@@ -33,44 +31,6 @@ log = logging.getLogger(__name__)
 SYNC_CONCURRENCY = 16  # RegisterAdapter calls at once when a worker (re)joins
 SYNC_ROUNDS = 3  # a sync runs again while registrations change under it, this often at most
 PUSH_CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB message limit
-SHARED = ""  # the owner of shared adapters
-
-
-def worker_key(owner: str, adapter_id: str) -> str:
-    """How workers know the adapter `adapter_id` of `owner`. ':' is in no public id."""
-    return f"{owner}:{adapter_id}" if owner else adapter_id
-
-
-@dataclass
-class AdapterRecord:
-    adapter_id: str  # the public id, unique within its owner
-    path: str
-    rank: int
-    description: str = ""
-    example_prompts: list[str] = field(default_factory=list)
-    owner: str = SHARED
-    version: int = 1  # +1 at each replacement
-    digest: str = ""  # its content in the store ("" = a path registration from before the store)
-    created_s: float = 0.0  # first registered (Unix time)
-    updated_s: float = 0.0  # last replaced
-    kind: str = ""  # the card's declared kind: behaviour / domain / "" (told from its examples)
-
-    @property
-    def key(self) -> str:
-        return worker_key(self.owner, self.adapter_id)
-
-    @property
-    def is_shared(self) -> bool:
-        return self.owner == SHARED
-
-    def info(self, with_path: bool, tier: int = types_pb2.ADAPTER_TIER_DISK
-             ) -> types_pb2.AdapterInfo:
-        """As clients see it; the path only for admins (it says where files live)."""
-        return types_pb2.AdapterInfo(
-            adapter_id=self.adapter_id, rank=self.rank, path=self.path if with_path else "",
-            description=self.description, tenant=self.owner, shared=self.is_shared,
-            digest=self.digest, version=self.version, created_s=self.created_s,
-            updated_s=self.updated_s, tier=tier, kind=self.kind)
 
 
 class RpcError(EdgeLoraError):
@@ -99,14 +59,13 @@ class AdapterRegistry:
                  db: RegistryDB | None = None, store: BlobStore | None = None) -> None:
         self.pool = pool
         self.store = store  # every adapter's files, pushed to each worker that lacks them
+        self.contents = ContentHolds(store, lambda digest: any(
+            r.digest == digest for r in self.adapters.values()))
         self.register_timeout_s = register_timeout_s
         self.db = db
         self.adapters: dict[str, AdapterRecord] = {}  # by worker key
         self._requests: dict[str, types_pb2.RegisterAdapterRequest] = {}
         self._pending: Counter[str] = Counter()  # keys being registered
-        self._pending_digests: Counter[str] = Counter()  # their contents: not to be collected
-        self._installing = 0  # blobs being installed: removals wait (one may be theirs)
-        self._deferred: set[str] = set()  # contents to remove once no install is under way
         self._removed: set[str] = set()  # unregistered by this router (in-memory mode)
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # by key: lock, users
         self._generation = 0  # +1 at each change: a sync that saw an older one runs again
@@ -161,48 +120,10 @@ class AdapterRegistry:
                     yield worker_pb2.PutAdapterRequest(chunk=types_pb2.AdapterFileChunk(
                         file_name=name, data=chunk))
 
-    def drop_blob_if_unused(self, digest: str) -> None:
-        """Removes a content from the store once no registration (done or under way) uses it.
-        While a blob is being installed (on a thread) it may be this very content, found there
-        already: the removal waits until that install is held."""
-        if not digest or self.store is None or self._pending_digests[digest] or any(
-                r.digest == digest for r in self.adapters.values()):
-            return
-        if self._installing:
-            self._deferred.add(digest)
-        else:
-            self.store.remove(digest)
-
-    async def add_content(self, install: Callable[[], str]) -> str:
-        """Runs `install` (a BlobWriter.commit or BlobStore.add_folder: -> digest) off the event
-        loop and holds the content until release(digest): nothing removes it meanwhile."""
-        self._installing += 1
-        try:
-            digest = await asyncio.to_thread(install)
-            self._pending_digests[digest] += 1
-            return digest
-        finally:
-            self._installing -= 1
-            if not self._installing:
-                deferred, self._deferred = self._deferred, set()
-                for waiting in deferred:
-                    self.drop_blob_if_unused(waiting)
-
-    def release(self, digest: str) -> None:
-        """Ends add_content's hold; the content goes unless a registration uses it."""
-        _decrement(self._pending_digests, digest)
-        self.drop_blob_if_unused(digest)
-
     def collect_unused(self) -> int:
         """Removes every stored content no registration uses: a crash between a blob's commit
         and its registration's leaves one. Call at start, before any request; -> count."""
-        if self.store is None:
-            return 0
-        used = {r.digest for r in self.adapters.values()}
-        unused = sorted(self.store.digests() - used)
-        for digest in unused:
-            self.store.remove(digest)
-        return len(unused)
+        return self.contents.collect_unused({r.digest for r in self.adapters.values()})
 
     async def _persist(self, forwarded: types_pb2.RegisterAdapterRequest, rank: int,
                        adapter_id: str, owner: str) -> StoredAdapter:
@@ -269,10 +190,10 @@ class AdapterRegistry:
                     raise AlreadyExists(f"adapter {request.adapter_id!r} is already registered; "
                                         "set replace to replace it")
                 if not digest and self.store is not None:
-                    digest = await self.add_content(partial(self.store.add_folder,
-                                                            Path(request.path)))
+                    digest = await self.contents.add(partial(self.store.add_folder,
+                                                             Path(request.path)))
                 else:
-                    self._pending_digests[digest] += 1
+                    self.contents.hold(digest)
                 try:
                     forwarded = types_pb2.RegisterAdapterRequest(
                         adapter_id=key, path=request.path, description=request.description,
@@ -280,10 +201,10 @@ class AdapterRegistry:
                         kind=request.kind)
                     return await self._register_everywhere(forwarded, request.adapter_id, owner)
                 finally:
-                    _decrement(self._pending_digests, digest)
+                    self.contents.unhold(digest)
         finally:
             _decrement(self._pending, key)
-            self.drop_blob_if_unused(digest)  # a refused content; kept when registered
+            self.contents.drop_if_unused(digest)  # a refused content; kept when registered
 
     async def _register_everywhere(self, forwarded: types_pb2.RegisterAdapterRequest,
                                    adapter_id: str, owner: str) -> AdapterRecord:
@@ -327,7 +248,7 @@ class AdapterRegistry:
         old = self.adapters.get(forwarded.adapter_id)
         record = self._record(forwarded, stored)
         if old is not None and old.digest != record.digest:
-            self.drop_blob_if_unused(old.digest)
+            self.contents.drop_if_unused(old.digest)
         return record
 
     async def _undo(self, key: str, workers: list[WorkerHandle]) -> None:
@@ -367,7 +288,7 @@ class AdapterRegistry:
             self._removed.add(key)
             self._generation += 1
             await self._unregister_on(self.pool.workers, key)
-            self.drop_blob_if_unused(record.digest)
+            self.contents.drop_if_unused(record.digest)
 
     async def _unregister_on(self, workers: list[WorkerHandle], adapter_id: str) -> None:
         request = types_pb2.UnregisterAdapterRequest(adapter_id=adapter_id)
@@ -464,23 +385,18 @@ class AdapterRegistry:
                     await self.register(request)
                 else:  # workers may start after the router (compose, Kubernetes): sync on join
                     if self.store is not None:
-                        request.digest = await self.add_content(
+                        request.digest = await self.contents.add(
                             partial(self.store.add_folder, Path(request.path)))
                     try:
                         self._record(request, await self._persist(request, 0,
                                                                   request.adapter_id, SHARED))
                     finally:
-                        self.release(request.digest)
+                        self.contents.release(request.digest)
             except (EdgeLoraError, OSError) as exc:
                 log.error("skipping adapter %s: %s", path, exc)
                 continue
             count += 1
         return count
-
-
-def record_name(key: str) -> str:
-    """The public id inside a worker key."""
-    return key.partition(":")[2] or key
 
 
 def _decrement(counter: Counter[str], key: str) -> None:

@@ -21,11 +21,12 @@ from edgelora.v1 import router_pb2, router_pb2_grpc, types_pb2
 from router.adapter_cards import CARD_FILE, parse_card
 from router.adapter_pages import encode_token, in_page_order, page_slice, within_bytes
 from router.adapter_paths import confine
+from router.adapter_record import record_name
 from router.config import RouterConfig
 from router.dispatch import Dispatcher, merge_chunks
 from router.embedder import prompt_text
 from router.ownership import check_replace, listed, registration_owner, removal_target
-from router.registry import AdapterRegistry, record_name
+from router.registry import AdapterRegistry
 from router.selector import AdapterSelector, Selection
 from router.tenants import Caller, KeyRing, TenantLimits
 from router.workers import WorkerPool
@@ -135,7 +136,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     raise InvalidArgument("after the header, UploadAdapter takes file chunks")
                 await asyncio.to_thread(writer.write, message.chunk.file_name,
                                         message.chunk.data)
-            request.digest = await self.registry.add_content(writer.commit)  # held till done
+            request.digest = await self.registry.contents.add(writer.commit)  # held till done
             card = writer.card
         try:
             if card is not None and not request.description and not request.example_prompts:
@@ -148,7 +149,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                            request.kind)
             return await self.registry.register(request, owner)
         finally:
-            self.registry.release(request.digest)  # the blob goes unless registered
+            self.registry.contents.release(request.digest)  # the blob goes unless registered
 
     def _check_card_and_limits(self, caller: Caller, owner: str,
                                request: types_pb2.RegisterAdapterRequest) -> None:

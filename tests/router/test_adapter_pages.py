@@ -17,7 +17,7 @@ from router.adapter_pages import (
     page_slice,
     within_bytes,
 )
-from router.registry import SHARED, AdapterRecord
+from router.adapter_record import SHARED, AdapterRecord
 
 
 def record(owner: str, adapter_id: str, description: str = "") -> AdapterRecord:

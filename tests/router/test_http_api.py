@@ -15,11 +15,12 @@ from starlette.testclient import TestClient
 from common.errors import EdgeLoraError, Unauthenticated, Unavailable
 from common.limits import AUTO
 from edgelora.v1 import types_pb2
+from router.adapter_record import AdapterRecord, record_name, worker_key
 from router.config import RouterConfig
 from router.http_api import build_app
 from router.metrics import RouterMetrics
 from router.openai_schema import MAX_CHOICES
-from router.registry import AdapterRecord, RpcError, record_name, worker_key
+from router.registry import RpcError
 from router.tenants import Caller
 
 KEY = "k-acme-0001"

@@ -244,7 +244,8 @@ def test_a_start_collects_contents_no_registration_uses(tmp_path: Path,
 def test_a_content_being_installed_is_never_removed_under_it(tmp_path: Path,
                                                              tiny_model_dir: Path) -> None:
     """An upload installs content identical to a blob whose last registration goes meanwhile:
-    the removal waits for the install, the upload holds the blob, and release() drops it."""
+    the removal waits for the install, the upload holds the blob, and release() drops it
+    (router/content_holds.py; here with the real store and the registry's own holds)."""
     import asyncio
     import threading
 
@@ -264,14 +265,14 @@ def test_a_content_being_installed_is_never_removed_under_it(tmp_path: Path,
         return store.add_folder(folder)  # finds it there already
 
     async def scenario() -> tuple[bool, bool, bool]:
-        upload = asyncio.create_task(registry.add_content(install))
+        upload = asyncio.create_task(registry.contents.add(install))
         await asyncio.to_thread(installing.wait, 10)
-        registry.drop_blob_if_unused(digest)  # the other registration's last use ends now
+        registry.contents.drop_if_unused(digest)  # the other registration's last use ends now
         during = store.has(digest)
         go_on.set()
         assert await upload == digest
         held = store.has(digest)
-        registry.release(digest)
+        registry.contents.release(digest)
         return during, held, store.has(digest)
 
     assert asyncio.run(scenario()) == (True, True, False)
