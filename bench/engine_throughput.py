@@ -33,7 +33,7 @@ from bench.engine_drive import Result, make_prompts, run_ours
 from worker import server
 from worker.config import WorkerConfig
 from worker.engine import Engine
-from worker.int8_weights import SMALL_STEP_TOKENS
+from worker.kernels.int8_weights import SMALL_STEP_TOKENS
 from worker.tokenizer import Tokenizer
 
 TARGET_B1, TARGET_BN = 1.0, 6.0

@@ -36,7 +36,7 @@ from bench.engine_drive import run_ours
 from worker import server
 from worker.config import WorkerConfig
 from worker.engine import Engine
-from worker.quantized_weights import weight_bytes
+from worker.kernels.quantized_weights import weight_bytes
 from worker.sequence import SamplingOptions, Sequence
 from worker.tokenizer import Tokenizer
 

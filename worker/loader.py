@@ -16,8 +16,13 @@ from pathlib import Path
 
 import torch
 
+from worker.kernels.quantized_weights import (
+    QUANTIZED,
+    quantize_model,
+    require_cpu_bf16,
+    weight_bytes,
+)
 from worker.model import LlamaModel, ModelConfig
-from worker.quantized_weights import QUANTIZED, quantize_model, require_cpu_bf16, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +143,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype,
     """Builds the model from config.json + safetensors; names every missing or unexpected tensor.
 
     weights: 'int8' / 'int4' keep the projections, output head and embedding quantized
-    (worker.quantized_weights; CPU, bfloat16), each quantized as it is read."""
+    (worker.kernels.quantized_weights; CPU, bfloat16), each quantized as it is read."""
     cfg = read_model_config(path)
     sources = _to_our_names(_tensor_sources(path))
     if cfg.tie_word_embeddings:

@@ -80,7 +80,8 @@ class AttentionGroup:
 
 
 class WeightCopies(Protocol):
-    """Other copies of the projections' weights for a step (worker.int8_weights.Int8Weights)."""
+    """Other copies of the projections' weights for a step
+    (worker.kernels.int8_weights.Int8Weights)."""
 
     def linear(self, layer: int, name: str, x: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor: ...

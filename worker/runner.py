@@ -13,8 +13,8 @@ import torch
 
 from worker.batch_invariant import BatchInvariance, gathered_attention
 from worker.decode_graphs import DecodeGraphs
-from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
 from worker.json_constraint import TokenMasks
+from worker.kernels.int8_weights import SMALL_STEP_TOKENS, Int8Weights
 from worker.kernels.paged_attention import DecodeAttention, table_slots
 from worker.kv_cache import KVCache
 from worker.logprobs import StepLogprobs
@@ -99,7 +99,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         # Captured decode steps (worker.decode_graphs), for the steps they cover, and int8
-        # weight copies for the smallest steps (worker.int8_weights); set once built.
+        # weight copies for the smallest steps (worker.kernels.int8_weights); set once built.
         self.graphs: DecodeGraphs | None = None
         self.int8: Int8Weights | None = None
         # Device state of the generation controls, made when a request first uses them.

@@ -24,13 +24,13 @@ from worker.config import WorkerConfig
 from worker.decode_graphs import DecodeGraphs, captured_decode
 from worker.engine import Engine
 from worker.gguf_import import resolve_model_path
-from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights
 from worker.kernels import device_kernels, layer_kernels
+from worker.kernels.int8_weights import SMALL_STEP_TOKENS, Int8Weights
+from worker.kernels.quantized_weights import QUANTIZED
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.lora import LoraSlots, module_shapes
 from worker.model import LlamaModel
-from worker.quantized_weights import QUANTIZED
 from worker.runner import ModelRunner
 from worker.scheduler import Scheduler
 from worker.sequence import Detokenizer, TokenEvent

@@ -113,9 +113,10 @@ def scenarios(target: int, prompts: list[tuple[list[int], str]]) -> dict[str, tu
 def test_greedy_requests_give_the_same_bits_alone_batched_and_chunked(
         kernels: bool, weights: str, dtype: torch.dtype, tiny_model_dir: Path,
         adapters: dict[str, Path], prompts, monkeypatch: pytest.MonkeyPatch) -> None:
-    """int8/int4: quantized projections switch kernels by step size (worker.quantized_weights),
-    which the tiling's calibration must see and cover. float32: where this CPU's BLAS needs
-    heights that are multiples of a tile (RowTiling.one_call), the padded calls."""
+    """int8/int4: quantized projections switch kernels by step size
+    (worker.kernels.quantized_weights), which the tiling's calibration must see and cover.
+    float32: where this CPU's BLAS needs heights that are multiples of a tile
+    (RowTiling.one_call), the padded calls."""
     whole = make_engine(tiny_model_dir, adapters, kernels, monkeypatch, weights, dtype,
                         max_batch_size=8, max_num_batched_tokens=512)
     # 7-token budget: prompts are prefilled in chunks, beside other rows' decodes

@@ -108,8 +108,8 @@ def test_a_q4_0_file_is_held_in_its_own_4_bit_blocks(tmp_path: Path,
     import gguf as gguf_package
     import torch
 
+    from worker.kernels.quantized_weights import Int4Linear
     from worker.loader import load_model
-    from worker.quantized_weights import Int4Linear
 
     path = write_gguf(tiny_model_dir, tmp_path / "Tiny-Q4_0.gguf", "Q4_0")
     model = load_model(resolve_model_path(str(path), tmp_path / "cache"), torch.device("cpu"),

@@ -5,6 +5,8 @@
 - paged_attention: the decode attention kernels' signature and torch reference;
 - paged_attention_triton, lora_triton: the CUDA kernels (Triton), each checked on its GPU;
 - self_check: the start-up comparison of a kernel with its reference;
+- quantized_weights (--weights int8 / int4 layers, on weight_packing's tiles) and int8_weights
+  (int8 copies for small steps): weights held in the forms the C++ kernels read;
 - device_kernels, layer_kernels (here): which of them a device gets.
 """
 

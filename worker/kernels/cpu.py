@@ -7,7 +7,7 @@
   reading each used slot once (worker.lora, DeltaPath.KERNEL).
 - q8_matmul and dequantize_int8_ (csrc/q8_matmul.cpp), q4_matmul and dequantize_q4_
   (csrc/q4_matmul.cpp), their activations in csrc/quantized_rows.h: quantized weights' matmul,
-  and a block of their rows to bf16 in one pass (worker.quantized_weights).
+  and a block of their rows to bf16 in one pass (worker.kernels.quantized_weights).
 - the layers' small ops, one call each where torch dispatches several (worker.model.LayerKernels):
   rms_norm and add_rms_norm (csrc/rms_norm.cpp: the norm's casts and arithmetic, ~8 torch ops,
   and the residual add before it), silu_mul (csrc/activation.cpp) and paged_decode_step

@@ -36,7 +36,7 @@ def test_weight_prefetch_is_told_or_chosen_by_cpu_and_changes_no_result(monkeypa
     import torch
 
     from tests.conftest import built_cpu_kernels
-    from worker.quantized_weights import Int4Linear, Int8Linear
+    from worker.kernels.quantized_weights import Int4Linear, Int8Linear
 
     for told in ("0", "1"):
         monkeypatch.setenv("EDGELORA_WEIGHT_PREFETCH", told)

@@ -1,4 +1,5 @@
-"""worker.int8_weights: the int8 copies, their matmuls, and the runner steps that take them."""
+"""worker.kernels.int8_weights: the int8 copies, their matmuls, and the runner steps that take
+them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.int8_weights import SMALL_STEP_TOKENS, Int8Weights, quantize
+from worker.kernels.int8_weights import SMALL_STEP_TOKENS, Int8Weights, quantize
 from worker.kv_cache import BlockManager, KVCache
 from worker.loader import load_model
 from worker.model import LlamaModel, ModelConfig

@@ -1,6 +1,6 @@
-"""worker.quantized_weights (--weights int8 / int4): the kernels against dequantized references at
-every step size, the layouts read back, a model held with no full-precision copy, LoRA on top,
-and the flag through a served model."""
+"""worker.kernels.quantized_weights (--weights int8 / int4): the kernels against dequantized
+references at every step size, the layouts read back, a model held with no full-precision copy,
+LoRA on top, and the flag through a served model."""
 
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ from edgelora.client import build_request
 from edgelora.v1 import router_pb2_grpc
 from tests.conftest import ServeThread
 from tests.worker.test_model import write_qwen2
-from worker import quantized_weights as qw
-from worker import weight_packing as wp
 from worker.config import WorkerConfig
-from worker.loader import load_model
-from worker.model import ForwardBatch, LlamaModel
-from worker.quantized_weights import (
+from worker.kernels import quantized_weights as qw
+from worker.kernels import weight_packing as wp
+from worker.kernels.quantized_weights import (
     GATHER_ROWS,
     Int4Linear,
     Int8Linear,
@@ -30,9 +28,11 @@ from worker.quantized_weights import (
     quantize_model,
     weight_bytes,
 )
+from worker.kernels.weight_packing import GROUP_SIZE
+from worker.loader import load_model
+from worker.model import ForwardBatch, LlamaModel
 from worker.sequence import SamplingOptions, Sequence
 from worker.server import assemble_engine, pick_device
-from worker.weight_packing import GROUP_SIZE
 
 BF16 = torch.bfloat16
 STEP_SIZES = (1, 3, 8, 9, 16, 17, 32, 33, 256, 257)  # the kernels' 16-row passes, tiles

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.kernels import cpu as cpu_kernels
-from worker.model import LlamaModel
-from worker.weight_packing import (
+from worker.kernels.weight_packing import (
     COMPUTE_DTYPE,
     GROUP_SIZE,
     INT4_RUN,
@@ -54,6 +53,7 @@ from worker.weight_packing import (
     unpack_int4,
     unpack_int8,
 )
+from worker.model import LlamaModel
 
 log = logging.getLogger(__name__)
 # KERNEL_VS_DEQUANTIZED: a step's time in the C++ kernel / dequantizing row blocks (C++) +

@@ -1,8 +1,8 @@
-"""How --weights int8 / int4 hold a weight (worker.quantized_weights builds its layers on these):
+"""How --weights int8 / int4 hold a weight (quantized_weights builds its layers on these):
 quantized (int8: one scale per row; int4: per group of GROUP_SIZE, GGUF's Q4_1 form, or exactly
-Q4_0's where a weight already is) and laid out in tiles of TILE rows, as the C++ kernels read
-them (kernels/csrc/q4_matmul.cpp, q8_matmul.cpp). Torch only; a vocabulary table is read and
-quantized by row blocks, so no temporary is the size of the table."""
+Q4_0's where a weight already is) and laid out in tiles of TILE rows, as the C++ kernels read them
+(csrc/q4_matmul.cpp, q8_matmul.cpp). Torch only; a vocabulary table is read and quantized by row
+blocks, so no temporary is the size of the table."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class StoredRows(Protocol):
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = COMPUTE_DTYPE
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] -> (int8 [out, in], scales [out] in scale_dtype): symmetric, per row, 127 = the
-    row's largest magnitude (also --int8-small-steps' copies, worker.int8_weights)."""
+    row's largest magnitude (also --int8-small-steps' copies, worker.kernels.int8_weights)."""
     q = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[0])
     for start in range(0, weight.shape[0], QUANTIZE_ROWS):  # bounded temporaries (a vocab head)
