@@ -1,5 +1,5 @@
-// int4 weights for worker/quantized_weights.py (Int4Linear): the matmul of every step and the
-// dequantization of row blocks (an embedding lookup, steps without these kernels' build).
+// int4 weights for worker/kernels/quantized_weights.py (Int4Linear): the matmul of every step
+// and the dequantization of row blocks (an embedding lookup, steps without these kernels' build).
 //
 // Layout (ours): the rows in tiles of 16 (the last tile padded with zero rows), and each tile's
 // weights by group of 32 along the input: packed [N / 16, K / 32, 256] uint8, where byte
@@ -43,7 +43,7 @@ using namespace edgelora;
 constexpr int64_t kRun = 64;  // weights per packed run: two groups
 inline float half_to_float(c10::Half h) { return static_cast<float>(h); }
 
-// min / scale in the symmetric form (worker/quantized_weights.py, Q4_0_ZERO)
+// min / scale in the symmetric form (worker/kernels/quantized_weights.py, Q4_0_ZERO)
 constexpr float kSymmetricMin = -8.f;
 
 // group g's min: stored, or kSymmetricMin * scale in the symmetric form (mins == nullptr)

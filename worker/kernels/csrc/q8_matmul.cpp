@@ -1,5 +1,5 @@
-// int8 weights for worker/quantized_weights.py (Int8Linear): the matmul of every step and the
-// dequantization of row blocks (an embedding lookup, steps without these kernels' build).
+// int8 weights for worker/kernels/quantized_weights.py (Int8Linear): the matmul of every step
+// and the dequantization of row blocks (an embedding lookup, steps without these kernels' build).
 //
 // Layout: int4's tiles (q4_matmul.cpp) with whole bytes, the rows in tiles of 16 (the last
 // padded with zero rows) and each tile's weights by group of 32 along the input: packed
