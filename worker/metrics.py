@@ -31,7 +31,6 @@ from common.metrics import RequestMetrics, RequestTrack
 if TYPE_CHECKING:  # no import cycle at run time, and no torch for readers of this module
     from worker.adapter_memory import AdapterMemory
     from worker.engine import Engine
-    from worker.scheduler import Scheduler
     from worker.sequence import TokenEvent
 
 PREFIX = "edgelora_worker"
@@ -58,7 +57,7 @@ class WorkerMetrics:
     def attach(self, engine: Engine) -> None:
         """Reads the engine's state at scrape time and times its adapter loads."""
         self.adapters = engine.adapters
-        self.registry.register(EngineCollector(engine.scheduler))
+        self.registry.register(EngineCollector(engine))
         if self.adapters is not None:
             self.adapters.on_load = self.adapter_loaded
 
@@ -91,25 +90,21 @@ class GenerateTrack:
 
 
 class EngineCollector(Collector):
-    """Gauges and adapter counters read from the scheduler when Prometheus scrapes. Reads
-    lengths and plain ints the engine thread writes: a scrape may see a step half-applied,
-    never a broken structure."""
+    """Gauges and adapter counters read from the engine when Prometheus scrapes (Engine.load:
+    lengths and plain ints the engine thread writes, a snapshot that may be a step old)."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        scheduler = self.scheduler
-        yield _gauge("queue_depth", "Requests waiting for admission", len(scheduler.waiting))
-        yield _gauge("running_sequences", "Sequences admitted and decoding",
-                     len(scheduler.running))
-        blocks = scheduler.blocks
-        free = blocks.num_free_blocks
+        load = self.engine.load()
+        yield _gauge("queue_depth", "Requests waiting for admission", load.num_waiting)
+        yield _gauge("running_sequences", "Sequences admitted and decoding", load.num_running)
         yield _gauge("kv_blocks_used", "KV-cache blocks held by sequences",
-                     blocks.num_blocks - free)
-        yield _gauge("kv_blocks_free", "KV-cache blocks free", free)
-        if scheduler.adapters is not None:
-            yield from adapter_families(scheduler.adapters)
+                     load.num_kv_blocks - load.num_free_kv_blocks)
+        yield _gauge("kv_blocks_free", "KV-cache blocks free", load.num_free_kv_blocks)
+        if self.engine.adapters is not None:
+            yield from adapter_families(self.engine.adapters)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
