@@ -30,6 +30,7 @@ from common.errors import (
     Unavailable,
 )
 from worker.lora import LoraSlots
+from worker.slot_table import SlotTable
 
 log = logging.getLogger(__name__)
 HostWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -79,17 +80,12 @@ class AdapterMemory:
         self.max_adapter_bytes = max_adapter_bytes  # for every read: files change after register
         self.registry: dict[str, AdapterSpec] = {}
         self.host: OrderedDict[str, HostWeights] = OrderedDict()  # least recently used first
-        self.slot_to_adapter: list[str | None] = [None] * (slots.num_slots + 1)
-        self.slot_spec: list[AdapterSpec | None] = [None] * (slots.num_slots + 1)  # its version
-        self.adapter_to_slot: dict[str, int] = {}
-        self.refcount = [0] * (slots.num_slots + 1)
+        self.table: SlotTable[AdapterSpec] = SlotTable(slots.num_slots)  # device slots
         self.stats = AdapterStats()
         # Called with (tier, seconds) after each disk -> host read ("host") and host -> device
         # copy ("device"), on the thread that did it, maybe under the lock: keep it quick
         # (worker.metrics observes a histogram).
         self.on_load: Callable[[str, float], None] | None = None
-        self._idle_slots: OrderedDict[int, None] = OrderedDict(
-            (s, None) for s in range(1, slots.num_slots + 1))  # refcount 0, LRU first
         self._loading: dict[str, Future[HostWeights]] = {}
         self._from_disk: set[str] = set()  # read from disk, not yet acquired: a host-tier miss
         self._errors: dict[str, LoadError] = {}
@@ -157,11 +153,7 @@ class AdapterMemory:
         loading = self._loading.pop(adapter_id, None)
         if loading is not None:
             loading.cancel()  # unless started: a stale read would only delay the next ones
-        slot = self.adapter_to_slot.pop(adapter_id, None)
-        if slot is not None:
-            self.slot_to_adapter[slot] = None
-            if slot in self._idle_slots:  # an empty slot is reused before evicting anything
-                self._idle_slots.move_to_end(slot, last=False)
+        self.table.forget(adapter_id)
 
     # -- host tier --
     def prefetch(self, adapter_id: str) -> None:
@@ -262,18 +254,23 @@ class AdapterMemory:
             error = self._load_error(adapter_id)
             return error.to_error() if error else None
 
+    @property
+    def slot_spec(self) -> list[AdapterSpec | None]:
+        """By slot: the registration whose weights it holds (a sequence keeps its version)."""
+        return self.table.spec
+
     def is_resident(self, adapter_id: str) -> bool:
-        return adapter_id in self.adapter_to_slot
+        return self.table.slot_of(adapter_id) is not None
 
     def has_no_idle_slot(self) -> bool:
-        return not self._idle_slots
+        return not self.table.has_idle()
 
     def can_acquire(self, adapter_id: str) -> bool:
         """True when acquire() would succeed now without waiting."""
         with self._lock:
-            if adapter_id in self.adapter_to_slot:
+            if self.is_resident(adapter_id):
                 return True
-            if not self._idle_slots:
+            if not self.table.has_idle():
                 return False
             if adapter_id not in self.host:
                 self.prefetch(adapter_id)
@@ -287,7 +284,7 @@ class AdapterMemory:
             if pinned is not None and self.registry.get(adapter_id) != pinned:
                 raise Aborted(f"adapter {adapter_id!r} was replaced or unregistered while this "
                               "request ran; its output so far came from the old weights, retry")
-            slot = self.adapter_to_slot.get(adapter_id)
+            slot = self.table.slot_of(adapter_id)
             if slot is not None:
                 self.stats.device.hits += 1
             else:
@@ -297,17 +294,14 @@ class AdapterMemory:
                 cached = adapter_id not in self._from_disk
                 self.stats.host.hits += cached
                 self.stats.host.misses += not cached
-                slot = self._evict_idle()
+                slot, evicted = self.table.take_idle()
+                self.stats.device.evictions += evicted is not None
                 started = time.perf_counter()
                 self.slots.write(slot, weights, self.registry[adapter_id].rank)
                 self._from_disk.discard(adapter_id)
                 self._record_load("device", time.perf_counter() - started)
-                self.slot_to_adapter[slot] = adapter_id
-                self.slot_spec[slot] = self.registry[adapter_id]
-                self.adapter_to_slot[adapter_id] = slot
-            if self.refcount[slot] == 0:
-                self._idle_slots.pop(slot, None)
-            self.refcount[slot] += 1
+                self.table.place(slot, adapter_id, self.registry[adapter_id])
+            self.table.pin(slot)
             return slot
 
     def _host_copy_to_acquire(self, adapter_id: str) -> HostWeights:
@@ -321,32 +315,18 @@ class AdapterMemory:
             self.prefetch(adapter_id)
             raise Unavailable(f"adapter {adapter_id!r} was replaced or left host memory while "
                               "this request was being admitted; retry")
-        if not self._idle_slots:
+        if not self.table.has_idle():
             raise RuntimeError(f"acquire({adapter_id!r}) before can_acquire() was true: no "
                                "idle slot")
         return weights
 
-    def _evict_idle(self) -> int:
-        slot, _ = self._idle_slots.popitem(last=False)
-        old = self.slot_to_adapter[slot]
-        if old is not None:
-            del self.adapter_to_slot[old]
-            self.slot_to_adapter[slot] = None
-            self.stats.device.evictions += 1
-        return slot
-
     def release(self, slot: int) -> None:
         with self._lock:
-            self.refcount[slot] -= 1
-            assert self.refcount[slot] >= 0, f"slot {slot} released more often than acquired"
-            if self.refcount[slot] == 0:
-                self._idle_slots[slot] = None  # most recently used: evicted last
-                if self.slot_to_adapter[slot] is None:  # adapter unregistered: reuse it first
-                    self._idle_slots.move_to_end(slot, last=False)
+            self.table.unpin(slot)
 
     def tier(self, adapter_id: str) -> str:
         with self._lock:
-            if adapter_id in self.adapter_to_slot:
+            if self.is_resident(adapter_id):
                 return "device"
             return "host" if adapter_id in self.host else "disk"
 
@@ -358,7 +338,7 @@ class AdapterMemory:
     def summary(self) -> dict[str, int]:
         with self._lock:
             return {"num_device_slots": self.slots.num_slots,
-                    "num_device_slots_in_use": sum(1 for r in self.refcount if r),
+                    "num_device_slots_in_use": self.table.num_in_use(),
                     "host_capacity": self.host_capacity, "num_host_cached": len(self.host),
                     "num_registered": len(self.registry)}
 

@@ -70,8 +70,8 @@ def wait_until(condition: Callable[[], bool], what: str, memory: AdapterMemory) 
 
 def describe(memory: AdapterMemory) -> dict[str, object]:
     return {"tiers": {s.adapter_id: t for s, t in memory.snapshot()},
-            "errors": dict(memory._errors), "refcount": memory.refcount,
-            "slot_to_adapter": memory.slot_to_adapter, "stats": memory.stats}
+            "errors": dict(memory._errors), "refcount": memory.table.refcount,
+            "slot_to_adapter": memory.table.adapter, "stats": memory.stats}
 
 
 def acquire(memory: AdapterMemory, adapter_id: str) -> int:
@@ -332,13 +332,13 @@ def test_same_adapter_twice_shares_the_slot(make_memory: MakeMemory,
     memory.register(make_adapter("a"))
     first = acquire(memory, "a")
     second = acquire(memory, "a")
-    assert first == second and memory.refcount[first] == 2, (first, second, memory.refcount)
+    assert first == second and memory.table.refcount[first] == 2, describe(memory)
     assert_counters(memory.stats.device, hits=1, misses=1, loads=1)
     assert memory.summary()["num_device_slots_in_use"] == 1
     memory.release(first)
-    assert memory.refcount[first] == 1 and first not in memory._idle_slots
+    assert memory.table.refcount[first] == 1 and first not in memory.table.idle()
     memory.release(first)
-    assert memory.refcount[first] == 0 and first in memory._idle_slots
+    assert memory.table.refcount[first] == 0 and first in memory.table.idle()
     with pytest.raises(AssertionError, match="released more often"):
         memory.release(first)
 
@@ -427,7 +427,7 @@ def test_unregister_in_use_keeps_the_slot_until_release(make_memory: MakeMemory,
     assert memory.unregister("a") is False
     assert isinstance(memory.error("a"), NotFound), memory.error("a")
     assert not memory.can_acquire("a")
-    assert memory.refcount[slot_a] == 1 and not memory.can_acquire("c")
+    assert memory.table.refcount[slot_a] == 1 and not memory.can_acquire("c")
     assert_slot_holds(memory, slot_a, specs["a"])  # running sequences keep their weights
     assert [s.adapter_id for s, _ in memory.snapshot()] == ["b", "c"]
     memory.release(slot_a)
@@ -562,7 +562,7 @@ def test_acquire_of_an_adapter_unregistered_meanwhile_is_not_found(
         memory.acquire("a")
     assert str(info.value) == ("adapter 'a' was unregistered while this request was being "
                                "admitted"), info.value
-    assert memory.refcount == [0, 0] and list(memory._idle_slots) == [1], describe(memory)
+    assert memory.table.refcount == [0, 0] and memory.table.idle() == [1], describe(memory)
     assert_counters(memory.stats.device, misses=0, loads=0)
 
 
@@ -575,7 +575,7 @@ def test_acquire_of_an_adapter_replaced_meanwhile_is_unavailable(
     memory.register(spec)  # re-registered: its host copy is dropped
     with pytest.raises(Unavailable, match="retry"):
         memory.acquire("a")
-    assert memory.refcount == [0, 0], describe(memory)
+    assert memory.table.refcount == [0, 0], describe(memory)
     assert_slot_holds(memory, acquire(memory, "a"), spec)
 
 
@@ -593,7 +593,7 @@ def test_a_request_pinned_to_a_replaced_version_is_aborted(
     memory.register(new)
     with pytest.raises(Aborted, match="replaced or unregistered while this request ran"):
         memory.acquire("a", pinned=old)
-    assert memory.refcount == [0, 0], describe(memory)
+    assert memory.table.refcount == [0, 0], describe(memory)
     slot = acquire(memory, "a")  # a new request gets the new version
     assert memory.slot_spec[slot] == new
     assert_slot_holds(memory, slot, new)
@@ -641,7 +641,7 @@ def test_acquire_racing_register_and_unregister_raises_only_edgelora_errors(
     finally:
         stop.set()
         churner.join()
-    assert memory.refcount == [0, 0], describe(memory)
+    assert memory.table.refcount == [0, 0], describe(memory)
 
 
 # --- transient read failures -----------------------------------------------------------------
