@@ -22,7 +22,7 @@ from worker.kernels.quantized_weights import (
     require_cpu_bf16,
     weight_bytes,
 )
-from worker.model import LlamaModel, ModelConfig
+from worker.model import LlamaModel, ModelConfig, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ def read_model_config(path: Path) -> ModelConfig:
     gen_file = path / "generation_config.json"
     cfg = ModelConfig.from_hf(hf)
     if gen_file.is_file():
-        eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        extra = token_ids(json.loads(gen_file.read_text()).get("eos_token_id"))
         ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
         cfg = dataclasses.replace(cfg, eos_token_ids=ids)
     return cfg

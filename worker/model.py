@@ -17,6 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def token_ids(value: Any) -> tuple[int, ...]:
+    """An HF config's token id field (an id, a list of ids, or absent) as a tuple."""
+    return tuple(value) if isinstance(value, list) else (() if value is None else (value,))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -38,8 +43,7 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Reads an HF config.json dict of a Llama-family model."""
         num_heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        eos_ids = token_ids(hf.get("eos_token_id"))
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
         if rope and rope.get("rope_type", rope.get("type", "default")) == "default":
